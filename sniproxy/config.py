@@ -1,0 +1,337 @@
+"""Configuration: TOML in, frozen dataclasses out, every error tied to its key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .ecr import ecr_routes
+from .errors import ConfigError
+from .hostnames import normalize_host
+from .routes import Route, is_wildcard
+
+DEFAULT_PATH = "/etc/sniproxy/sniproxy.toml"
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    address: str
+    """IPv4 or IPv6 address to bind; 0.0.0.0 or :: for all."""
+    port: int = 443
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    nameservers: tuple[str, ...]
+    """DNS servers for upstream names; /etc/hosts is never consulted."""
+    port: int = 53
+    timeout: float = 2.0
+    """Seconds per query attempt, A and AAAA asked in parallel."""
+    min_ttl: float = 5.0
+    """Answers are cached at least this long, shielding the DNS server from churn."""
+    max_ttl: float = 300.0
+    """And at most this long, so endpoint changes are picked up."""
+    stale_ttl: float = 86400.0
+    """How long an expired answer may still be served while DNS is unreachable (RFC 8767)."""
+    negative_ttl: float = 5.0
+    """How long NXDOMAIN and empty answers are cached."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    workers: int = 1
+    """Processes sharing the listeners."""
+    handshake_timeout: float = 5.0
+    """Total seconds from accept until a complete ClientHello."""
+    connect_timeout: float = 5.0
+    """Seconds per upstream address."""
+    idle_timeout: float = 900.0
+    """Seconds with no bytes either way before the pair is closed."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, seconds running connections may take to finish."""
+    max_connections: int = 10000
+    refuse_alert: bool = True
+    """Send a TLS unrecognized_name alert before closing a connection with no route."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    address: str = "127.0.0.1"
+    port: int = 9464
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[Listen, ...]
+    resolver: ResolverConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    routes: tuple[Route, ...] = ()
+    source: str = "<embedded>"
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the key path, and unknown-key checks."""
+
+    def __init__(self, data: Any, path: str):
+        if not isinstance(data, dict):
+            raise ConfigError(path, "expected a table")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, default: Any, kind: str, check: Callable[[Any], bool] | None = None) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(self.key(name), "required")
+            return default
+        value = self.data[name]
+        convert, expected = _KINDS[kind]
+        ok, value = convert(value)
+        if not ok or (check is not None and not check(value)):
+            raise ConfigError(self.key(name), f"expected {expected}")
+        return value
+
+    def table(self, name: str) -> "_Table":
+        self.seen.add(name)
+        return _Table(self.data.get(name, {}), self.key(name))
+
+    def tables(self, name: str) -> list["_Table"]:
+        self.seen.add(name)
+        items = self.data.get(name, [])
+        if not isinstance(items, list):
+            raise ConfigError(self.key(name), "expected an array of tables ([[" + name + "]])")
+        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(items)]
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                raise ConfigError(self.key(name), "unknown key")
+
+
+_REQUIRED = object()
+
+
+def _int(v: Any) -> tuple[bool, Any]:
+    return (isinstance(v, int) and not isinstance(v, bool)), v
+
+
+def _float(v: Any) -> tuple[bool, Any]:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)), float(v) if isinstance(v, (int, float)) else v
+
+
+def _str(v: Any) -> tuple[bool, Any]:
+    return isinstance(v, str), v
+
+
+def _bool(v: Any) -> tuple[bool, Any]:
+    return isinstance(v, bool), v
+
+
+def _strs(v: Any) -> tuple[bool, Any]:
+    if isinstance(v, str):
+        v = [v]
+    return (isinstance(v, list) and all(isinstance(x, str) for x in v)), tuple(v) if isinstance(v, list) else v
+
+
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _port(v: int) -> bool:
+    return 1 <= v <= 65535
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+_KINDS: dict[str, tuple[Callable[[Any], tuple[bool, Any]], str]] = {
+    "port": (_int, "an integer 1-65535"),
+    "count": (_int, "a positive integer"),
+    "seconds": (_float, "a positive number of seconds"),
+    "str": (_str, "a string"),
+    "ip": (_str, "an IPv4 or IPv6 address"),
+    "ips": (_strs, "a list of IP addresses"),
+    "host": (_str, "a DNS host name"),
+    "hosts": (_strs, "a DNS host name or a list of them"),
+    "bool": (_bool, "true or false"),
+    "region": (_str, "an AWS region such as us-east-1"),
+    "accounts": (_strs, "a list of 12-digit account ids as strings"),
+}
+
+_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+\Z")
+_ACCOUNT = re.compile(r"\d{12}\Z")
+
+
+def _valid_pattern(p: str) -> bool:
+    name = p[2:] if is_wildcard(p) else p
+    return normalize_host(name) == name and "." in name
+
+
+def system_nameservers(path: str = RESOLV_CONF) -> tuple[str, ...]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ()
+    servers = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver" and _is_ip(parts[1].split("%")[0]):
+            servers.append(parts[1])
+    return tuple(servers)
+
+
+def _listen(t: _Table) -> Listen:
+    address = t.get("address", _REQUIRED, "ip", _is_ip)
+    listen = Listen(address=str(ipaddress.ip_address(address)), port=t.get("port", 443, "port", _port))
+    t.done()
+    return listen
+
+
+def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
+    servers = t.get("nameservers", None, "ips", lambda v: len(v) > 0 and all(map(_is_ip, v)))
+    if servers is None:
+        servers = system_nameservers(resolv_conf)
+        if not servers:
+            raise ConfigError(t.key("nameservers"), f"not set and {resolv_conf} lists none")
+    r = ResolverConfig(
+        nameservers=tuple(servers),
+        port=t.get("port", 53, "port", _port),
+        timeout=t.get("timeout", 2.0, "seconds", _positive),
+        min_ttl=t.get("min_ttl", 5.0, "seconds", lambda v: v >= 0),
+        max_ttl=t.get("max_ttl", 300.0, "seconds", _positive),
+        stale_ttl=t.get("stale_ttl", 86400.0, "seconds", lambda v: v >= 0),
+        negative_ttl=t.get("negative_ttl", 5.0, "seconds", lambda v: v >= 0),
+    )
+    if r.min_ttl > r.max_ttl:
+        raise ConfigError(t.key("min_ttl"), "must not exceed max_ttl")
+    t.done()
+    return r
+
+
+def _server(t: _Table) -> ServerConfig:
+    s = ServerConfig(
+        workers=t.get("workers", 1, "count", lambda v: v == 1),
+        handshake_timeout=t.get("handshake_timeout", 5.0, "seconds", _positive),
+        connect_timeout=t.get("connect_timeout", 5.0, "seconds", _positive),
+        idle_timeout=t.get("idle_timeout", 900.0, "seconds", _positive),
+        drain_timeout=t.get("drain_timeout", 30.0, "seconds", lambda v: v >= 0),
+        max_connections=t.get("max_connections", 10000, "count", _positive),
+        refuse_alert=t.get("refuse_alert", True, "bool"),
+    )
+    t.done()
+    return s
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    m = MetricsConfig(
+        address=t.get("address", "127.0.0.1", "ip", _is_ip),
+        port=t.get("port", 9464, "port", _port),
+        enabled=t.get("enabled", True, "bool"),
+    )
+    t.done()
+    return m
+
+
+def _route(t: _Table) -> Route:
+    route = Route(
+        name=t.get("name", _REQUIRED, "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None),
+        patterns=tuple(
+            p.lower().rstrip(".")
+            for p in t.get("sni", _REQUIRED, "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v))
+        ),
+        upstream=t.get("upstream", None, "host", lambda v: normalize_host(v) is not None or _is_ip(v)),
+        port=t.get("port", 443, "port", _port),
+    )
+    t.done()
+    return route
+
+
+def _ecr(t: _Table) -> list[Route]:
+    region = t.get("region", _REQUIRED, "region", lambda v: _REGION.match(v) is not None)
+    accounts = t.get("accounts", _REQUIRED, "accounts", lambda v: len(v) > 0 and all(_ACCOUNT.match(a) for a in v))
+    fips = t.get("fips", False, "bool")
+    dualstack = t.get("dualstack", False, "bool")
+    port = t.get("port", 443, "port", _port)
+    u = t.table("upstreams")
+    upstreams = {
+        kind: u.get(kind, None, "host", lambda v: normalize_host(v) is not None or _is_ip(v))
+        for kind in ("api", "dkr", "s3")
+    }
+    u.done()
+    t.done()
+    return ecr_routes(region, tuple(accounts), fips, dualstack, port, {k: v for k, v in upstreams.items() if v})
+
+
+def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_CONF) -> Config:
+    top = _Table(data, "")
+    listen = tuple(_listen(t) for t in top.tables("listen"))
+    if not listen:
+        raise ConfigError("listen", "at least one [[listen]] table is required")
+    seen_listen: set[tuple[str, int]] = set()
+    for i, entry in enumerate(listen):
+        if (entry.address, entry.port) in seen_listen:
+            raise ConfigError(f"listen[{i}]", f"duplicate listener {entry.address} port {entry.port}")
+        seen_listen.add((entry.address, entry.port))
+    resolver = _resolver(top.table("resolver"), resolv_conf)
+    server = _server(top.table("server"))
+    metrics = _metrics(top.table("metrics"))
+    routes = [_route(t) for t in top.tables("route")]
+    route_paths = [f"route[{i}]" for i in range(len(routes))]
+    if "ecr" in data:
+        generated = _ecr(top.table("ecr"))
+        routes += generated
+        route_paths += ["ecr"] * len(generated)
+    else:
+        top.seen.add("ecr")
+    top.done()
+    if not routes:
+        raise ConfigError("route", "at least one [[route]] or an [ecr] table is required")
+    names: set[str] = set()
+    patterns: dict[str, str] = {}
+    for path, route in zip(route_paths, routes):
+        if route.name in names:
+            raise ConfigError(f"{path}.name", f"duplicate route name {route.name!r}")
+        names.add(route.name)
+        for p in route.patterns:
+            if p in patterns:
+                raise ConfigError(f"{path}.sni", f"{p!r} is already routed by {patterns[p]!r}")
+            patterns[p] = route.name
+    return Config(listen=listen, resolver=resolver, server=server, metrics=metrics, routes=tuple(routes), source=source)
+
+
+def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError("", f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, source=path, resolv_conf=resolv_conf)
+
+
+def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF) -> Config:
+    """The first-run default: the ECR routes of one region on every address, port 443."""
+    data = {
+        "listen": [{"address": "0.0.0.0"}, {"address": "::"}],
+        "ecr": {"region": region, "accounts": list(accounts)},
+    }
+    return from_dict(data, source="--region/--account", resolv_conf=resolv_conf)

@@ -1,0 +1,276 @@
+"""One proxied connection: accepted -> hello -> routed -> resolving -> connecting -> pumping -> closed.
+
+The connection owns both sockets. Until the ClientHello is complete the client socket is
+served by ``HelloProtocol``; after the upstream connects it is handed to a ``pump.Side``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import HelloError
+from .pump import Side, abort_with_reset
+from .resolver import ResolveError
+from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
+
+if TYPE_CHECKING:
+    from .server import Server
+
+access_log = logging.getLogger("sniproxy.access")
+log = logging.getLogger("sniproxy.connection")
+
+
+def _addr(peer: Any) -> str | None:
+    if not peer:
+        return None
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _timestamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+class Connection:
+    __slots__ = (
+        "server", "listener", "client_transport", "client_addr", "reader", "timer", "task",
+        "state", "sni", "route", "route_stats", "upstream_addr", "client", "upstream",
+        "started", "close_reason", "idle_mark", "idle_since",
+    )
+
+    def __init__(self, server: "Server", listener: str, transport: asyncio.Transport):
+        self.server = server
+        self.listener = listener
+        self.client_transport = transport
+        self.client_addr = transport.get_extra_info("peername")
+        self.reader: HelloReader | None = HelloReader()
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.state = "hello"
+        self.sni: str | None = None
+        self.route = None
+        self.route_stats = None
+        self.upstream_addr: tuple | None = None
+        self.client: Side | None = None
+        self.upstream: Side | None = None
+        self.started = server.loop.time()
+        self.close_reason: str | None = None
+        self.idle_mark = -1
+        self.idle_since = self.started
+
+    # Byte counters as the stats snapshot reads them while the connection runs.
+    @property
+    def to_upstream(self) -> int:
+        return self.client.nbytes if self.client is not None else 0
+
+    @property
+    def to_client(self) -> int:
+        return self.upstream.nbytes if self.upstream is not None else 0
+
+    # -- hello -----------------------------------------------------------------------------
+
+    def on_hello_data(self, data: bytes) -> None:
+        reader = self.reader
+        try:
+            hello = reader.feed(data)
+        except HelloError as exc:
+            log.debug("%s: %s", _addr(self.client_addr), exc)
+            self.refuse(exc.reason, alert=False)
+            return
+        if hello is NEED_DATA:
+            return
+        self.timer.cancel()
+        self.sni = hello.sni
+        if hello.sni is None:
+            self.refuse("no_sni", alert=True)
+            return
+        route = self.server.routes.match(hello.sni)
+        if route is None:
+            self.refuse("no_route", alert=True)
+            return
+        self.route = route
+        self.state = "resolving"
+        self.client_transport.pause_reading()
+        self.task = self.server.loop.create_task(self.open_upstream())
+
+    def on_handshake_timeout(self) -> None:
+        if self.state == "hello":
+            self.refuse("handshake_timeout", alert=False)
+
+    def refuse(self, reason: str, alert: bool) -> None:
+        """Close a connection that never reaches an upstream, counting why."""
+        self.server.stats.reject(reason)
+        self.close_reason = reason
+        self.state = "closed"
+        if self.timer is not None:
+            self.timer.cancel()
+        t = self.client_transport
+        if alert and self.server.config.server.refuse_alert and not t.is_closing():
+            t.write(UNRECOGNIZED_NAME_ALERT)
+            t.close()
+        else:
+            t.abort()
+
+    # -- upstream --------------------------------------------------------------------------
+
+    async def open_upstream(self) -> None:
+        server = self.server
+        route = self.route
+        host = route.upstream_for(self.sni)
+        try:
+            addresses = server.resolver.cached(host) or await server.resolver.resolve(host)
+        except ResolveError as exc:
+            log.warning("route %s: cannot resolve %s: %s", route.name, host, exc)
+            self.refuse("resolve_failed", alert=False)
+            return
+        self.state = "connecting"
+        loop = server.loop
+        client = Side(self, "client")
+        client.transport = self.client_transport
+        loops = 0
+        failures = []
+        for ip in addresses:
+            if server.is_loop(ip, route.port):
+                loops += 1
+                continue
+            upstream = Side(self, "upstream")
+            upstream.peer, client.peer = client, upstream
+            started = loop.time()
+            try:
+                async with asyncio.timeout(server.config.server.connect_timeout):
+                    await loop.create_connection(lambda: upstream, ip, route.port)
+            except (OSError, TimeoutError) as exc:
+                failures.append(f"{ip}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timeout'}")
+                continue
+            except asyncio.CancelledError:  # the client left while we connected
+                if upstream.transport is not None:
+                    upstream.transport.abort()
+                raise
+            if upstream.lost:  # connected, then closed before we could attach
+                failures.append(f"{ip}: closed at once")
+                continue
+            self.attach(route, client, upstream, (ip, route.port), loop.time() - started)
+            return
+        if loops and loops == len(addresses):
+            log.error("route %s: %s resolves to this proxy's own listener; refusing a loop", route.name, host)
+            self.refuse("loop", alert=False)
+        else:
+            log.warning("route %s: cannot connect to %s port %d: %s", route.name, host, route.port, "; ".join(failures))
+            self.refuse("connect_failed", alert=False)
+
+    def attach(self, route: Any, client: Side, upstream: Side, addr: tuple, connect_time: float) -> None:
+        """Upstream connected: forward the hello as received, then pump both ways."""
+        stats = self.server.stats
+        rs = stats.route(route.name)
+        rs.connections += 1
+        rs.active += 1
+        rs.connect.observe(connect_time)
+        self.route_stats = rs
+        self.upstream_addr = addr
+        self.client, self.upstream = client, upstream
+        self.state = "pumping"
+        stats.live.add(self)
+        hello = bytes(self.reader.received)
+        self.reader = None
+        client.nbytes = len(hello)
+        upstream.transport.write(hello)
+        t = self.client_transport
+        t.set_protocol(client)
+        client.connection_made(t)
+        t.resume_reading()
+
+    # -- close -----------------------------------------------------------------------------
+
+    def client_lost(self, exc: Exception | None) -> None:
+        """The client socket closed while still in HelloProtocol (before pumping)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.close_reason is None:
+            self.close_reason = "client_closed"
+        self.state = "closed"
+        self.finish()
+
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
+        if self.close_reason is None:
+            if exc is not None:
+                self.close_reason = f"{side.name}_reset"
+            elif side.peer.lost:
+                self.close_reason = "done"
+        if side.lost and side.peer.lost:
+            self.state = "closed"
+            self.finish()
+
+    def abort(self, reason: str) -> None:
+        """Idle timeout or end of drain: close both sockets now."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self.state == "pumping":
+            for side in (self.client, self.upstream):
+                if not side.lost:
+                    side.transport.abort()
+        elif self.state != "closed":
+            self.refuse(reason, alert=False)
+
+    def finish(self) -> None:
+        server = self.server
+        server.connections.discard(self)
+        duration = server.loop.time() - self.started
+        rs = self.route_stats
+        if rs is not None and self in server.stats.live:
+            server.stats.live.discard(self)
+            rs.active -= 1
+            rs.to_upstream += self.client.nbytes
+            rs.to_client += self.upstream.nbytes
+            rs.duration.observe(duration)
+        if server.access_log:
+            access_log.info(json.dumps({
+                "time": _timestamp(time.time()),
+                "client": _addr(self.client_addr),
+                "listener": self.listener,
+                "sni": self.sni,
+                "route": self.route.name if self.route is not None else None,
+                "upstream": _addr(self.upstream_addr),
+                "bytes_to_upstream": self.to_upstream,
+                "bytes_to_client": self.to_client,
+                "duration": round(duration, 6),
+                "close": self.close_reason,
+            }, separators=(",", ":")))
+        server.connection_closed()
+
+
+class HelloProtocol(asyncio.Protocol):
+    """Serves a freshly accepted client socket until its ClientHello is complete."""
+
+    __slots__ = ("server", "listener", "conn")
+
+    def __init__(self, server: "Server", listener: str):
+        self.server = server
+        self.listener = listener
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        conn = self.conn = Connection(server, self.listener, transport)  # type: ignore[arg-type]
+        server.connections.add(conn)
+        if len(server.connections) > server.config.server.max_connections:
+            conn.refuse("limit", alert=False)
+            return
+        conn.timer = server.loop.call_later(server.config.server.handshake_timeout, conn.on_handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.state == "hello":
+            self.conn.on_hello_data(data)
+
+    def eof_received(self) -> bool:
+        if self.conn.state == "hello":
+            log.debug("%s: closed before a complete ClientHello", _addr(self.conn.client_addr))
+        return False  # a client that half-closes before we connected has nothing left to say
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.client_lost(exc)

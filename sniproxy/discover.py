@@ -1,0 +1,434 @@
+"""`sniproxy discover`: find the ECR/S3 VPC endpoints and write the proxy's config.
+
+The logic is pure: plain data about the site and its endpoints goes in; findings, the TOML
+config text and the builders' /etc/hosts block come out. `main` alone talks to AWS, through
+`sniproxy.aws`, with read-only calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import sys
+import tempfile
+
+SERVICES = ("ecr.api", "ecr.dkr", "s3")
+UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
+SERVICE_PREFIXES = ("com.amazonaws.", "cn.com.amazonaws.")
+AMAZON_DNS = "169.254.169.253"
+LISTEN_PORT = 443
+METRICS = ("127.0.0.1", 9464)
+
+# Regional vpce names: "vpce-<hex>-<id>.<service>..."; zonal names add "-<az>" after the id.
+_REGIONAL = re.compile(r"^(\*\.)?vpce-[0-9a-f]+-[0-9a-z]+\.")
+_ACCOUNT = re.compile(r"^[0-9]{12}$")
+
+BLOCK, WARN, OK = "block", "warn", "ok"
+_MARK = {BLOCK: "[BLOCK]", WARN: "[WARN ]", OK: "[ OK  ]"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One VPC endpoint for ECR or S3, reduced to what the assessment needs."""
+
+    id: str
+    service: str
+    """"ecr.api", "ecr.dkr" or "s3"."""
+    type: str
+    """"Interface" or "Gateway"."""
+    state: str
+    """Lower-case, as the API spells it: "available", "pending", "pendingacceptance", ..."""
+    private_dns: bool
+    inbound_only: bool
+    """Private DNS answers only queries from Route 53 inbound resolver endpoints (S3)."""
+    dns_names: tuple[str, ...]
+    route_table_ids: tuple[str, ...]
+
+    @property
+    def available(self) -> bool:
+        return self.state == "available"
+
+    @property
+    def regional_name(self) -> str | None:
+        """The regional vpce DNS name (not a zonal one, not the private name)."""
+        for name in self.dns_names:
+            if _REGIONAL.match(name):
+                return name
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where the proxy runs."""
+
+    region: str
+    vpc_id: str
+    vpc_cidr: str | None
+    """Primary IPv4 CIDR of the VPC when known (from IMDS)."""
+    subnet_id: str | None
+    route_table_id: str
+    """The route table governing the proxy's subnet (or the main table)."""
+    accounts: tuple[str, ...]
+    listen: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    level: str
+    subject: str
+    message: str
+    fix: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    upstreams: dict[str, str]
+    """[ecr.upstreams] overrides: "api"/"dkr"/"s3" -> vpce DNS name."""
+    findings: tuple[Finding, ...]
+
+    @property
+    def blocking(self) -> bool:
+        return any(f.level == BLOCK for f in self.findings)
+
+
+def service_of(service_name: str, region: str) -> str | None:
+    for prefix in SERVICE_PREFIXES:
+        for service in SERVICES:
+            if service_name == f"{prefix}{region}.{service}":
+                return service
+    return None
+
+
+def endpoints_from_api(raw: list[dict], region: str) -> list[Endpoint]:
+    """ECR/S3 endpoints out of ec2.describe_vpc_endpoints items; others are dropped."""
+    endpoints = []
+    for item in raw:
+        service = service_of(item.get("ServiceName", ""), region)
+        if service is None:
+            continue
+        endpoints.append(Endpoint(
+            id=item["VpcEndpointId"],
+            service=service,
+            type=item.get("VpcEndpointType", ""),
+            state=str(item.get("State", "")).lower(),
+            private_dns=bool(item.get("PrivateDnsEnabled", False)),
+            inbound_only=bool(
+                item.get("DnsOptions", {}).get("PrivateDnsOnlyForInboundResolverEndpoint", False)
+            ),
+            dns_names=tuple(e["DnsName"] for e in item.get("DnsEntries", []) if "DnsName" in e),
+            route_table_ids=tuple(item.get("RouteTableIds", [])),
+        ))
+    return endpoints
+
+
+def _best(endpoints: list[Endpoint]) -> Endpoint | None:
+    """Prefer an available endpoint, then one with private DNS on."""
+    ranked = sorted(endpoints, key=lambda e: (not e.available, not e.private_dns, e.id))
+    return ranked[0] if ranked else None
+
+
+def starport_bucket(region: str) -> str:
+    return f"prod-{region}-starport-layer-bucket"
+
+
+def _assess_ecr(site: Site, service: str, found: list[Endpoint],
+                upstreams: dict[str, str]) -> Finding:
+    endpoint = _best([e for e in found if e.type == "Interface"])
+    full = f"com.amazonaws.{site.region}.{service}"
+    traffic = "image traffic" if service == "ecr.dkr" else "ECR API calls (auth tokens, manifests)"
+    if endpoint is None:
+        return Finding(BLOCK, service,
+                       f"no {service} endpoint in {site.vpc_id}: {traffic} would leave through "
+                       "NAT or IGW",
+                       f"create an interface endpoint for {full} in {site.vpc_id}, "
+                       "private DNS on")
+    if not endpoint.available:
+        return Finding(BLOCK, service, f"{service} endpoint {endpoint.id} is {endpoint.state}",
+                       "wait until it is available, or accept/repair it, then run discover again")
+    if endpoint.private_dns:
+        return Finding(OK, service, f"{endpoint.id} available, private DNS on")
+    regional = endpoint.regional_name
+    if regional is None:
+        return Finding(BLOCK, service,
+                       f"private DNS disabled on {service} ({endpoint.id}) and it has no "
+                       "regional vpce DNS name",
+                       f"enable private DNS on {endpoint.id}")
+    upstreams[UPSTREAM_KEY[service]] = regional
+    why = ": ECR requires it for docker pulls" if service == "ecr.dkr" else ""
+    return Finding(WARN, service,
+                   f"private DNS disabled on {service} ({endpoint.id}){why}; upstream set to "
+                   "the vpce name",
+                   f"enable private DNS on {endpoint.id} and run discover again, or keep the "
+                   "override")
+
+
+def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> list[Finding]:
+    rtb = site.route_table_id
+    gateway = _best([e for e in found if e.type == "Gateway"])
+    interface = _best([e for e in found if e.type == "Interface" and e.available])
+    full = f"com.amazonaws.{site.region}.s3"
+    if gateway is not None and gateway.available and rtb in gateway.route_table_ids:
+        return [Finding(OK, "s3", f"gateway {gateway.id} is associated with {rtb}")]
+    findings = []
+    if gateway is None:
+        problem = None
+    elif not gateway.available:
+        problem = f"S3 gateway endpoint {gateway.id} is {gateway.state}"
+        fix = "wait until it is available, or repair it"
+    else:
+        problem = (f"S3 gateway endpoint {gateway.id} not associated with {rtb}: layer "
+                   "downloads would bypass it")
+        fix = (f"aws ec2 modify-vpc-endpoint --vpc-endpoint-id {gateway.id} "
+               f"--add-route-table-ids {rtb}")
+    if interface is None:
+        if problem is None:
+            findings.append(Finding(
+                BLOCK, "s3", f"no S3 endpoint in {site.vpc_id}: layer downloads would leave "
+                "through NAT or IGW",
+                f"create a gateway endpoint for {full} and associate it with {rtb}"))
+        else:
+            findings.append(Finding(BLOCK, "s3", problem, fix))
+        return findings
+    if problem is not None:
+        findings.append(Finding(WARN, "s3", problem + f"; using interface {interface.id}", fix))
+    if interface.private_dns and not interface.inbound_only:
+        findings.append(Finding(OK, "s3", f"interface {interface.id} available, private DNS on"))
+        return findings
+    regional = interface.regional_name
+    if regional is None:
+        findings.append(Finding(BLOCK, "s3", f"S3 interface endpoint {interface.id} has no "
+                                "regional vpce DNS name", f"enable private DNS on {interface.id}"))
+        return findings
+    upstreams["s3"] = starport_bucket(site.region) + "." + regional.removeprefix("*.")
+    why = ("answers only inbound resolver endpoints" if interface.private_dns
+           else "has private DNS disabled")
+    findings.append(Finding(WARN, "s3", f"S3 interface endpoint {interface.id} {why}; "
+                            "upstream set to its vpce name",
+                            f"or associate an S3 gateway endpoint with {rtb} (no data charge)"))
+    return findings
+
+
+def assess(site: Site, endpoints: list[Endpoint]) -> Plan:
+    """Findings for the site, and the upstream overrides the config needs."""
+    upstreams: dict[str, str] = {}
+    findings = []
+    if site.subnet_id is None:
+        findings.append(Finding(
+            WARN, "subnet", f"proxy subnet unknown: checked the main route table "
+            f"{site.route_table_id}", "pass --subnet-id to check the proxy's own subnet"))
+    for service in ("ecr.api", "ecr.dkr"):
+        findings.append(_assess_ecr(site, service,
+                                    [e for e in endpoints if e.service == service], upstreams))
+    findings.extend(_assess_s3(site, [e for e in endpoints if e.service == "s3"], upstreams))
+    return Plan(upstreams=upstreams, findings=tuple(findings))
+
+
+def resolver_addresses(vpc_cidr: str | None) -> list[str]:
+    """The VPC resolver: Amazon's link-local address, plus the VPC CIDR base + 2."""
+    addresses = [AMAZON_DNS]
+    if vpc_cidr:
+        network = ipaddress.ip_network(vpc_cidr, strict=False)
+        addresses.append(str(network.network_address + 2))
+    return addresses
+
+
+def _toml(value: object) -> str:
+    """A TOML value; JSON strings and lists of them are valid TOML for our ASCII values."""
+    return json.dumps(value)
+
+
+def render_toml(site: Site, plan: Plan) -> str:
+    """The complete, commented config for the proxy."""
+    lines = [
+        "# sniproxy configuration written by `sniproxy discover`.",
+        f"# Region {site.region}, {site.vpc_id}, "
+        f"subnet {site.subnet_id or 'unknown'}, route table {site.route_table_id}.",
+        "# Check it with `sniproxy check --config FILE`, prove the path with",
+        "# `sniproxy doctor --config FILE`.",
+        "",
+        "# Addresses the builders reach (their /etc/hosts points the ECR names here).",
+    ]
+    for address in site.listen:
+        lines += ["[[listen]]", f"address = {_toml(address)}", f"port = {LISTEN_PORT}", ""]
+    lines += [
+        "# The VPC resolver, so the endpoints' private DNS names resolve to their",
+        "# interfaces. The proxy never reads its own /etc/hosts.",
+        "[resolver]",
+        f"nameservers = {_toml(resolver_addresses(site.vpc_cidr))}",
+        "port = 53",
+        "",
+        "# Prometheus metrics at http://ADDRESS:PORT/metrics.",
+        "[metrics]",
+        f"address = {_toml(METRICS[0])}",
+        f"port = {METRICS[1]}",
+        "",
+        "# ECR in this region: routes for api.ecr, <account>.dkr.ecr and the layer bucket.",
+        "[ecr]",
+        f"region = {_toml(site.region)}",
+        f"accounts = {_toml(list(site.accounts))}",
+        "port = 443",
+    ]
+    if plan.upstreams:
+        lines += [
+            "",
+            "# Private DNS does not reach these endpoints from the VPC resolver, so the proxy",
+            "# dials their regional vpce names; the SNI still carries the ECR name.",
+            "[ecr.upstreams]",
+        ]
+        lines += [f"{key} = {_toml(plan.upstreams[key])}"
+                  for key in ("api", "dkr", "s3") if key in plan.upstreams]
+    return "\n".join(lines) + "\n"
+
+
+def ecr_names(region: str, accounts: tuple[str, ...]) -> list[str]:
+    """The names builders resolve for ECR in `region`."""
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return ([f"api.ecr.{region}.{suffix}"]
+            + [f"{account}.dkr.ecr.{region}.{suffix}" for account in accounts]
+            + [f"{starport_bucket(region)}.s3.{region}.{suffix}"])
+
+
+def hosts_block(site: Site) -> str:
+    """The /etc/hosts lines for the builders, pointing the ECR names at the first listener."""
+    address = site.listen[0]
+    lines = ["# sniproxy: ECR through the VPC endpoints"]
+    lines += [f"{address} {name}" for name in ecr_names(site.region, site.accounts)]
+    return "\n".join(lines) + "\n"
+
+
+def findings_table(findings: tuple[Finding, ...]) -> str:
+    width = max((len(f.subject) for f in findings), default=0)
+    lines = []
+    for finding in findings:
+        lines.append(f"{_MARK[finding.level]} {finding.subject:<{width}}  {finding.message}")
+        if finding.fix:
+            lines.append(f"{'':7} {'':<{width}}  fix: {finding.fix}")
+    return "\n".join(lines) + "\n"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad flag value, shown as one line."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--region", help="AWS region (default: instance metadata, then the "
+                        "AWS config)")
+    parser.add_argument("--vpc-id", help="VPC of the proxy (default: instance metadata)")
+    parser.add_argument("--subnet-id", help="subnet of the proxy, whose route table must reach "
+                        "the S3 gateway endpoint (default: instance metadata)")
+    parser.add_argument("--profile", help="AWS profile for the read-only calls")
+    parser.add_argument("--account", action="append", default=[], metavar="ACCOUNT",
+                        help="registry account ID; repeat for several (default: the caller's)")
+    parser.add_argument("--listen", action="append", default=[], metavar="IP",
+                        help="address the proxy listens on; repeat for several (default: the "
+                        "instance's private IPv4 addresses)")
+    parser.add_argument("--write", metavar="FILE", help="write the config to FILE (the old file "
+                        "is kept as FILE.bak) instead of standard output")
+
+
+def _gather(args: argparse.Namespace) -> tuple[Site, list[Endpoint]]:
+    from sniproxy import aws
+
+    for account in args.account:
+        if not _ACCOUNT.match(account):
+            raise UsageError(f"--account {account!r}: an account ID has 12 digits")
+    for address in args.listen:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise UsageError(f"--listen {address!r}: not an IP address") from None
+    session = aws.session(args.profile)
+    metadata = aws.Imds(aws.imds_endpoint(args.profile)).fetch()
+    region = args.region or (metadata and metadata.region) or session.region_name
+    if not region:
+        raise UsageError("no region: pass --region (instance metadata is unavailable and the "
+                         "AWS config names none)")
+    aws.check_region(session, region)
+    if metadata is not None and metadata.region != region:
+        metadata = None  # this instance lives elsewhere: its VPC and IPs do not apply
+    client = aws.Aws(session, region)
+
+    vpc_id = args.vpc_id
+    if args.subnet_id:
+        subnet_vpc = client.subnet(args.subnet_id).get("VpcId")
+        if vpc_id and subnet_vpc != vpc_id:
+            raise UsageError(f"subnet {args.subnet_id} is in {subnet_vpc}, not in {vpc_id}")
+        vpc_id = subnet_vpc
+    if not vpc_id and metadata is not None and metadata.primary is not None:
+        vpc_id = metadata.primary.vpc_id
+    if not vpc_id:
+        raise UsageError("no VPC: pass --vpc-id or --subnet-id (instance metadata is "
+                         "unavailable)")
+    local = [i for i in (metadata.interfaces if metadata else ()) if i.vpc_id == vpc_id]
+    subnet_id = args.subnet_id or (local[0].subnet_id if local else None)
+    listen = tuple(args.listen) or tuple(ip for i in local for ip in i.local_ipv4s)
+    if not listen:
+        raise UsageError(f"no listen address: pass --listen IP (instance metadata shows no "
+                         f"private IPs in {vpc_id})")
+    accounts = tuple(dict.fromkeys(args.account)) or (client.account(),)
+    route_table = client.route_table(vpc_id, subnet_id)
+    endpoints = endpoints_from_api(client.vpc_endpoints(vpc_id), region)
+    site = Site(region=region, vpc_id=vpc_id, vpc_cidr=local[0].vpc_cidr if local else None,
+                subnet_id=subnet_id, route_table_id=route_table["RouteTableId"],
+                accounts=accounts, listen=listen)
+    return site, endpoints
+
+
+def write_file(path: str, text: str) -> str | None:
+    """Write atomically; an existing file is kept as FILE.bak. Returns the backup's path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".sniproxy-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)
+        backup = None
+        if os.path.exists(path):
+            backup = path + ".bak"
+            os.replace(path, backup)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return backup
+
+
+def main(args: argparse.Namespace) -> int:
+    """0: config written, nothing blocks; 1: a blocking finding; 2: could not discover."""
+    from sniproxy import aws
+
+    try:
+        site, endpoints = _gather(args)
+    except (UsageError, aws.AwsError) as exc:
+        print(f"discover: error: {exc}", file=sys.stderr)
+        return 2
+    plan = assess(site, endpoints)
+    text = render_toml(site, plan)
+    report = sys.stderr
+    if args.write:
+        try:
+            backup = write_file(args.write, text)
+        except OSError as exc:
+            print(f"discover: error: cannot write {args.write}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+        report = sys.stdout
+        kept = f" (previous version kept as {backup})" if backup else ""
+        print(f"wrote {args.write}{kept}", file=report)
+    else:
+        sys.stdout.write(text)
+    print(f"\nFindings for {site.vpc_id} in {site.region}:", file=report)
+    report.write(findings_table(plan.findings))
+    print("\n/etc/hosts block for the builders:", file=report)
+    report.write(hosts_block(site))
+    if plan.blocking:
+        print("\ndiscover: blocking findings: fix them, then run discover again", file=report)
+        return 1
+    return 0

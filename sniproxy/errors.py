@@ -1,0 +1,39 @@
+"""Typed errors. Every error sniproxy raises on purpose is one of these."""
+
+
+class SniproxyError(Exception):
+    """Base of all sniproxy errors."""
+
+
+class ConfigError(SniproxyError):
+    """A configuration problem, tied to the key path that caused it."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"config error: {path}: {message}" if path else f"config error: {message}")
+
+
+class HelloError(SniproxyError):
+    """The client's first bytes are not an acceptable TLS ClientHello.
+
+    ``reason`` is the metrics label for the refusal.
+    """
+
+    reason = "bad_hello"
+
+
+class NotTLS(HelloError):
+    """The bytes do not start like a TLS handshake record (HTTP, SSH, PROXY...)."""
+
+    reason = "not_tls"
+
+
+class BadHello(HelloError):
+    """A TLS handshake record whose ClientHello is malformed or too large."""
+
+    reason = "bad_hello"
+
+
+class WireError(SniproxyError):
+    """A read ran past the end of a buffer or a length-prefixed block."""

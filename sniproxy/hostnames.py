@@ -1,0 +1,28 @@
+"""Host name checks shared by the ClientHello parser and the route table."""
+
+import ipaddress
+import re
+
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def normalize_host(name: str) -> str | None:
+    """Return ``name`` lower-cased without a trailing dot, or None if it is not a DNS host name.
+
+    IP literals and bare numbers are not host names: they must never reach routing.
+    """
+    name = name.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > 253 or not name.isascii():
+        return None
+    labels = name.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return None
+    if labels[-1].isdigit():
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None

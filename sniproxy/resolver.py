@@ -1,0 +1,132 @@
+"""Upstream name resolution through dnspython, against the configured servers only.
+
+/etc/hosts is never read: builders pin the ECR names to this proxy there, and on the proxy
+host the same names must resolve to the VPC endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Callable
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from .config import ResolverConfig
+from .dnscache import DnsCache
+from .errors import SniproxyError
+from .stats import Stats
+
+log = logging.getLogger("sniproxy.resolver")
+
+
+class ResolveError(SniproxyError):
+    pass
+
+
+class Resolver:
+    def __init__(self, config: ResolverConfig, stats: Stats, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.stats = stats
+        self.clock = clock
+        self.cache = DnsCache(config.min_ttl, config.max_ttl, config.stale_ttl, config.negative_ttl)
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = list(config.nameservers)
+        r.port = config.port
+        r.timeout = config.timeout
+        r.lifetime = config.timeout
+        r.cache = None  # ours serves stale; dnspython's does not
+        self._dns = r
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    def cached(self, name: str) -> tuple[str, ...] | None:
+        """Fresh addresses without awaiting, or None when a lookup is needed."""
+        if _is_ip(name):
+            return (name,)
+        entry = self.cache.get(name, self.clock())
+        if entry is None or not entry.addresses:
+            return None
+        self.stats.dns_cache_hits += 1
+        return entry.addresses
+
+    async def resolve(self, name: str) -> tuple[str, ...]:
+        """IPv4 addresses first, then IPv6. Raises ResolveError."""
+        if _is_ip(name):
+            return (name,)
+        entry = self.cache.get(name, self.clock())
+        if entry is not None:
+            if entry.addresses:
+                self.stats.dns_cache_hits += 1
+                return entry.addresses
+            raise ResolveError(f"{name}: no addresses (cached)")
+        task = self._inflight.get(name)
+        if task is None:
+            # One lookup per name however many connections wait on it; a task of its own, so a
+            # waiter that gives up (client gone) does not cancel it for the others.
+            task = asyncio.get_running_loop().create_task(self._lookup(name))
+            self._inflight[name] = task
+            task.add_done_callback(self._lookup_done)
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, task: asyncio.Task) -> None:
+        for name, t in list(self._inflight.items()):
+            if t is task:
+                del self._inflight[name]
+        if not task.cancelled():
+            task.exception()  # retrieved, even if every waiter has gone
+
+    async def _lookup(self, name: str) -> tuple[str, ...]:
+        answers = await asyncio.gather(
+            self._query(name, dns.rdatatype.A), self._query(name, dns.rdatatype.AAAA), return_exceptions=True
+        )
+        now = self.clock()
+        addresses: list[str] = []
+        ttls: list[float] = []
+        nxdomain = False
+        failure: BaseException | None = None
+        for answer in answers:
+            if isinstance(answer, dns.resolver.NXDOMAIN):
+                nxdomain = True
+            elif isinstance(answer, BaseException):
+                failure = answer
+            elif answer.rrset is not None:
+                addresses += [rr.address for rr in answer.rrset]
+                ttls.append(answer.rrset.ttl)
+        if addresses:
+            self.stats.dns_result("ok")
+            return self.cache.put(name, tuple(addresses), min(ttls), now).addresses
+        if nxdomain or failure is None:
+            self.stats.dns_result("nxdomain" if nxdomain else "nodata")
+            self.cache.put(name, (), 0, now)
+            raise ResolveError(f"{name}: {'NXDOMAIN' if nxdomain else 'no A or AAAA records'}")
+        stale = self.cache.stale(name, now)
+        if stale is not None:
+            self.stats.dns_result("stale")
+            log.warning("DNS unreachable for %s (%s); serving stale answer", name, _describe(failure))
+            return stale.addresses
+        self.stats.dns_result("error")
+        raise ResolveError(f"{name}: {_describe(failure)}")
+
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
+        return await self._dns.resolve(name, rdtype, raise_on_no_answer=False, search=False)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, dns.exception.Timeout):
+        return "DNS timeout"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no DNS server answered"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,186 @@
+"""The server's lifecycle, top to bottom: startup -> serve -> shutdown.
+
+Signal handlers only set flags; ``run`` reacts. Shared state lives here: the live connections,
+the route table and resolver that new connections use, and the stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from typing import Callable
+
+from .config import Config, Listen
+from .errors import ConfigError
+from .listener import bind, is_wildcard, listen_name, serve
+from .metrics import make_registry, start_http
+from .resolver import Resolver
+from .routes import RouteTable
+from .stats import Stats
+
+log = logging.getLogger("sniproxy")
+
+
+class Server:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: bool = True):
+        self.config = config
+        self.loop = loop
+        self.access_log = access_log
+        self.stats = Stats()
+        self.routes = RouteTable(config.routes)
+        self.resolver = Resolver(config.resolver, self.stats)
+        self.connections: set = set()
+        self.listeners: dict[Listen, asyncio.AbstractServer] = {}
+        self.metrics_server: asyncio.AbstractServer | None = None
+        self._local: dict[str, bool] = {}
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- loop refusal ----------------------------------------------------------------------
+
+    def is_loop(self, ip: str, port: int) -> bool:
+        """Would connecting to (ip, port) land on one of our own listeners?"""
+        ip = str(ipaddress.ip_address(ip.split("%")[0]))
+        for listen in self.listeners:
+            if listen.port != port:
+                continue
+            if listen.address == ip or (is_wildcard(listen.address) and self._is_local(ip)):
+                return True
+        return False
+
+    def _is_local(self, ip: str) -> bool:
+        known = self._local.get(ip)
+        if known is None:
+            # An address is ours if we can bind to it; cached, since upstream addresses are few.
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind((ip, 0))
+                    known = True
+                except OSError:
+                    known = False
+            if len(self._local) < 1024:
+                self._local[ip] = known
+        return known
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, sockets: dict[Listen, socket.socket] | None = None) -> None:
+        sockets = dict(sockets or {})
+        for listen in self.config.listen:
+            sock = sockets.pop(listen, None) or bind(listen)
+            self.listeners[listen] = await serve(self, listen, sock)
+            log.info("listening on %s", listen_name(listen))
+        m = self.config.metrics
+        if m.enabled:
+            registry = make_registry(self.stats.snapshot)
+            self.metrics_server = await start_http(registry, m.address, m.port)
+            log.info("metrics on http://%s/metrics", listen_name(Listen(m.address, m.port)))
+        self._schedule_sweep()
+
+    def install_signal_handlers(self) -> None:
+        self.loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        self.loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self.loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+
+    async def run(self, reload_config: Callable[[], Config] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, reloading on SIGHUP, then drain."""
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            hup = asyncio.ensure_future(self._reload.wait())
+            await asyncio.wait({stop, hup}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            hup.cancel()
+            if self._reload.is_set():
+                self._reload.clear()
+                if reload_config is not None:
+                    await self.reload(reload_config)
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self, reload_config: Callable[[], Config]) -> bool:
+        try:
+            new = reload_config()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        old = self.config
+        added = [entry for entry in new.listen if entry not in self.listeners]
+        sockets = {}
+        try:
+            for listen in added:
+                sockets[listen] = bind(listen)
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        for listen in [entry for entry in self.listeners if entry not in new.listen]:
+            self.listeners.pop(listen).close()
+            log.info("stopped listening on %s", listen_name(listen))
+        for listen, sock in sockets.items():
+            self.listeners[listen] = await serve(self, listen, sock)
+            log.info("listening on %s", listen_name(listen))
+        self.config = new
+        self.routes = RouteTable(new.routes)
+        if new.resolver != old.resolver:
+            self.resolver = Resolver(new.resolver, self.stats)
+        log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))
+        return True
+
+    async def shutdown(self) -> None:
+        for srv in self.listeners.values():
+            srv.close()
+        n = len(self.connections)
+        drain = self.config.server.drain_timeout
+        log.info("stopping: listeners closed, draining %d connections for up to %.0fs", n, drain)
+        if self.connections:
+            try:
+                async with asyncio.timeout(drain):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.info("drain timeout: closing %d connections", len(self.connections))
+                for conn in list(self.connections):
+                    conn.abort("drain")
+                try:  # let connection_lost callbacks run, so every connection is logged
+                    async with asyncio.timeout(1.0):
+                        await self._drained.wait()
+                except TimeoutError:
+                    pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        log.info("stopped")
+
+    def connection_closed(self) -> None:
+        if not self.connections and self._stop.is_set():
+            self._drained.set()
+
+    # -- idle timeout ----------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        interval = min(1.0, self.config.server.idle_timeout / 4)
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close pairs with no bytes either way for idle_timeout. Reads the byte counters the
+        pump keeps anyway, so the data path pays nothing for idle tracking."""
+        now = self.loop.time()
+        idle = self.config.server.idle_timeout
+        for conn in list(self.stats.live):
+            total = conn.to_upstream + conn.to_client
+            if total != conn.idle_mark:
+                conn.idle_mark = total
+                conn.idle_since = now
+            elif now - conn.idle_since >= idle:
+                conn.abort("idle")
+        self._schedule_sweep()
+

@@ -1,0 +1,220 @@
+"""Sans-I/O TLS ClientHello reader: bytes in, ``ClientHello`` or ``NEED_DATA`` out.
+
+Two layers, kept apart as in mitmproxy: ``HelloReader`` reassembles the handshake
+message from TLS records (any number of records, any TCP segmentation); ``parse_client_hello``
+parses that message (RFC 8446 section 4.1.2). Nothing here touches a socket, and the
+reader never rebuilds bytes: the caller forwards exactly what it fed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import BadHello, NotTLS, WireError
+from .hostnames import normalize_host
+from .wire import Buffer
+
+
+class ContentType(IntEnum):
+    ALERT = 21
+    HANDSHAKE = 22
+
+
+class HandshakeType(IntEnum):
+    CLIENT_HELLO = 1
+
+
+class ExtensionType(IntEnum):
+    SERVER_NAME = 0
+    APPLICATION_LAYER_PROTOCOL_NEGOTIATION = 16
+
+
+class NameType(IntEnum):
+    HOST_NAME = 0
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+#: Largest ClientHello message body accepted. Post-quantum key shares make today's hellos
+#: ~1.8 KB; 64 KiB leaves room for years of growth while bounding what a client can make us hold.
+MAX_HELLO = 64 * 1024
+#: RFC 8446 section 5.1: TLSPlaintext.length must not exceed 2^14.
+MAX_RECORD = 1 << 14
+RECORD_HEADER = 5
+
+#: A fatal unrecognized_name alert (RFC 6066 section 3), sent before refusing an unknown SNI.
+UNRECOGNIZED_NAME_ALERT = bytes((ContentType.ALERT, 3, 3, 0, 2, 2, 112))
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """A read-only view of the parts of a ClientHello the proxy cares about."""
+
+    sni: str | None
+    """Normalised host name (lower case, no trailing dot); None when absent, an IP literal or invalid."""
+    alpn: tuple[str, ...]
+    """Offered ALPN protocols, in order."""
+    extensions: tuple[int, ...]
+    """Extension types in the order sent (GREASE values included)."""
+    legacy_version: int
+
+
+def pull_server_name(buf: Buffer) -> str | None:
+    """ServerNameList (RFC 6066 section 3): exactly one host_name entry."""
+    sni = None
+    seen = False
+    with buf.pull_block(2) as length:
+        if length == 0:
+            raise BadHello("empty server_name list")
+        while not buf.eof():
+            name_type = buf.pull_uint8()
+            with buf.pull_block(2) as n:
+                if name_type != NameType.HOST_NAME:
+                    raise BadHello(f"unknown server name type {name_type}")
+                if n == 0 or seen:
+                    raise BadHello("empty or repeated host_name")
+                seen = True
+                raw = buf.pull_bytes(n)
+                try:
+                    sni = normalize_host(raw.decode("ascii"))
+                except UnicodeDecodeError:
+                    sni = None
+    return sni
+
+
+def pull_alpn(buf: Buffer) -> tuple[str, ...]:
+    """ProtocolNameList (RFC 7301 section 3.1)."""
+    protocols = []
+    with buf.pull_block(2) as length:
+        if length == 0:
+            raise BadHello("empty ALPN list")
+        while not buf.eof():
+            with buf.pull_block(1) as n:
+                if n == 0:
+                    raise BadHello("empty ALPN protocol name")
+                protocols.append(buf.pull_bytes(n).decode("latin-1"))
+    return tuple(protocols)
+
+
+_EXTENSION_PARSERS = {
+    ExtensionType.SERVER_NAME: ("sni", pull_server_name),
+    ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION: ("alpn", pull_alpn),
+}
+
+
+def pull_client_hello(buf: Buffer) -> ClientHello:
+    legacy_version = buf.pull_uint16()
+    if legacy_version >> 8 != 3:
+        raise BadHello(f"legacy_version {legacy_version:#06x}")
+    buf.skip(32)  # random
+    with buf.pull_block(1) as n:
+        if n > 32:
+            raise BadHello("legacy_session_id longer than 32 bytes")
+        buf.skip(n)
+    with buf.pull_block(2) as n:
+        if n == 0 or n % 2:
+            raise BadHello("bad cipher_suites length")
+        buf.skip(n)
+    with buf.pull_block(1) as n:
+        if n == 0:
+            raise BadHello("no compression methods")
+        buf.skip(n)
+    found: dict[str, object] = {"sni": None, "alpn": ()}
+    types: list[int] = []
+    if not buf.eof():  # extensions may be absent before TLS 1.3
+        with buf.pull_block(2):
+            while not buf.eof():
+                ext_type = buf.pull_uint16()
+                if ext_type in types:
+                    raise BadHello(f"duplicate extension {ext_type}")
+                types.append(ext_type)
+                parser = _EXTENSION_PARSERS.get(ext_type)
+                if parser is None:
+                    with buf.pull_block(2) as n:
+                        buf.skip(n)
+                else:
+                    key, pull = parser
+                    with buf.pull_block(2):
+                        found[key] = pull(buf)
+    return ClientHello(
+        sni=found["sni"],  # type: ignore[arg-type]
+        alpn=found["alpn"],  # type: ignore[arg-type]
+        extensions=tuple(types),
+        legacy_version=legacy_version,
+    )
+
+
+def parse_client_hello(message: bytes | memoryview) -> ClientHello:
+    """Parse a ClientHello handshake body (without its 4-byte handshake header)."""
+    buf = Buffer(message)
+    try:
+        hello = pull_client_hello(buf)
+    except WireError as exc:
+        raise BadHello(str(exc)) from None
+    if not buf.eof():
+        raise BadHello("trailing bytes after extensions")
+    return hello
+
+
+class HelloReader:
+    """Reassembles a ClientHello from TLS records fed in arbitrary chunks.
+
+    ``feed`` returns the ``ClientHello``, ``NEED_DATA``, or raises ``NotTLS``/``BadHello``.
+    Buffering is bounded: the message is capped at ``MAX_HELLO`` and records are checked as
+    their headers arrive, so a hostile length is refused before its bytes are.
+    """
+
+    __slots__ = ("received", "_pos", "_message", "_length")
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        """Every byte fed so far, to be forwarded unchanged."""
+        self._pos = 0  # offset of the next record header in ``received``
+        self._message = bytearray()
+        self._length = -1  # handshake body length, once known
+
+    def feed(self, data: bytes) -> ClientHello | _NeedData:
+        received = self.received
+        if not received:
+            if data[:1] and data[0] != ContentType.HANDSHAKE:
+                raise NotTLS(f"first byte {data[0]:#04x} is not a TLS handshake record")
+            if len(data) > 1 and data[1] != 3:
+                raise NotTLS("record version major is not 3")
+        received += data
+        while True:
+            pos = self._pos
+            if len(received) - pos < RECORD_HEADER:
+                return NEED_DATA
+            content_type, major, minor, hi, lo = received[pos : pos + RECORD_HEADER]
+            if content_type != ContentType.HANDSHAKE:
+                if pos == 0:
+                    raise NotTLS(f"first byte {content_type:#04x} is not a TLS handshake record")
+                raise BadHello(f"record type {content_type} inside the ClientHello")
+            if major != 3 or minor > 4:
+                raise NotTLS(f"record version {major}.{minor}")
+            length = (hi << 8) | lo
+            if length == 0 or length > MAX_RECORD:
+                raise BadHello(f"record length {length}")
+            end = pos + RECORD_HEADER + length
+            if len(received) < end:
+                return NEED_DATA
+            self._pos = end
+            message = self._message
+            message += received[pos + RECORD_HEADER : end]
+            if self._length < 0 and len(message) >= 4:
+                if message[0] != HandshakeType.CLIENT_HELLO:
+                    raise BadHello(f"handshake type {message[0]} is not ClientHello")
+                self._length = (message[1] << 16) | (message[2] << 8) | message[3]
+                if self._length > MAX_HELLO:
+                    raise BadHello(f"ClientHello of {self._length} bytes exceeds {MAX_HELLO}")
+            if self._length >= 0 and len(message) >= 4 + self._length:
+                if len(message) > 4 + self._length:
+                    raise BadHello("handshake data after the ClientHello")
+                return parse_client_hello(memoryview(message)[4:])
