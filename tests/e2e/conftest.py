@@ -1,0 +1,72 @@
+"""Fixtures of the end-to-end suite. The world itself is built in world.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from . import netns, oci_image
+from .world import REPORT, World
+
+MiB = 1 << 20
+# >= 2 layers, one >= 20 MiB, the rest small to keep the run short
+LAYERS = (20 * MiB, 256 * 1024, 4 * 1024)
+
+
+def _unavailable() -> str | None:
+    for tool, package in (("/usr/bin/docker-registry", "docker-registry"),
+                          ("/usr/bin/skopeo", "skopeo")):
+        if not os.access(tool, os.X_OK):
+            return f"{tool} missing (apt-get install {package})"
+    for module, package in (("moto", "moto[server]"), ("flask", "moto[server]"),
+                            ("bcrypt", "bcrypt"), ("trustme", "trustme"), ("dns", "dnspython")):
+        if importlib.util.find_spec(module) is None:
+            return f"python module {module} missing (pip install {package})"
+    try:
+        netns.probe()
+    except netns.NetnsUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    why = _unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"e2e must run on CI but cannot: {why}", pytrace=False)
+        pytest.skip(f"e2e skipped: {why}")
+    built = World(tmp_path_factory.mktemp("e2e"))
+    problems: list[str] = []
+    try:
+        built.build()
+        yield built
+    finally:
+        problems = built.close()
+    assert not problems, problems
+
+
+@pytest.fixture(scope="session")
+def image(world: World) -> oci_image.Image:
+    return oci_image.build(world.tmp / "image", "v1", LAYERS)
+
+
+@pytest.fixture(scope="session")
+def small_image(world: World) -> oci_image.Image:
+    return oci_image.build(world.tmp / "small-image", "v1", (1024,))
+
+
+@pytest.fixture
+def pull_dir(tmp_path: Path) -> Path:
+    return tmp_path / "pulled"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not REPORT:
+        return
+    terminalreporter.section("e2e measurements")
+    for key, value in REPORT.items():
+        terminalreporter.write_line(f"{key}: {value}")
