@@ -15,6 +15,12 @@ import os
 import re
 import sys
 import tempfile
+import tomllib
+
+from sniproxy import config as config_mod
+from sniproxy.config import Config
+from sniproxy.errors import ConfigError
+from sniproxy.hosts import hosts_lines
 
 SERVICES = ("ecr.api", "ecr.dkr", "s3")
 UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
@@ -284,20 +290,15 @@ def render_toml(site: Site, plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ecr_names(region: str, accounts: tuple[str, ...]) -> list[str]:
-    """The names builders resolve for ECR in `region`."""
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return ([f"api.ecr.{region}.{suffix}"]
-            + [f"{account}.dkr.ecr.{region}.{suffix}" for account in accounts]
-            + [f"{starport_bucket(region)}.s3.{region}.{suffix}"])
+def parse(text: str) -> Config:
+    """The generated text read back exactly as `sniproxy run` reads it; a ConfigError here
+    is a bug in discover."""
+    return config_mod.from_dict(tomllib.loads(text), source="discover")
 
 
-def hosts_block(site: Site) -> str:
+def hosts_block(config: Config) -> str:
     """The /etc/hosts lines for the builders, pointing the ECR names at the first listener."""
-    address = site.listen[0]
-    lines = ["# sniproxy: ECR through the VPC endpoints"]
-    lines += [f"{address} {name}" for name in ecr_names(site.region, site.accounts)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(hosts_lines(config, config.listen[0].address)) + "\n"
 
 
 def findings_table(findings: tuple[Finding, ...]) -> str:
@@ -332,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is kept as FILE.bak) instead of standard output")
 
 
-def _gather(args: argparse.Namespace) -> tuple[Site, list[Endpoint]]:
+def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint]]:
     from sniproxy import aws
 
     for account in args.account:
@@ -352,7 +353,7 @@ def _gather(args: argparse.Namespace) -> tuple[Site, list[Endpoint]]:
     aws.check_region(session, region)
     if metadata is not None and metadata.region != region:
         metadata = None  # this instance lives elsewhere: its VPC and IPs do not apply
-    client = aws.Aws(session, region)
+    client = (connect or aws.Aws)(session, region)
 
     vpc_id = args.vpc_id
     if args.subnet_id:
@@ -400,17 +401,25 @@ def write_file(path: str, text: str) -> str | None:
     return backup
 
 
-def main(args: argparse.Namespace) -> int:
-    """0: config written, nothing blocks; 1: a blocking finding; 2: could not discover."""
+def main(args: argparse.Namespace, *, connect=None) -> int:
+    """0: config written, nothing blocks; 1: a blocking finding; 2: could not discover.
+
+    `connect(session, region)` builds the `aws.Aws` client; tests pass one with Stubbers."""
     from sniproxy import aws
 
     try:
-        site, endpoints = _gather(args)
+        site, endpoints = _gather(args, connect)
     except (UsageError, aws.AwsError) as exc:
         print(f"discover: error: {exc}", file=sys.stderr)
         return 2
     plan = assess(site, endpoints)
     text = render_toml(site, plan)
+    try:
+        config = parse(text)
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        print(f"discover: error: the generated config is invalid (a bug): {exc}",
+              file=sys.stderr)
+        return 2
     report = sys.stderr
     if args.write:
         try:
@@ -427,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nFindings for {site.vpc_id} in {site.region}:", file=report)
     report.write(findings_table(plan.findings))
     print("\n/etc/hosts block for the builders:", file=report)
-    report.write(hosts_block(site))
+    report.write(hosts_block(config))
     if plan.blocking:
         print("\ndiscover: blocking findings: fix them, then run discover again", file=report)
         return 1

@@ -1,0 +1,383 @@
+"""sniproxy.discover: the pure assessment, the TOML it writes (read back by sniproxy.config),
+and `main` end to end against a loopback IMDS server and Stubbed EC2/STS clients."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+
+import pytest
+from botocore.stub import Stubber
+
+from sniproxy import aws, config as config_mod, discover
+from tests.test_aws import (
+    ACCOUNT, MAIN_FILTER, REGION, RTB_MAIN, RTB_SUBNET, SUBNET, SUBNET_FILTER, VPC, VPC_FILTER,
+    clean_env, gateway_endpoint, identity, imds_server, instance_data, interface_endpoint,
+    other_endpoint, route_table, subnet_item,
+)
+
+assert clean_env  # a fixture, used by name below
+
+DKR_REGIONAL = "vpce-0123abcd-uz5j3lr2.dkr.ecr.eu-west-2.vpce.amazonaws.com"
+GATEWAY = "vpce-0s3gw000000000000"
+
+
+def api(**kw):
+    return interface_endpoint("ecr.api", "vpce-0aaa1111bbbb22223", "k2x9q7ma", **kw)
+
+
+def dkr(**kw):
+    return interface_endpoint("ecr.dkr", "vpce-0123abcd", "uz5j3lr2", **kw)
+
+
+def s3_interface(**kw):
+    return interface_endpoint("s3", "vpce-0e5e5e5e5e5e5e5e5", "3fq8c1vh", **kw)
+
+
+def site(**kw) -> discover.Site:
+    values = dict(region=REGION, vpc_id=VPC, vpc_cidr="10.20.0.0/16", subnet_id=SUBNET,
+                  route_table_id=RTB_SUBNET, accounts=(ACCOUNT,), listen=("10.20.1.10",))
+    values.update(kw)
+    return discover.Site(**values)
+
+
+def plan_for(raw: list[dict], **kw) -> discover.Plan:
+    return discover.assess(site(**kw), discover.endpoints_from_api(raw, REGION))
+
+
+def levels(plan: discover.Plan) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for finding in plan.findings:
+        out.setdefault(finding.subject, []).append(finding.level)
+    return out
+
+
+# --- pure assessment -------------------------------------------------------------------------
+
+def test_healthy_vpc_needs_no_overrides():
+    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET, RTB_MAIN]),
+                     other_endpoint("vpce-0sts", "sts")])
+    assert plan.upstreams == {}
+    assert not plan.blocking
+    assert levels(plan) == {"ecr.api": ["ok"], "ecr.dkr": ["ok"], "s3": ["ok"]}
+
+
+def test_endpoints_from_api_keeps_only_ecr_and_s3_of_the_region():
+    raw = [api(), other_endpoint("vpce-0logs", "logs"), other_endpoint("vpce-0ecs", "ecs"),
+           dict(dkr(), ServiceName="com.amazonaws.eu-west-1.ecr.dkr")]
+    assert [e.id for e in discover.endpoints_from_api(raw, REGION)] == ["vpce-0aaa1111bbbb22223"]
+    china = dict(dkr(), ServiceName="cn.com.amazonaws.cn-north-1.ecr.dkr")
+    assert [e.service for e in discover.endpoints_from_api([china], "cn-north-1")] == ["ecr.dkr"]
+
+
+def test_private_dns_off_sets_the_regional_vpce_name_not_a_zonal_one():
+    plan = plan_for([api(), dkr(private_dns=False), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    assert plan.upstreams == {"dkr": DKR_REGIONAL}
+    assert not plan.blocking
+    (finding,) = [f for f in plan.findings if f.subject == "ecr.dkr"]
+    assert finding.level == "warn"
+    assert finding.message == ("private DNS disabled on ecr.dkr (vpce-0123abcd): ECR requires it "
+                               "for docker pulls; upstream set to the vpce name")
+
+
+def test_missing_dkr_endpoint_blocks():
+    plan = plan_for([api(), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    assert plan.blocking
+    (finding,) = [f for f in plan.findings if f.level == "block"]
+    assert finding.message == (f"no ecr.dkr endpoint in {VPC}: image traffic would leave "
+                               "through NAT or IGW")
+    assert f"com.amazonaws.{REGION}.ecr.dkr" in finding.fix
+
+
+def test_endpoint_not_available_blocks():
+    plan = plan_for([api(state="pendingAcceptance"), dkr(),
+                     gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    assert levels(plan)["ecr.api"] == ["block"]
+    assert "is pendingacceptance" in plan.findings[0].message
+
+
+def test_an_available_duplicate_wins_over_a_failed_one():
+    failed = interface_endpoint("ecr.dkr", "vpce-0dead", "aaaa1111", state="failed")
+    plan = plan_for([api(), failed, dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    assert levels(plan)["ecr.dkr"] == ["ok"]
+
+
+def test_gateway_not_on_the_proxy_route_table_blocks():
+    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN])])
+    assert plan.blocking
+    (finding,) = [f for f in plan.findings if f.subject == "s3"]
+    assert finding.message == (f"S3 gateway endpoint {GATEWAY} not associated with "
+                               f"{RTB_SUBNET}: layer downloads would bypass it")
+    assert finding.fix == (f"aws ec2 modify-vpc-endpoint --vpc-endpoint-id {GATEWAY} "
+                           f"--add-route-table-ids {RTB_SUBNET}")
+
+
+def test_no_s3_endpoint_blocks():
+    plan = plan_for([api(), dkr()])
+    assert [f.message for f in plan.findings if f.level == "block"] == [
+        f"no S3 endpoint in {VPC}: layer downloads would leave through NAT or IGW"]
+
+
+def test_s3_interface_without_private_dns_is_dialled_by_its_vpce_name():
+    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN]),
+                     s3_interface(private_dns=False)])
+    assert not plan.blocking
+    assert plan.upstreams == {"s3": "prod-eu-west-2-starport-layer-bucket.vpce-0e5e5e5e5e5e5e5e5"
+                                     "-3fq8c1vh.s3.eu-west-2.vpce.amazonaws.com"}
+    assert levels(plan)["s3"] == ["warn", "warn"]
+
+
+def test_s3_interface_with_inbound_only_private_dns_still_needs_the_vpce_name():
+    plan = plan_for([api(), dkr(), s3_interface(inbound_only=True)])
+    assert "s3" in plan.upstreams
+
+
+def test_s3_interface_with_private_dns_needs_nothing():
+    plan = plan_for([api(), dkr(), s3_interface()])
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok"]
+
+
+def test_associated_gateway_is_preferred_over_an_interface():
+    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET]),
+                     s3_interface(private_dns=False)])
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok"]
+
+
+def test_unknown_subnet_is_a_warning():
+    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN])], subnet_id=None,
+                    route_table_id=RTB_MAIN)
+    assert levels(plan)["subnet"] == ["warn"]
+    assert not plan.blocking
+
+
+def test_resolver_is_amazon_dns_and_cidr_base_plus_two():
+    assert discover.resolver_addresses("10.20.0.0/16") == ["169.254.169.253", "10.20.0.2"]
+    assert discover.resolver_addresses(None) == ["169.254.169.253"]
+
+
+# --- the TOML and the hosts block ------------------------------------------------------------
+
+def test_generated_config_is_what_sniproxy_loads(tmp_path):
+    the_site = site(listen=("10.20.1.10", "10.20.1.11"), accounts=(ACCOUNT, "210987654321"))
+    plan = plan_for([api(private_dns=False), dkr(private_dns=False),
+                     s3_interface(private_dns=False)])
+    text = discover.render_toml(the_site, plan)
+    path = tmp_path / "sniproxy.toml"
+    path.write_text(text)
+    config = config_mod.load(str(path))
+    assert [(entry.address, entry.port) for entry in config.listen] == [
+        ("10.20.1.10", 443), ("10.20.1.11", 443)]
+    assert config.resolver.nameservers == ("169.254.169.253", "10.20.0.2")
+    assert (config.metrics.address, config.metrics.port) == ("127.0.0.1", 9464)
+    routes = {route.name: route for route in config.routes}
+    assert routes["ecr-dkr"].upstream == DKR_REGIONAL
+    assert routes["ecr-api"].upstream == ("vpce-0aaa1111bbbb22223-k2x9q7ma.api.ecr.eu-west-2"
+                                          ".vpce.amazonaws.com")
+    assert routes["ecr-s3"].upstream.endswith(".s3.eu-west-2.vpce.amazonaws.com")
+    assert f"210987654321.dkr.ecr.{REGION}.amazonaws.com" in routes["ecr-dkr"].patterns
+    assert all(line.startswith("#") or "=" in line or line.startswith("[") or not line
+               for line in text.splitlines())
+
+
+def test_config_without_overrides_has_no_upstreams_table():
+    text = discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]))
+    assert "[ecr.upstreams]" not in text
+    assert "upstreams" not in tomllib.loads(text)["ecr"]
+    assert all(route.upstream is None for route in discover.parse(text).routes)
+
+
+def test_hosts_block_points_ecr_names_at_the_first_listener():
+    text = discover.render_toml(site(listen=("10.20.1.10", "10.20.1.11")),
+                                plan_for([api(), dkr(), s3_interface()]))
+    block = discover.hosts_block(discover.parse(text))
+    assert f"10.20.1.10\tapi.ecr.{REGION}.amazonaws.com" in block
+    assert f"10.20.1.10\t{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com" in block
+    assert f"10.20.1.10\tprod-{REGION}-starport-layer-bucket.s3.{REGION}.amazonaws.com" in block
+    assert "10.20.1.11" not in block
+
+
+def test_findings_table_shows_marks_and_fixes():
+    table = discover.findings_table(plan_for([api(), gateway_endpoint(GATEWAY, [RTB_MAIN])])
+                                    .findings)
+    lines = table.splitlines()
+    assert lines[0].startswith("[ OK  ] ecr.api  vpce-0aaa1111bbbb22223 available")
+    assert lines[1].startswith("[BLOCK] ecr.dkr  no ecr.dkr endpoint")
+    assert lines[2].strip().startswith("fix: create an interface endpoint")
+
+
+# --- main, end to end ------------------------------------------------------------------------
+
+def namespace(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    discover.add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def stub_connect(ec2_calls, sts_calls=(), stubs=None):
+    """A `connect` for main: the real aws.Aws with Stubbers answering in order."""
+    def connect(session, region):
+        client = aws.Aws(session, region)
+        ec2, sts = Stubber(client.ec2), Stubber(client.sts)
+        for stub, calls in ((ec2, ec2_calls), (sts, sts_calls)):
+            for call in calls:
+                method, kind, *rest = call
+                getattr(stub, kind)(method, *rest)
+            stub.activate()
+        if stubs is not None:
+            stubs.extend([ec2, sts])
+        return client
+    return connect
+
+
+@pytest.fixture
+def fake_credentials(clean_env, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+
+
+HEALTHY = [
+    ("describe_route_tables", "add_response",
+     {"RouteTables": [route_table(RTB_SUBNET, subnet=SUBNET)]}, {"Filters": SUBNET_FILTER}),
+    ("describe_vpc_endpoints", "add_response",
+     {"VpcEndpoints": [api()], "NextToken": "cGFnZTI="}, {"Filters": VPC_FILTER}),
+    ("describe_vpc_endpoints", "add_response",
+     {"VpcEndpoints": [dkr(private_dns=False), gateway_endpoint(GATEWAY, [RTB_SUBNET])]},
+     {"Filters": VPC_FILTER, "NextToken": "cGFnZTI="}),
+]
+CALLER = [("get_caller_identity", "add_response", identity(), {})]
+
+
+def test_main_from_instance_metadata_writes_a_loadable_config(fake_credentials, monkeypatch,
+                                                               tmp_path, capsys):
+    out = tmp_path / "sniproxy.toml"
+    stubs: list = []
+    with imds_server(instance_data()) as (server, url):
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)
+        code = discover.main(namespace(write=str(out)),
+                             connect=stub_connect(HEALTHY, CALLER, stubs))
+    for stub in stubs:
+        stub.assert_no_pending_responses()
+    printed = capsys.readouterr()
+    assert code == 0, printed
+    assert printed.err == ""
+    config = config_mod.load(str(out))
+    assert [entry.address for entry in config.listen] == ["10.20.1.10", "10.20.1.11",
+                                                          "10.20.2.20"]
+    assert {r.name: r.upstream for r in config.routes}["ecr-dkr"] == DKR_REGIONAL
+    assert f"wrote {out}" in printed.out
+    assert "[WARN ] ecr.dkr  private DNS disabled on ecr.dkr" in printed.out
+    assert f"10.20.1.10\t{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com" in printed.out
+
+
+def test_main_flags_without_metadata_print_config_on_stdout(fake_credentials, capsys):
+    calls = [("describe_subnets", "add_response", {"Subnets": [subnet_item()]},
+              {"SubnetIds": [SUBNET]})] + HEALTHY
+    code = discover.main(namespace(region=REGION, subnet_id=SUBNET, listen=["10.20.1.50"],
+                                   account=["210987654321"]),
+                         connect=stub_connect(calls))
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    data = tomllib.loads(printed.out)
+    assert data["ecr"]["accounts"] == ["210987654321"]
+    assert data["listen"] == [{"address": "10.20.1.50", "port": 443}]
+    assert data["resolver"]["nameservers"] == ["169.254.169.253"]
+    assert "Findings for" in printed.err
+
+
+def test_main_write_keeps_the_previous_file(fake_credentials, tmp_path, capsys):
+    out = tmp_path / "sniproxy.toml"
+    out.write_text("# the operator's edits\n")
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, subnet_id=None,
+                                   listen=["10.20.1.50"], account=[ACCOUNT], write=str(out)),
+                         connect=stub_connect([
+                             ("describe_route_tables", "add_response",
+                              {"RouteTables": [route_table(RTB_MAIN, main=True)]},
+                              {"Filters": MAIN_FILTER}),
+                             ("describe_vpc_endpoints", "add_response",
+                              {"VpcEndpoints": [api(), dkr(), s3_interface()]},
+                              {"Filters": VPC_FILTER}),
+                         ]))
+    assert code == 0, capsys.readouterr()
+    assert (tmp_path / "sniproxy.toml.bak").read_text() == "# the operator's edits\n"
+    assert "[[listen]]" in out.read_text()
+
+
+def test_main_exits_one_on_a_blocking_finding(fake_credentials, capsys):
+    calls = [("describe_subnets", "add_response", {"Subnets": [subnet_item()]},
+              {"SubnetIds": [SUBNET]}),
+             HEALTHY[0], ("describe_vpc_endpoints", "add_response",
+                          {"VpcEndpoints": [api()]}, {"Filters": VPC_FILTER})]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, subnet_id=SUBNET,
+                                   listen=["10.20.1.50"], account=[ACCOUNT]),
+                         connect=stub_connect(calls))
+    printed = capsys.readouterr()
+    assert code == 1
+    assert "[BLOCK] ecr.dkr  no ecr.dkr endpoint" in printed.err
+    assert "[BLOCK] s3" in printed.err
+    config_mod.from_dict(tomllib.loads(printed.out))  # still a usable config
+
+
+def one_line_error(capsys) -> str:
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    lines = printed.err.splitlines()
+    assert len(lines) == 1, printed.err
+    assert "Traceback" not in printed.err
+    return lines[0]
+
+
+def test_main_access_denied_is_one_line(fake_credentials, capsys):
+    calls = [("describe_route_tables", "add_client_error", "UnauthorizedOperation",
+              "You are not authorized to perform this operation.", 403)]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"],
+                                   account=[ACCOUNT]), connect=stub_connect(calls))
+    assert code == 2
+    assert one_line_error(capsys) == ("discover: error: access denied: the IAM policy lacks "
+                                      "ec2:DescribeRouteTables (see the README's policy for "
+                                      "discover)")
+
+
+def test_main_without_credentials_is_one_line(clean_env, capsys):
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"]))
+    assert code == 2
+    assert one_line_error(capsys).startswith("discover: error: no AWS credentials found:")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(region="eu-west-9", vpc_id=VPC), "region 'eu-west-9' not found"),
+    (dict(vpc_id=VPC), "no region: pass --region"),
+    (dict(region=REGION), "no VPC: pass --vpc-id or --subnet-id"),
+    (dict(region=REGION, vpc_id=VPC, listen=["10.20.1"]), "--listen '10.20.1': not an IP"),
+    (dict(region=REGION, vpc_id=VPC, account=["12345"]), "--account '12345': an account ID has"),
+], ids=["unknown-region", "no-region", "no-vpc", "bad-listen", "bad-account"])
+def test_main_bad_input_is_one_line(fake_credentials, capsys, flags, message):
+    code = discover.main(namespace(**flags), connect=stub_connect([]))
+    assert code == 2
+    line = one_line_error(capsys)
+    assert line.startswith("discover: error: ") and message in line
+
+
+def test_main_subnet_outside_the_vpc_is_one_line(fake_credentials, capsys):
+    calls = [("describe_subnets", "add_response",
+              {"Subnets": [subnet_item(vpc="vpc-0ffffffffffffffff")]}, {"SubnetIds": [SUBNET]})]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, subnet_id=SUBNET,
+                                   listen=["10.20.1.50"], account=[ACCOUNT]),
+                         connect=stub_connect(calls))
+    assert code == 2
+    assert one_line_error(capsys) == (f"discover: error: subnet {SUBNET} is in "
+                                      f"vpc-0ffffffffffffffff, not in {VPC}")
+
+
+def test_main_unwritable_file_is_one_line(fake_credentials, capsys, tmp_path):
+    calls = [("describe_route_tables", "add_response",
+              {"RouteTables": [route_table(RTB_MAIN, main=True)]}, {"Filters": MAIN_FILTER}),
+             ("describe_vpc_endpoints", "add_response", {"VpcEndpoints": []},
+              {"Filters": VPC_FILTER})]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"],
+                                   account=[ACCOUNT], write=str(tmp_path / "no" / "x.toml")),
+                         connect=stub_connect(calls))
+    assert code == 2
+    assert one_line_error(capsys).startswith(f"discover: error: cannot write {tmp_path}/no/x")
