@@ -1,0 +1,249 @@
+"""Real parts for tests: a DNS server on loopback, upstream servers, and a sniproxy process.
+
+Everything binds loopback only, every wait has a deadline, and nothing sleeps to hope.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """An explicit environment: this machine sets AWS_CA_BUNDLE, SSL_CERT_FILE and friends."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+class DnsServer:
+    """A UDP DNS server on loopback answering from a dict; it can go silent to simulate an outage."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.records: dict[str, list[tuple[str, str, int]]] = {}  # name -> [(type, address, ttl)]
+        self.silent = False
+        self.queries: list[tuple[str, str]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.host, self.port = self.sock.getsockname()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def add(self, name: str, address: str, ttl: int = 60) -> None:
+        rtype = "AAAA" if ":" in address else "A"
+        self.records.setdefault(name.lower().rstrip("."), []).append((rtype, address, ttl))
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self.queries if n == name)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:
+                continue
+            q = query.question[0]
+            name = q.name.to_text().rstrip(".").lower()
+            self.queries.append((name, dns.rdatatype.to_text(q.rdtype)))
+            if self.silent:
+                continue
+            response = dns.message.make_response(query)
+            if name not in self.records:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            else:
+                for rtype, address, ttl in self.records[name]:
+                    if rtype == dns.rdatatype.to_text(q.rdtype):
+                        response.answer.append(dns.rrset.from_text(q.name, ttl, "IN", rtype, address))
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Server:
+    """A threaded TCP server on loopback running ``handler(conn)`` per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None):
+        self.handler = handler
+        self.tls = tls
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            self.handler(conn)
+        except (OSError, ssl.SSLError) as exc:
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_hello(conn: socket.socket) -> bytes:
+    """Read one complete TLS handshake message worth of records (the test's own hello)."""
+    buf = b""
+    need = None
+    while need is None or len(buf) < need:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("EOF inside hello")
+        buf += chunk
+        if need is None and len(buf) >= 9:
+            # total = records; our test hellos are single-record unless the test says otherwise
+            need = 5 + int.from_bytes(buf[3:5], "big")
+    return buf
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(65536, n - len(out)))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+class LineLog:
+    """Lines read from a process's stderr by a thread, with waits that have deadlines."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<EOF>")
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if regex.search(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.lines and self.lines[-1] == "<EOF>"):
+                    raise AssertionError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines[-30:]))
+                self._cond.wait(remaining)
+
+    def access(self) -> list[dict]:
+        import json
+
+        with self._cond:
+            return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+
+class Proxy:
+    """``python -m sniproxy run`` as a real process, with its config written to a temp file."""
+
+    def __init__(self, tmp_path: Path, config: str, extra_args: tuple[str, ...] = ()):
+        self.path = tmp_path / "sniproxy.toml"
+        self.path.write_text(config)
+        self.metrics_port = int(re.search(r"\[metrics\][^\[]*port\s*=\s*(\d+)", config, re.S).group(1))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sniproxy", "run", "--config", str(self.path), *extra_args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(), cwd=str(REPO),
+        )
+        self.log = LineLog(self.proc.stderr)
+        self.log.wait_for(r"metrics on|stopped|error", timeout=15)
+        if self.proc.poll() is not None:
+            raise AssertionError("proxy exited: " + "\n".join(self.log.lines))
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metrics(self) -> dict[tuple, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("proxy did not stop within %ss" % timeout) from None

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trustme
+
+from tests.helpers import DnsServer, Proxy, free_port
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def dns_server():
+    server = DnsServer("127.0.0.1")
+    yield server
+    server.close()
+
+
+def make_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
+    """A real ClientHello from Python's ssl module, taken from a memory BIO."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def proxy_config(listen_port: int, dns: DnsServer, routes: str, server: str = "", listen_address: str = "127.0.0.1") -> str:
+    return f"""
+[[listen]]
+address = "{listen_address}"
+port = {listen_port}
+
+[resolver]
+nameservers = ["{dns.host}"]
+port = {dns.port}
+timeout = 1.0
+
+[server]
+{server}
+
+[metrics]
+address = "127.0.0.1"
+port = {free_port()}
+
+{routes}
+"""
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    started: list[Proxy] = []
+
+    def start(config: str, *args: str) -> Proxy:
+        proxy = Proxy(tmp_path, config, args)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.proc.poll() is None:
+            proxy.proc.kill()
+            proxy.proc.wait(5)
