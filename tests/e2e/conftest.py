@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from . import netns, oci_image
-from .world import REPORT, World
+from .world import PROXY_BY_NAME, PROXY_ONE, REPORT, World
 
 MiB = 1 << 20
 # >= 2 layers, one >= 20 MiB, the rest small to keep the run short
@@ -57,6 +57,33 @@ def image(world: World) -> oci_image.Image:
 @pytest.fixture(scope="session")
 def small_image(world: World) -> oci_image.Image:
     return oci_image.build(world.tmp / "small-image", "v1", (1024,))
+
+
+# topology -> (client namespace, proxy listen addresses)
+TOPOLOGIES = {
+    "three-addresses": ("cli3", list(PROXY_BY_NAME.values())),
+    "one-address": ("cli1", [PROXY_ONE]),
+}
+
+
+@pytest.fixture
+def start_proxy(world: World):
+    """Start `sniproxy run` for a topology; each test gets its own, so its metrics and
+    access log hold only that test's connections. Stopped by PID with SIGTERM: it must
+    drain and exit 0."""
+    started = []
+
+    def start(topology: str):
+        _, listen = TOPOLOGIES[topology]
+        proxy = world.start_proxy(f"sniproxy-{topology}-{len(world.services)}", listen,
+                                  metrics_port=9464 + len(started))
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        rc = proxy.service.stop(timeout=15)
+        assert rc == 0, f"sniproxy exited {rc} on SIGTERM:\n{proxy.service.log.read_text()[-3000:]}"
 
 
 @pytest.fixture

@@ -284,21 +284,27 @@ class World:
         env = procs.clean_env(home, CONTAINERS_REGISTRIES_CONF=str(config / "registries.conf"),
                               REGISTRY_AUTH_FILE=str(home / "auth.json"),
                               TMPDIR=str(self.tmp))
-        argv = ["/usr/bin/skopeo", "--policy", str(config / "policy.json"),
+        # As root, skopeo keeps a blob-info cache in /var/lib/containers, which would both
+        # touch the machine and let a later push "mount" blobs instead of sending them.
+        # `ip netns exec` gives the command its own mount namespace, so a tmpfs over
+        # /var/lib there is private to this one skopeo and vanishes with it.
+        argv = ["/bin/sh", "-c", 'mount -t tmpfs -o size=16m e2e-var-lib /var/lib && exec "$@"',
+                "skopeo", "/usr/bin/skopeo", "--policy", str(config / "policy.json"),
                 "--registries.d", str(config / "registries.d"), *args]
         started = time.monotonic()
         result = procs.run(self.ns[role], argv, env, timeout=timeout)
         return result, time.monotonic() - started
 
-    def push(self, role: str, image: oci_image.Image, ref: str, ca: bool = True):
+    def push(self, role: str, image: oci_image.Image, ref: str, ca: bool = True,
+             password: str | None = None):
         certs = ["--dest-cert-dir", str(self.cert_dir)] if ca else []
         return self.skopeo(role, "copy", "--quiet", "--preserve-digests", "--retry-times", "0",
-                           "--dest-creds", f"AWS:{self.password}", *certs,
+                           "--dest-creds", f"AWS:{password or self.password}", *certs,
                            f"oci:{image.layout}:{image.tag}", f"docker://{ref}")
 
-    def pull(self, role: str, ref: str, layout: Path, tag: str):
+    def pull(self, role: str, ref: str, layout: Path, tag: str, password: str | None = None):
         return self.skopeo(role, "copy", "--quiet", "--preserve-digests", "--retry-times", "0",
-                           "--src-creds", f"AWS:{self.password}",
+                           "--src-creds", f"AWS:{password or self.password}",
                            "--src-cert-dir", str(self.cert_dir),
                            f"docker://{ref}", f"oci:{layout}:{tag}")
 
