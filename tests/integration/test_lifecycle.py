@@ -1,0 +1,113 @@
+"""Signals on a real process: SIGTERM drains, SIGHUP reloads without dropping connections."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.helpers import Server, free_port, recv_all, recv_exactly
+from tests.integration.conftest import make_hello, proxy_config
+from tests.integration.test_proxy import NAME, connect, echo, route
+
+OTHER = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+
+
+@pytest.fixture
+def upstream(dns_server):
+    server = Server(echo, host="127.0.0.2")
+    dns_server.add(NAME, "127.0.0.2")
+    dns_server.add(OTHER, "127.0.0.2")
+    yield server
+    server.close()
+
+
+def open_pumping(port: int, sni: str = NAME) -> socket.socket:
+    s = connect(port)
+    hello = make_hello(sni)
+    s.sendall(hello)
+    assert recv_exactly(s, len(hello)) == hello
+    return s
+
+
+def roundtrip(s: socket.socket, data: bytes = b"still here") -> bool:
+    s.sendall(data)
+    return recv_exactly(s, len(data)) == data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_closes_listeners_and_lets_connections_finish(dns_server, upstream, start_proxy, sig):
+    port = free_port()
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 30.0"))
+    s = open_pumping(port)
+    started = time.monotonic()
+    proxy.signal(sig)
+    proxy.log.wait_for("draining 1 connections")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert roundtrip(s)
+    s.shutdown(socket.SHUT_WR)
+    recv_all(s)
+    s.close()
+    assert proxy.proc.wait(10) == 0
+    assert time.monotonic() - started < 10  # exited when the last connection ended, not at 30 s
+    assert proxy.log.access()[-1]["close"] == "done"
+
+
+def test_drain_timeout_closes_what_is_left_and_exits_zero(dns_server, upstream, start_proxy):
+    port = free_port()
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 0.5"))
+    s = open_pumping(port)
+    proxy.signal(signal.SIGTERM)
+    assert proxy.proc.wait(10) == 0
+    assert recv_all(s) == b""
+    assert [entry["close"] for entry in proxy.log.access()] == ["drain"]
+
+
+def test_reload_swaps_routes_without_dropping_connections(dns_server, upstream, start_proxy, tmp_path):
+    port = free_port()
+    config = proxy_config(port, dns_server, route(port=upstream.port))
+    proxy = start_proxy(config)
+    held = open_pumping(port)
+
+    proxy.path.write_text(config.replace(f'sni = "{NAME}"', f'sni = "{OTHER}"'))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.log.wait_for("reloaded", start=mark)
+
+    assert roundtrip(held)  # the running connection survived
+    new = open_pumping(port, OTHER)  # the new route serves
+    refused = connect(port)
+    refused.sendall(make_hello(NAME))  # the removed route does not
+    assert recv_all(refused)[:1] == b"\x15"
+    for s in (held, new):
+        s.close()
+
+
+def test_bad_reload_keeps_the_running_config(dns_server, upstream, start_proxy):
+    port = free_port()
+    config = proxy_config(port, dns_server, route(port=upstream.port))
+    proxy = start_proxy(config)
+    proxy.path.write_text(config.replace("[server]", "[server]\nworkers = 'many'"))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    line = proxy.log.wait_for("reload failed", start=mark)
+    assert "server.workers" in line
+    s = open_pumping(port)
+    assert roundtrip(s)
+    s.close()
+
+
+def test_reload_adds_and_removes_listeners(dns_server, upstream, start_proxy):
+    port, port2 = free_port(), free_port()
+    config = proxy_config(port, dns_server, route(port=upstream.port))
+    proxy = start_proxy(config)
+    proxy.path.write_text(config.replace(f"port = {port}", f"port = {port2}", 1))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.log.wait_for("reloaded", start=mark)
+    open_pumping(port2).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
