@@ -1,4 +1,8 @@
+import os
+import shutil
+import socket
 import struct
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -217,3 +221,86 @@ def test_fuzz_result_need_data_or_our_error(data):
     if isinstance(result, ProxyHeader):
         assert 0 < result.length_consumed <= max(V1_MAX_LENGTH, V2_MAX_LENGTH)
         assert result.length_consumed <= len(data)
+
+
+# --- headers from a real HAProxy ----------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy") or None
+
+HAPROXY_CONFIG = """
+global
+    maxconn 16
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend fe
+    bind 127.0.6.50:{front}
+    unique-id-format %{{+X}}o\\ %ci:%cp_%Ts
+    default_backend be
+backend be
+    server s1 127.0.6.51:{back} {send}
+"""
+
+
+@pytest.mark.skipif(not HAPROXY, reason="haproxy not installed (Debian: haproxy)")
+@pytest.mark.parametrize(
+    "send, version, with_tlvs",
+    [
+        ("send-proxy", 1, False),
+        ("send-proxy-v2", 2, False),
+        ("send-proxy-v2 proxy-v2-options unique-id,crc32c", 2, True),
+    ],
+)
+def test_real_haproxy_headers(tmp_path, send, version, with_tlvs):
+    backend = socket.create_server(("127.0.6.51", 0))
+    backend.settimeout(10)
+    front = _free_port("127.0.6.50")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(front=front, back=backend.getsockname()[1], send=send))
+    # -Ws: haproxy says READY=1 over NOTIFY_SOCKET once it listens, so nothing polls.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    log = open(tmp_path / "haproxy.log", "wb")
+    with log, backend, notify, subprocess.Popen(
+        [HAPROXY, "-Ws", "-db", "-f", str(config)], env=env, stderr=log, stdout=log
+    ) as haproxy:
+        try:
+            while b"READY=1" not in notify.recv(4096):  # RELOADING=1 comes first
+                pass
+            with socket.socket() as client:
+                client.bind(("127.0.6.52", 0))
+                client.settimeout(10)
+                client.connect(("127.0.6.50", front))
+                client.sendall(HELLO)
+                conn, _ = backend.accept()
+                with conn:
+                    conn.settimeout(10)
+                    buf = b""
+                    header = NEED_DATA
+                    while header is NEED_DATA:
+                        chunk = conn.recv(4096)
+                        assert chunk, (tmp_path / "haproxy.log").read_text()
+                        buf += chunk
+                        header = parse(buf)
+                    while len(buf) < header.length_consumed + len(HELLO):
+                        buf += conn.recv(4096)
+                assert header.version == version
+                assert header.command is Command.PROXY
+                assert header.source == client.getsockname()
+                assert header.dest == ("127.0.6.50", front)
+                assert buf[header.length_consumed :] == HELLO  # the client's bytes, untouched
+                kinds = {kind for kind, _ in header.tlvs}
+                assert kinds == ({0x03, 0x05} if with_tlvs else set()), header.tlvs  # CRC32C, UNIQUE_ID
+        finally:
+            haproxy.terminate()
+            haproxy.wait(timeout=10)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
