@@ -101,6 +101,7 @@ def test_notifier_send_error_is_logged_once_and_never_raised(tmp_path, caplog):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.stopping() is False
+    notifier.close()
     warnings = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
     assert len(warnings) == 1
 
