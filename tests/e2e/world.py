@@ -11,7 +11,7 @@ Topology (every address lives only inside namespaces this run creates)::
 
 Each client namespace has its own /etc/hosts: cli3 pins each ECR name to its own proxy
 address, cli1 pins all three to the single-address proxy, direct pins them to the upstreams.
-The proxy resolves upstreams through the DNS server, never through a hosts file.
+The proxy must resolve upstreams through the DNS server: srv's /etc/hosts is a decoy.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ PROXY_BY_NAME = {API: "198.18.1.1", DKR: "198.18.1.2", S3: "198.18.1.3"}
 PROXY_ONE = "198.18.1.10"
 UPSTREAM_BY_NAME = {API: "198.18.2.1", DKR: "198.18.2.2", S3: "198.18.2.3"}
 DNS_ADDR, DNS_PORT = "127.0.0.1", 53
+DECOY = "198.18.9.9"  # routed nowhere
 # client namespace -> (srv end, client end) of its veth
 LINKS = {"cli3": ("198.19.3.1", "198.19.3.2"), "cli1": ("198.19.1.1", "198.19.1.2"),
          "direct": ("198.19.0.1", "198.19.0.2")}
@@ -167,6 +168,9 @@ class World:
         for role, (srv_end, cli_end) in LINKS.items():
             netns.link(srv, srv_end, self.ns[role], cli_end)
             self.ns[role].run_ip("route", "add", SERVICE_NET, "via", srv_end)
+        # A decoy: were the proxy to read /etc/hosts, it would find the ECR names pinned to
+        # an address nobody serves, and every connection would fail.
+        self.ns["srv"].write_etc("hosts", _hosts({name: DECOY for name in NAMES}))
         self.ns["cli3"].write_etc("hosts", _hosts({
             **PROXY_BY_NAME, OTHER_DKR: PROXY_BY_NAME[DKR], OTHER_API: PROXY_BY_NAME[API]}))
         self.ns["cli1"].write_etc("hosts", _hosts(
