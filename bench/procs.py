@@ -1,0 +1,96 @@
+"""Process bookkeeping for the benchmark: CPU and RSS of a whole process tree, and stopping it.
+
+CPU is utime+stime (+ cutime+cstime of children already reaped) from /proc/<pid>/stat, summed
+over the roots and all their descendants; RSS is VmRSS from /proc/<pid>/status, summed the same
+way (shared pages count once per process, which is why the benchmark subtracts a baseline).
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields
+
+
+def descendants(roots) -> list[int]:
+    """The root pids plus every live descendant."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _stat(int(name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [r for r in roots if os.path.exists(f"/proc/{r}")]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu(roots) -> float:
+    """CPU seconds (user+system, including reaped children) of the process trees."""
+    ticks = 0
+    for pid in descendants(roots):
+        f = _stat(pid)
+        if f:
+            # after ')': state ppid ... utime=f[11] stime=f[12] cutime=f[13] cstime=f[14]
+            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def tree_rss_kib(roots) -> int:
+    total = 0
+    for pid in descendants(roots):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM the roots, wait, then SIGKILL whatever is left of their trees (by pid)."""
+    pids = descendants([p.pid for p in procs if p.poll() is None])
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in pids:
+        if os.path.exists(f"/proc/{pid}"):
+            f = _stat(pid)
+            if f and f[0] != b"Z":
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    for p in procs:
+        try:
+            p.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass

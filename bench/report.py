@@ -1,0 +1,308 @@
+"""Turn raw benchmark results into bench/results/latest.{json,md,png}."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from proxies import C_SNIPROXY, clean_env
+
+BULK = ("push1", "pull1", "push16", "pull16")
+
+
+def versions() -> dict:
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10, env=clean_env())
+            return ((r.stdout or "") + (r.stderr or "")).strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            return "not installed"
+    out = {"nginx": first_line(["nginx", "-v"]), "haproxy": first_line(["haproxy", "-v"]),
+           "c-sniproxy": first_line([C_SNIPROXY, "-V"]), "python": sys.version.split()[0]}
+    try:
+        from importlib.metadata import version
+        out["sniproxy"] = version("sniproxy")
+    except Exception:
+        out["sniproxy"] = "not installed"
+    return out
+
+
+def med(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(results: dict) -> dict:
+    """Per proxy, per workload: medians over runs of the figures we report."""
+    out = {}
+    for key, wls in results.items():
+        s = out.setdefault(key, {})
+        for wl, runs in wls.items():
+            d = {"n": len(runs), "errors": sum(r.get("errors", 0) or 0 for r in runs)}
+            if wl in BULK:
+                for f in ("gib_per_s", "proxy_cpu_per_gib", "loadgen_cpu_per_gib", "upstream_cpu_per_gib"):
+                    d[f] = med(r.get(f) for r in runs)
+                d["loadgen_cpu_share"] = med(r["cpu_s"] / r["wall_s"] for r in runs)
+            elif wl.startswith("short"):
+                d["rate_per_s"] = med(r["rate_per_s"] for r in runs)
+                d["proxy_cpu_us_per_conn"] = med(r.get("proxy_cpu_us_per_conn") for r in runs)
+                d["loadgen_cpu_share"] = med(r["cpu_s"] / r["wall_s"] for r in runs)
+            elif wl.startswith("latency"):
+                d["p50_us"] = med(r["lat_us"]["p50"] for r in runs)
+                d["p99_us"] = med(r["lat_us"]["p99"] for r in runs)
+                d["late"] = sum(r.get("late", 0) for r in runs)
+            elif wl == "idle":
+                d["kib_per_conn"] = med(r.get("kib_per_conn") for r in runs)
+                d["ready"] = min(r["ready"] for r in runs)
+                d["rss_base_kib"] = med(r["rss_base_kib"] for r in runs)
+                d["rss_idle_kib"] = med(r["rss_idle_kib"] for r in runs)
+            s[wl] = d
+    return out
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, (int,)) or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a is not None and b else "–"
+
+
+def get(summary, key, wl, field):
+    return summary.get(key, {}).get(wl, {}).get(field)
+
+
+def pick_sniproxy(summary, workers):
+    for suffix in ("splice-on", "splice-default"):
+        k = f"sniproxy-w{workers}-{suffix}"
+        if k in summary:
+            return k
+    return None
+
+
+def targets(summary) -> list[tuple[str, str, str]]:
+    rows = []
+
+    def verdict(ok):
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    s1, s2 = pick_sniproxy(summary, 1), pick_sniproxy(summary, 2)
+    if not s1:
+        return [("all targets", "sniproxy did not run", "–")]
+    for wl in ("push1", "pull1"):
+        me = get(summary, s1, wl, "gib_per_s")
+        n256, ndef = get(summary, "nginx-256k-w1", wl, "gib_per_s"), get(summary, "nginx-default-w1", wl, "gib_per_s")
+        if me and n256:
+            rows.append((f"bulk {wl[:4]} 1 conn, workers=1: ≥1.0× nginx 256k", f"{me / n256:.2f}× ({s1})",
+                         verdict(me >= n256)))
+        if me and ndef:
+            rows.append((f"bulk {wl[:4]} 1 conn, workers=1: ≥1.4× nginx default", f"{me / ndef:.2f}×",
+                         verdict(me >= 1.4 * ndef)))
+        cpu, c256 = get(summary, s1, wl, "proxy_cpu_per_gib"), get(summary, "nginx-256k-w1", wl, "proxy_cpu_per_gib")
+        if cpu and c256:
+            note = "" if s1.endswith("splice-on") else " (splice key not available)"
+            rows.append((f"bulk {wl[:4]} 1 conn: CPU/GiB ≤0.8× nginx 256k (splice)", f"{cpu / c256:.2f}×{note}",
+                         verdict(cpu <= 0.8 * c256)))
+    for wl in ("push16", "pull16"):
+        me, n256 = get(summary, s2, wl, "gib_per_s") if s2 else None, get(summary, "nginx-256k-w2", wl, "gib_per_s")
+        rows.append((f"bulk {wl[:4]} 16 conns, workers=2: ≥1.0× nginx 256k (2 workers)",
+                     f"{me / n256:.2f}× ({s2})" if me and n256 else "not run", verdict(me >= n256 if me and n256 else None)))
+    for wl in ("short-normal", "short-pq"):
+        me, ng = get(summary, s1, wl, "proxy_cpu_us_per_conn"), get(summary, "nginx-default-w1", wl, "proxy_cpu_us_per_conn")
+        if me and ng:
+            rows.append((f"{wl}, workers=1: CPU/conn ≤1.5× nginx ssl_preread", f"{me / ng:.2f}× ({me:.0f} vs {ng:.0f} µs)",
+                         verdict(me <= 1.5 * ng)))
+    kib = get(summary, s1, "idle", "kib_per_conn")
+    if kib is not None:
+        rows.append(("idle: ≤16 KiB RSS per idle connection", f"{kib:.1f} KiB", verdict(kib <= 16)))
+    for wl in ("latency-normal", "latency-pq"):
+        me, d = get(summary, s1, wl, "p99_us"), get(summary, "direct-w1", wl, "p99_us")
+        if me is not None and d is not None:
+            rows.append((f"{wl}: added p99 ≤1 ms at {64} in flight", f"{(me - d) / 1000:.3f} ms",
+                         verdict(me - d <= 1000)))
+    off = s1 + "-nometrics"
+    diffs = []
+    for wl, f in (("push1", "proxy_cpu_per_gib"), ("pull1", "proxy_cpu_per_gib"), ("short-normal", "proxy_cpu_us_per_conn")):
+        a, b = get(summary, s1, wl, f), get(summary, off, wl, f)
+        if a and b:
+            diffs.append(f"{wl} {100 * (a - b) / b:+.1f}%")
+    if diffs:
+        worst = max(abs(float(x.split()[-1].rstrip("%"))) for x in diffs)
+        rows.append(("metrics on vs off: ≤2% CPU difference", ", ".join(diffs), verdict(worst <= 2.0)))
+    else:
+        rows.append(("metrics on vs off: ≤2% CPU difference", "not run", "–"))
+    return rows
+
+
+def markdown(meta, proxies, summary, errors) -> str:
+    labels = {p.key: p.label + (f" ({p.note})" if p.note else "") for p in proxies}
+    L = []
+    L.append("# sniproxy benchmark\n")
+    L.append(f"{meta['date']} · {meta['runs']} runs{' (quick)' if meta['quick'] else ''}, medians reported · "
+             f"{meta['duration_s']} s per workload · {meta['cpus']} CPUs · kernel {meta['kernel']} · "
+             f"took {meta['elapsed_s']:.0f} s\n")
+    L.append(f"> This machine has {meta['cpus']} cores shared by the load generator, the upstream and the proxy "
+             "(and other jobs), so absolute throughput and rates are not portable. **The CPU-per-unit figures "
+             "(CPU s per GiB, CPU µs per connection, KiB per idle connection) are the portable ones.** "
+             "CPU is utime+stime of the proxy's whole process tree from /proc/<pid>/stat.\n")
+    L.append("Versions: " + ", ".join(f"{k} `{v}`" for k, v in meta["versions"].items()) + "\n")
+    L.append(f"Every connection sends a real ClientHello with SNI: {meta['hello_bytes']['normal']} B (Python ssl) "
+             f"or {meta['hello_bytes']['pq']} B (with an X25519MLKEM768 key share, sent as 2 segments of ≤1448 B).\n")
+
+    def bulk_table(title, wls, workers):
+        L.append(f"## {title}\n")
+        L.append("| proxy | " + " | ".join(f"{w[:4]} GiB/s | ×nginx def | ×nginx 256k | {w[:4]} CPU s/GiB | ×nginx 256k"
+                                           for w in wls) + " |")
+        L.append("|---|" + "---:|" * (5 * len(wls)))
+        for key in keys_for(summary, workers, wls):
+            cells = []
+            for w in wls:
+                g, c = get(summary, key, w, "gib_per_s"), get(summary, key, w, "proxy_cpu_per_gib")
+                gd, g2 = get(summary, f"nginx-default-w{workers}", w, "gib_per_s"), get(summary, f"nginx-256k-w{workers}", w, "gib_per_s")
+                c2 = get(summary, f"nginx-256k-w{workers}", w, "proxy_cpu_per_gib")
+                cells += [fmt(g), ratio(g, gd), ratio(g, g2), fmt(c, 3), ratio(c, c2)]
+            L.append(f"| {labels.get(key, key)}{err_mark(summary, key, wls)} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    bulk_table("Bulk, 1 connection, workers=1 (push = client→upstream, pull = upstream→client)", ("push1", "pull1"), 1)
+    bulk_table("Bulk, 16 connections, workers=2", ("push16", "pull16"), 2)
+
+    L.append(f"## Short connections, workers=1 ({meta['in_flight']} in flight: connect, hello, 64 B echo, close)\n")
+    L.append("| proxy | conn/s (517 B hello) | CPU µs/conn | ×nginx | conn/s (PQ hello) | CPU µs/conn | ×nginx |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    wls = ("short-normal", "short-pq")
+    for key in keys_for(summary, 1, wls):
+        cells = []
+        for w in wls:
+            c, n = get(summary, key, w, "proxy_cpu_us_per_conn"), get(summary, "nginx-default-w1", w, "proxy_cpu_us_per_conn")
+            cells += [fmt(get(summary, key, w, "rate_per_s")), fmt(c, 1), ratio(c, n)]
+        L.append(f"| {labels.get(key, key)}{err_mark(summary, key, wls)} | " + " | ".join(cells) + " |")
+    L.append("")
+
+    L.append(f"## Added latency, workers=1 (hello sent → first upstream byte back; {meta['latency_rate']} conn/s "
+             f"offered, at most {meta['in_flight']} in flight; added = proxy − direct, µs)\n")
+    L.append("| proxy | p50 | p99 | added p50 | added p99 | PQ p50 | PQ p99 | PQ added p50 | PQ added p99 |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    wls = ("latency-normal", "latency-pq")
+    for key in keys_for(summary, 1, wls):
+        cells = []
+        for w in wls:
+            p50, p99 = get(summary, key, w, "p50_us"), get(summary, key, w, "p99_us")
+            d50, d99 = get(summary, "direct-w1", w, "p50_us"), get(summary, "direct-w1", w, "p99_us")
+            cells += [fmt(p50, 0), fmt(p99, 0), fmt(p50 - d50 if p50 is not None and d50 is not None else None, 0),
+                      fmt(p99 - d99 if p99 is not None and d99 is not None else None, 0)]
+        L.append(f"| {labels.get(key, key)}{err_mark(summary, key, wls)} | " + " | ".join(cells) + " |")
+    L.append("")
+
+    L.append(f"## Idle connections, workers=1 ({meta['idle_conns']} proxied connections held open after the hello)\n")
+    L.append("| proxy | ready | RSS before (MiB) | RSS with idle conns (MiB) | KiB per idle conn | ×nginx |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for key in keys_for(summary, 1, ("idle",)):
+        k, n = get(summary, key, "idle", "kib_per_conn"), get(summary, "nginx-default-w1", "idle", "kib_per_conn")
+        b, i = get(summary, key, "idle", "rss_base_kib"), get(summary, key, "idle", "rss_idle_kib")
+        L.append(f"| {labels.get(key, key)} | {get(summary, key, 'idle', 'ready')} | "
+                 f"{fmt(b / 1024 if b else None, 1)} | {fmt(i / 1024 if i else None, 1)} | {fmt(k, 1)} | {ratio(k, n)} |")
+    L.append("")
+
+    L.append("## Targets (sniproxy)\n")
+    L.append("| target | measured | verdict |")
+    L.append("|---|---|---|")
+    for t, m, v in targets(summary):
+        L.append(f"| {t} | {m} | {v} |")
+    L.append("")
+
+    L.append("## The load generator and upstream are not the bottleneck\n")
+    for workers, wls in ((1, ("push1", "pull1")), (2, ("push16", "pull16"))):
+        for w in wls:
+            d = get(summary, f"direct-w{workers}", w, "gib_per_s")
+            best = max(((get(summary, k, w, "gib_per_s") or 0, k) for k in summary if not k.startswith("direct")),
+                       default=(0, None))
+            lg = get(summary, f"direct-w{workers}", w, "loadgen_cpu_per_gib")
+            up = get(summary, f"direct-w{workers}", w, "upstream_cpu_per_gib")
+            if d and best[1]:
+                L.append(f"- {w}: direct {d:.2f} GiB/s vs best proxy {best[0]:.2f} GiB/s ({best[1]}); "
+                         f"load generator {fmt(lg, 3)} + upstream {fmt(up, 3)} CPU s/GiB (both single-threaded, "
+                         "zero-copy: sendfile from a memfd, recv with MSG_TRUNC)")
+    shares = [get(summary, k, "short-normal", "loadgen_cpu_share") for k in summary if not k.startswith("direct")]
+    shares = [s for s in shares if s is not None]
+    d = get(summary, "direct-w1", "short-normal", "rate_per_s")
+    best = max((get(summary, k, "short-normal", "rate_per_s") or 0 for k in summary if not k.startswith("direct")), default=0)
+    if d and best:
+        L.append(f"- short connections: direct {d:,.0f} conn/s vs best proxy {best:,.0f} conn/s; the load generator "
+                 f"used {min(shares):.0%}–{max(shares):.0%} of one core during proxied runs")
+    L.append("")
+    skipped = [p for p in proxies if p.skip]
+    if skipped or errors:
+        L.append("## Not run\n")
+        for p in skipped:
+            L.append(f"- {p.key}: {p.skip}")
+        for e in errors:
+            L.append(f"- error: {e}")
+        L.append("")
+    L.append("Raw per-run numbers: `latest.json`. Chart: `latest.png`.\n")
+    return "\n".join(L)
+
+
+def err_mark(summary, key, wls):
+    n = sum(get(summary, key, w, "errors") or 0 for w in wls)
+    return f" ⚠ {n} errors" if n else ""
+
+
+def keys_for(summary, workers, wls):
+    return [k for k in summary if k.endswith(f"-w{workers}") or f"-w{workers}-" in k
+            if any(w in summary[k] for w in wls)]
+
+
+def chart(path: Path, meta, summary) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Bulk 1 conn, workers=1: GiB/s", 1, [("push1", "gib_per_s", "push"), ("pull1", "gib_per_s", "pull")]),
+        ("Bulk 1 conn, workers=1: proxy CPU s/GiB", 1, [("push1", "proxy_cpu_per_gib", "push"), ("pull1", "proxy_cpu_per_gib", "pull")]),
+        ("Bulk 16 conns, workers=2: GiB/s", 2, [("push16", "gib_per_s", "push"), ("pull16", "gib_per_s", "pull")]),
+        ("Short conns, workers=1: proxy CPU µs/conn", 1, [("short-normal", "proxy_cpu_us_per_conn", "517 B hello"),
+                                                          ("short-pq", "proxy_cpu_us_per_conn", "PQ hello")]),
+        ("Latency p99 (µs), workers=1", 1, [("latency-normal", "p99_us", "517 B hello"), ("latency-pq", "p99_us", "PQ hello")]),
+        (f"Idle: KiB per conn ({meta['idle_conns']} conns)", 1, [("idle", "kib_per_conn", "KiB/conn")]),
+    ]
+    fig, axes = plt.subplots(3, 2, figsize=(14, 15))
+    for ax, (title, workers, series) in zip(axes.flat, panels):
+        keys = [k for k in keys_for(summary, workers, [s[0] for s in series])
+                if any(get(summary, k, wl, f) is not None for wl, f, _ in series)]
+        keys = keys[::-1]
+        h = 0.8 / len(series)
+        for i, (wl, f, name) in enumerate(series):
+            vals = [get(summary, k, wl, f) or 0 for k in keys]
+            ys = [y + i * h for y in range(len(keys))]
+            bars = ax.barh(ys, vals, height=h, label=name)
+            ax.bar_label(bars, labels=[fmt(v, 2) if v else "" for v in vals], fontsize=7, padding=2)
+        ax.set_yticks([y + h * (len(series) - 1) / 2 for y in range(len(keys))])
+        ax.set_yticklabels(keys, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.margins(x=0.15)
+    fig.suptitle(f"sniproxy benchmark, {meta['date']} — {meta['cpus']} cores shared with load generator and "
+                 "upstream: CPU-per-unit panels are the portable ones", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(out: Path, meta, proxies, results, errors) -> None:
+    summary = summarize(results)
+    data = {"meta": meta, "not_run": {p.key: p.skip for p in proxies if p.skip}, "errors": errors,
+            "labels": {p.key: p.label for p in proxies}, "summary": summary, "targets": targets(summary),
+            "raw": results}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(markdown(meta, proxies, summary, errors))
+    try:
+        chart(out.with_suffix(".png"), meta, summary)
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)

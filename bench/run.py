@@ -1,0 +1,327 @@
+"""Benchmark runner: sniproxy vs nginx, HAProxy, the C sniproxy and a direct connection.
+
+    python bench/run.py [--runs 3] [--quick] [--only KEY,...] [--duration S]
+
+Builds the C load generator and upstream into bench/build/, installs what is missing (nginx,
+HAProxy and Debian's sniproxy with apt-get, matplotlib with pip; it prints each command),
+starts every proxy in turn, runs the workloads interleaved run after run, stops everything by
+pid, and writes bench/results/latest.{md,json,png}. Every step is bounded in time.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import procs  # noqa: E402
+from proxies import DNS, PROXY, SYSTEM_PATH, UPSTREAM, Proxy, all_proxies, clean_env  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+BUILD = BENCH / "build"
+WORK = BENCH / "work"
+RESULTS = BENCH / "results"
+HELLOS = {"normal": BENCH / "hellos" / "hello-normal.bin", "pq": BENCH / "hellos" / "hello-pq.bin"}
+LOADGEN_BIND = "127.0.4.100"
+IDLE_CONNS = 5000
+LAT_RATE = 1000  # connections/s offered in the latency test, at most 64 in flight
+IN_FLIGHT = 64
+
+# workload key -> (workers of the rows it runs on, loadgen args builder)
+WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "latency-normal", "latency-pq", "idle"]
+WORKLOADS_W2 = ["push16", "pull16"]
+# the metrics-off variant only runs what the "metrics on vs off" target compares
+WORKLOADS_METRICS = ["push1", "pull1", "short-normal"]
+
+_live: list[subprocess.Popen] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def build() -> None:
+    BUILD.mkdir(exist_ok=True)
+    for name, extra in (("upstream", []), ("loadgen", ["-lm"])):
+        src, out = BENCH / f"{name}.c", BUILD / name
+        if out.exists() and out.stat().st_mtime > max(src.stat().st_mtime, (BENCH / "proto.h").stat().st_mtime):
+            continue
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)] + extra
+        log("build: " + " ".join(cmd))
+        subprocess.run(cmd, check=True, timeout=120)
+
+
+def ensure_tools(need_apt: bool) -> None:
+    missing = [pkg for pkg, probe in (("nginx", "/usr/sbin/nginx"),
+                                      ("libnginx-mod-stream", "/usr/lib/nginx/modules/ngx_stream_module.so"),
+                                      ("haproxy", "/usr/sbin/haproxy"), ("sniproxy", "/usr/sbin/sniproxy"))
+               if not Path(probe).exists()]
+    if missing and need_apt:
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends"] + missing
+        log("install: " + " ".join(cmd))
+        r = subprocess.run(cmd, timeout=600, env={**clean_env(), "DEBIAN_FRONTEND": "noninteractive"})
+        if r.returncode != 0:
+            log("apt-get failed; the proxies it would install are marked as not run")
+    for svc in ("nginx", "haproxy", "sniproxy"):
+        # the Debian packages start system services; they would hold ports and CPU
+        if shutil.which("systemctl", path=SYSTEM_PATH):
+            subprocess.run(["systemctl", "stop", svc], capture_output=True, timeout=30)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"]
+        log("install: " + " ".join(cmd))
+        subprocess.run(cmd, timeout=600)
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (65536, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def start_helper(cmd: list[str], name: str) -> subprocess.Popen:
+    """Start the upstream or DNS server and wait for its "ready" line."""
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=open(WORK / f"{name}.log", "wb"), env=clean_env(), start_new_session=True)
+    _live.append(p)
+    line = p.stdout.readline().decode().strip()
+    if line != "ready":
+        raise SystemExit(f"{name} did not start (see {WORK / (name + '.log')})")
+    return p
+
+
+# ---------------------------------------------------------------- probing and proxies
+
+
+def probe(target, hello: bytes, timeout: float = 2.0) -> bool:
+    """One end-to-end connection: hello + ack command, expect the upstream's ack byte."""
+    cmd = b"SNB1A\0\0\0" + bytes(8)
+    try:
+        with socket.create_connection(target, timeout=timeout) as s:
+            s.sendall(hello + cmd)
+            return s.recv(1) == b"A"
+    except OSError:
+        return False
+
+
+def start_proxy(proxy: Proxy, nofile: int, hello: bytes) -> list[subprocess.Popen]:
+    ps = proxy.start(WORK / proxy.key, nofile)
+    _live.extend(ps)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in ps):
+            break
+        if probe(proxy.target, hello, timeout=1.0):
+            return ps
+        time.sleep(0.1)
+    stop_procs(ps)
+    logs = sorted((WORK / proxy.key).glob("*.log"))
+    tail = logs[0].read_text(errors="replace").strip().splitlines()[-3:] if logs else []
+    raise RuntimeError(f"{proxy.key} did not become ready: " + " | ".join(tail))
+
+
+def stop_procs(ps: list[subprocess.Popen]) -> None:
+    procs.stop(ps)
+    for p in ps:
+        if p in _live:
+            _live.remove(p)
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def loadgen(args: list[str], timeout: float) -> dict:
+    cmd = [str(BUILD / "loadgen"), "--bind", LOADGEN_BIND] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"loadgen failed ({r.returncode}): {r.stderr.strip()[:300]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dur: float) -> dict:
+    target = f"{proxy.target[0]}:{proxy.target[1]}"
+    kind, _, arg = wl.partition("-")
+    cpu0, up0, t0 = procs.tree_cpu(roots), procs.tree_cpu([upstream_pid]), time.monotonic()
+    if kind in ("push1", "pull1", "push16", "pull16"):
+        mode, conns = kind[:4], int(kind[4:])
+        out = loadgen(["--mode", mode, "--target", target, "--hello", str(HELLOS["normal"]),
+                       "--conns", str(conns), "--duration", str(dur)], timeout=dur + 20)
+    elif kind == "short":
+        out = loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS[arg]),
+                       "--conns", str(IN_FLIGHT), "--duration", str(dur)], timeout=dur + 20)
+    elif kind == "latency":
+        out = loadgen(["--mode", "latency", "--target", target, "--hello", str(HELLOS[arg]),
+                       "--conns", str(IN_FLIGHT), "--rate", str(LAT_RATE), "--duration", str(dur)],
+                      timeout=dur + 20)
+    else:
+        raise ValueError(wl)
+    out["proxy_cpu_s"] = procs.tree_cpu(roots) - cpu0 if roots else None
+    out["upstream_cpu_s"] = procs.tree_cpu([upstream_pid]) - up0
+    out["wall_s"] = time.monotonic() - t0
+    if kind.startswith(("push", "pull")):
+        gib = out["bytes_total"] / 2**30
+        out["proxy_cpu_per_gib"] = out["proxy_cpu_s"] / gib if roots and gib else None
+        out["loadgen_cpu_per_gib"] = out["cpu_s"] / gib if gib else None
+        out["upstream_cpu_per_gib"] = out["upstream_cpu_s"] / gib if gib else None
+    elif kind == "short":
+        n = out["completed"] + out["unfinished"]
+        out["proxy_cpu_us_per_conn"] = out["proxy_cpu_s"] / n * 1e6 if roots and n else None
+    return out
+
+
+def run_idle(proxy: Proxy, nofile: int, hello: bytes, dur: float) -> dict:
+    """Fresh proxy, warmed by a short burst; RSS of its tree before and with IDLE_CONNS open."""
+    ps = start_proxy(proxy, nofile, hello) if proxy.family != "direct" else []
+    try:
+        roots = [p.pid for p in ps]
+        target = f"{proxy.target[0]}:{proxy.target[1]}"
+        loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS["normal"]),
+                 "--conns", str(IN_FLIGHT), "--duration", "0.3"], timeout=20)
+        time.sleep(0.5)
+        base = procs.tree_rss_kib(roots)
+        cmd = [str(BUILD / "loadgen"), "--bind", LOADGEN_BIND, "--mode", "idle", "--target", target,
+               "--hello", str(HELLOS["normal"]), "--conns", str(IDLE_CONNS), "--timeout", "20",
+               "--hold", "30"]
+        lg = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env())
+        try:
+            ready = json.loads(lg.stdout.readline())
+            time.sleep(1.0)  # let the proxy settle (lazy buffers, GC)
+            rss = procs.tree_rss_kib(roots)
+            lg.stdin.close()
+            final = json.loads(lg.stdout.readline() or "{}")
+            lg.wait(timeout=30)
+        finally:
+            if lg.poll() is None:
+                lg.kill()
+                lg.wait()
+        n = ready.get("ready", 0)
+        return {"mode": "idle", "conns": IDLE_CONNS, "ready": n, "errors": ready.get("errors", 0),
+                "dropped": final.get("dropped"), "open_s": ready.get("open_s"),
+                "rss_base_kib": base, "rss_idle_kib": rss,
+                "kib_per_conn": (rss - base) / n if roots and n else None}
+    finally:
+        stop_procs(ps)
+
+
+def workloads_for(proxy: Proxy, only_wl) -> list[str]:
+    if proxy.key.endswith("-nometrics"):
+        wls = WORKLOADS_METRICS
+    else:
+        wls = WORKLOADS_W1 if proxy.workers == 1 else WORKLOADS_W2
+    return [w for w in wls if not only_wl or w in only_wl]
+
+
+def run_proxy(proxy: Proxy, nofile: int, upstream_pid: int, dur: float, only_wl) -> dict:
+    hello = HELLOS["normal"].read_bytes()
+    wls = workloads_for(proxy, only_wl)
+    res = {}
+    main_wls = [w for w in wls if w != "idle"]
+    if main_wls:
+        ps = start_proxy(proxy, nofile, hello) if proxy.family != "direct" else []
+        try:
+            roots = [p.pid for p in ps]
+            for wl in main_wls:
+                res[wl] = run_workload(wl, proxy, roots, upstream_pid, dur)
+                if roots and any(p.poll() is not None for p in ps):
+                    raise RuntimeError(f"{proxy.key} exited during {wl}")
+        finally:
+            stop_procs(ps)
+    if "idle" in wls:
+        res["idle"] = run_idle(proxy, nofile, hello, dur)
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+
+def cleanup(*_):
+    procs.stop(list(_live), grace=3)
+    _live.clear()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs per proxy (median reported; default 3)")
+    ap.add_argument("--quick", action="store_true", help="shorter workloads (about 3 minutes for 3 runs)")
+    ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.6)")
+    ap.add_argument("--only", help="comma-separated proxy keys (prefix match), e.g. direct,nginx")
+    ap.add_argument("--workloads", help="comma-separated workloads, e.g. push1,short-normal")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
+    ap.add_argument("--out", default=str(RESULTS / "latest"), help="output path without extension")
+    a = ap.parse_args()
+    dur = a.duration or (0.6 if a.quick else 3.0)
+    only_wl = set(a.workloads.split(",")) if a.workloads else None
+
+    signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(143)))
+    WORK.mkdir(parents=True, exist_ok=True)
+    t_begin = time.monotonic()
+    ensure_tools(need_apt=not a.no_install)
+    build()
+    nofile = raise_nofile()
+    if nofile < 2 * IDLE_CONNS + 1000:
+        log(f"warning: RLIMIT_NOFILE is {nofile}; the idle test needs {2 * IDLE_CONNS + 1000}")
+    proxies = all_proxies(WORK, nofile)
+    if a.only:
+        keys = a.only.split(",")
+        proxies = [p for p in proxies if any(p.key.startswith(k) for k in keys)]
+    runnable = [p for p in proxies if not p.skip]
+    for p in proxies:
+        if p.skip:
+            log(f"not run: {p.key}: {p.skip}")
+
+    results: dict = {p.key: {} for p in runnable}
+    errors: list[str] = []
+    try:
+        up = start_helper([str(BUILD / "upstream"), f"{UPSTREAM[0]}:{UPSTREAM[1]}"], "upstream")
+        if any(p.family == "sniproxy" for p in runnable):
+            start_helper([sys.executable, str(BENCH / "dnsserver.py"), DNS[0], str(DNS[1]), UPSTREAM[0]], "dns")
+        for run in range(a.runs):
+            order = runnable[run % len(runnable):] + runnable[:run % len(runnable)] if runnable else []
+            for p in order:
+                log(f"run {run + 1}/{a.runs}: {p.key}")
+                try:
+                    r = run_proxy(p, nofile, up.pid, dur, only_wl)
+                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+                    errors.append(f"run {run + 1} {p.key}: {e}")
+                    log(f"error: {errors[-1]}")
+                    continue
+                for wl, v in r.items():
+                    results[p.key].setdefault(wl, []).append(v)
+    except KeyboardInterrupt:
+        log("interrupted; writing what was measured")
+    finally:
+        cleanup()
+
+    import report  # after ensure_tools: it needs matplotlib
+
+    meta = {"runs": a.runs, "quick": a.quick, "duration_s": dur, "idle_conns": IDLE_CONNS,
+            "in_flight": IN_FLIGHT, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
+            "kernel": os.uname().release, "elapsed_s": round(time.monotonic() - t_begin, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nofile": nofile,
+            "versions": report.versions(), "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report.write(out, meta, proxies, results, errors)
+    log(f"wrote {out}.md, {out}.json, {out}.png in {meta['elapsed_s']} s")
+    return 1 if errors and not any(results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
