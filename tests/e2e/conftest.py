@@ -32,13 +32,20 @@ def _unavailable() -> str | None:
     return None
 
 
+UNAVAILABLE = _unavailable()
+
+
+def pytest_runtest_setup(item) -> None:
+    # Skipping here rather than in a fixture makes pytest report the conftest as the skip's
+    # location, so -ra folds the whole suite into one line.
+    if UNAVAILABLE and not os.environ.get("CI"):
+        pytest.skip(f"e2e skipped: {UNAVAILABLE}")
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    why = _unavailable()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"e2e must run on CI but cannot: {why}", pytrace=False)
-        pytest.skip(f"e2e skipped: {why}")
+    if UNAVAILABLE:
+        pytest.fail(f"e2e must run on CI but cannot: {UNAVAILABLE}", pytrace=False)
     built = World(tmp_path_factory.mktemp("e2e"))
     problems: list[str] = []
     try:
