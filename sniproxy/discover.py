@@ -290,10 +290,10 @@ def render_toml(site: Site, plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse(text: str) -> Config:
+def parse(text: str, source: str = "sniproxy discover") -> Config:
     """The generated text read back exactly as `sniproxy run` reads it; a ConfigError here
     is a bug in discover."""
-    return config_mod.from_dict(tomllib.loads(text), source="discover")
+    return config_mod.from_dict(tomllib.loads(text), source=source)
 
 
 def hosts_block(config: Config) -> str:
@@ -415,7 +415,7 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
     plan = assess(site, endpoints)
     text = render_toml(site, plan)
     try:
-        config = parse(text)
+        config = parse(text, args.write or "sniproxy discover")
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
         print(f"discover: error: the generated config is invalid (a bug): {exc}",
               file=sys.stderr)

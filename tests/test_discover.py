@@ -381,3 +381,11 @@ def test_main_unwritable_file_is_one_line(fake_credentials, capsys, tmp_path):
                          connect=stub_connect(calls))
     assert code == 2
     assert one_line_error(capsys).startswith(f"discover: error: cannot write {tmp_path}/no/x")
+
+
+def test_main_ignores_metadata_of_another_region(fake_credentials, monkeypatch, capsys):
+    with imds_server(instance_data(region="eu-west-1")) as (server, url):
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)
+        code = discover.main(namespace(region=REGION), connect=stub_connect([]))
+    assert code == 2
+    assert "no VPC: pass --vpc-id" in one_line_error(capsys)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import http.server
 import json
 import os
 import socket
@@ -25,6 +27,7 @@ import trustme
 
 from sniproxy import doctor
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNS_ADDRESS = "127.0.5.53"
 GOOD, WRONG, REFUSED = "127.0.5.10", "127.0.5.11", "127.0.5.12"
 
@@ -89,6 +92,8 @@ class TlsServer:
         self.port = self.sock.getsockname()[1]
         self.received: list[bytes] = []
         self.handshakes = 0
+        self.finished = threading.Event()
+        """Set when a connection has ended: handshake done (or failed) and the peer closed."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -108,6 +113,7 @@ class TlsServer:
                 pass
             finally:
                 conn.close()
+                self.finished.set()
 
     def __enter__(self):
         self._thread.start()
@@ -191,6 +197,7 @@ def test_passing_route(site, ca, capsys):
     assert "  PASS  listen  127.0.5.20:" in out and "bindable" in out
     assert "bindable (sniproxy is not running yet)" in out
     assert lines[-1] == "5 passed, 0 warnings, 0 failed, 0 skipped"
+    assert site["good"].finished.wait(5)
     assert site["good"].handshakes == 1
     assert site["good"].received == []  # closed without sending data
     assert ("good.test", "A") in site["dns"].queries and ("good.test", "AAAA") in site["dns"].queries
@@ -293,15 +300,48 @@ def test_listener_address_not_on_host_fails():
                                                        "permission denied")
 
 
-def test_metrics_port_held_by_something_else_fails(site, ca, capsys):
+class OtherExporter(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 0.5\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_metrics_port_held_by_another_exporter_fails(site, ca):
+    other = http.server.HTTPServer(("127.0.5.21", 0), OtherExporter)
+    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        path = write_config(site, [("good", "good.test", site["good"].port)],
+                            metrics_port=other.server_address[1])
+        check = doctor.check_metrics(doctor.config_mod.load(path), running=False)
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join(timeout=5)
+    assert (check.status, check.check) == ("fail", "metrics")
+    assert check.detail == "/metrics has no sniproxy_ metrics"
+
+
+def test_metrics_port_held_by_a_silent_socket_fails(site, ca):
     with socket.socket() as other:
         other.bind(("127.0.5.21", 0))
         other.listen(1)
         path = write_config(site, [("good", "good.test", site["good"].port)],
                             metrics_port=other.getsockname()[1])
         config = doctor.config_mod.load(path)
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, connect_timeout=0.2))
         check = doctor.check_metrics(config, running=False)
-    assert check.status == "fail" and check.check == "metrics"
+    assert (check.status, check.check) == ("fail", "metrics")
+    assert check.detail.startswith(f"in use by pid {os.getpid()}")
 
 
 def test_bad_config_is_one_line(tmp_path, capsys):
@@ -324,7 +364,7 @@ def test_bad_cafile_is_one_line(site, tmp_path, capsys):
 @contextlib.contextmanager
 def running_sniproxy(path: str):
     """A real `python -m sniproxy run` with a clean environment, ready when its metrics are."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.getcwd(),
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
            "HOME": os.environ.get("HOME", "/root")}
     proc = subprocess.Popen([sys.executable, "-m", "sniproxy", "run", "--config", path],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
