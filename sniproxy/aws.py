@@ -177,7 +177,8 @@ def session(profile: str | None = None, region: str | None = None) -> boto3.Sess
     try:
         return boto3.Session(profile_name=profile, region_name=region)
     except botocore.exceptions.ProfileNotFound:
-        raise AwsError(f"AWS profile {profile!r} not found in the AWS config files") from None
+        name = profile or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+        raise AwsError(f"AWS profile {name!r} not found in the AWS config files") from None
 
 
 def check_region(sess: boto3.Session, region: str) -> None:

@@ -28,7 +28,7 @@ import dns.resolver
 from prometheus_client.parser import text_string_to_metric_families
 
 from sniproxy import config as config_mod
-from sniproxy.config import Config, Listen, ResolverConfig
+from sniproxy.config import Config, ResolverConfig
 from sniproxy.errors import ConfigError
 from sniproxy.routes import Route, is_wildcard
 
