@@ -448,3 +448,9 @@ def test_expired_and_opt_in(clean_env):
             client.account()
         with pytest.raises(aws.AwsError, match=f"region {REGION} is not enabled"):
             client.vpc_endpoints(VPC)
+
+
+def test_missing_profile_from_environment_is_named(clean_env, monkeypatch):
+    monkeypatch.setenv("AWS_PROFILE", "ghost")
+    with pytest.raises(aws.AwsError, match="AWS profile 'ghost' not found"):
+        aws.session(None)
