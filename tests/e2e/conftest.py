@@ -1,4 +1,5 @@
-"""Fixtures of the end-to-end suite. The world itself is built in world.py."""
+"""Fixtures of the end-to-end suite. The world itself is built in world.py; it lives for
+this package only, so none of its servers runs on beside the rest of the suite."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def pytest_runtest_setup(item) -> None:
         pytest.skip(f"e2e skipped: {UNAVAILABLE}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def world(tmp_path_factory):
     if UNAVAILABLE:
         pytest.fail(f"e2e must run on CI but cannot: {UNAVAILABLE}", pytrace=False)
@@ -56,12 +57,12 @@ def world(tmp_path_factory):
     assert not problems, problems
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def image(world: World) -> oci_image.Image:
     return oci_image.build(world.tmp / "image", "v1", LAYERS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def small_image(world: World) -> oci_image.Image:
     return oci_image.build(world.tmp / "small-image", "v1", (1024,))
 

@@ -154,6 +154,10 @@ class Namespace:
         leftover = pids(self.name) if (RUN_NETNS / self.name).exists() else []
         ip("netns", "del", self.name, check=False)
         shutil.rmtree(ETC_NETNS / self.name, ignore_errors=True)
+        try:
+            ETC_NETNS.rmdir()  # only if empty: leave the machine's /etc as it was
+        except OSError:
+            pass
         return leftover
 
 
