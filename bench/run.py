@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
+import proxies  # noqa: E402
 from proxies import DNS, PROXY, SYSTEM_PATH, UPSTREAM, Proxy, all_proxies, clean_env  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ RESULTS = BENCH / "results"
 HELLOS = {"normal": BENCH / "hellos" / "hello-normal.bin", "pq": BENCH / "hellos" / "hello-pq.bin"}
 LOADGEN_BIND = "127.0.4.100"
 IDLE_CONNS = 5000
-LAT_RATE = 1000  # connections/s offered in the latency test, at most 64 in flight
+LAT_RATE = 500  # connections/s offered in the latency test, at most 64 in flight
 IN_FLIGHT = 64
 
 # workload key -> (workers of the rows it runs on, loadgen args builder)
@@ -85,6 +86,25 @@ def ensure_tools(need_apt: bool) -> None:
         subprocess.run(cmd, timeout=600)
 
 
+def use_sniproxy_ref(ref: str | None) -> str:
+    """Point the proxies at `git archive REF sniproxy`; returns what is being benchmarked."""
+    repo = BENCH.parent
+    git = ["git", "-C", str(repo)]
+    if not ref:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "sniproxy"], capture_output=True, text=True).stdout
+        return f"installed package (work tree at {head or '?'}{', sniproxy/ modified' if dirty.strip() else ''})"
+    commit = subprocess.run(git + ["rev-parse", "--short", ref], capture_output=True, text=True, check=True).stdout.strip()
+    dest = WORK / "sniproxy-src"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(git + ["archive", commit, "sniproxy"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    proxies.SNIPROXY_PYTHONPATH = str(dest)
+    log(f"sniproxy from git {ref} ({commit}) in {dest}")
+    return f"git {ref} ({commit})"
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     for want in (65536, hard):
@@ -121,6 +141,17 @@ def probe(target, hello: bytes, timeout: float = 2.0) -> bool:
         return False
 
 
+_other_hello: list[bytes] = []
+
+
+def other_hello() -> bytes:
+    """A real hello for a name no proxy routes."""
+    if not _other_hello:
+        import gen_hellos
+        _other_hello.append(gen_hellos.capture_python_hello("unrouted.bench.invalid"))
+    return _other_hello[0]
+
+
 def start_proxy(proxy: Proxy, nofile: int, hello: bytes) -> list[subprocess.Popen]:
     ps = proxy.start(WORK / proxy.key, nofile)
     _live.extend(ps)
@@ -129,6 +160,10 @@ def start_proxy(proxy: Proxy, nofile: int, hello: bytes) -> list[subprocess.Pope
         if any(p.poll() is not None for p in ps):
             break
         if probe(proxy.target, hello, timeout=1.0):
+            # and a name outside the routes must not get through: proof that it routes on SNI
+            if proxy.family != "direct" and probe(proxy.target, other_hello(), timeout=2.0):
+                stop_procs(ps)
+                raise RuntimeError(f"{proxy.key} forwarded a hello for a name it has no route for")
             return ps
         time.sleep(0.1)
     stop_procs(ps)
@@ -155,10 +190,12 @@ def loadgen(args: list[str], timeout: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dur: float) -> dict:
+def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dns_pid, dur: float) -> dict:
     target = f"{proxy.target[0]}:{proxy.target[1]}"
     kind, _, arg = wl.partition("-")
-    cpu0, up0, t0 = procs.tree_cpu(roots), procs.tree_cpu([upstream_pid]), time.monotonic()
+    dns_roots = [dns_pid] if dns_pid and proxy.family == "sniproxy" else []
+    cpu0, up0, dns0 = procs.tree_cpu(roots), procs.tree_cpu([upstream_pid]), procs.tree_cpu(dns_roots)
+    t0 = time.monotonic()
     if kind in ("push1", "pull1", "push16", "pull16"):
         mode, conns = kind[:4], int(kind[4:])
         out = loadgen(["--mode", mode, "--target", target, "--hello", str(HELLOS["normal"]),
@@ -174,6 +211,7 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dur
         raise ValueError(wl)
     out["proxy_cpu_s"] = procs.tree_cpu(roots) - cpu0 if roots else None
     out["upstream_cpu_s"] = procs.tree_cpu([upstream_pid]) - up0
+    out["dns_cpu_s"] = procs.tree_cpu(dns_roots) - dns0 if dns_roots else None
     out["wall_s"] = time.monotonic() - t0
     if kind.startswith(("push", "pull")):
         gib = out["bytes_total"] / 2**30
@@ -186,15 +224,15 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dur
     return out
 
 
-def run_idle(proxy: Proxy, nofile: int, hello: bytes, dur: float) -> dict:
+def run_idle(proxy: Proxy, nofile: int, hello: bytes, settle: float) -> dict:
     """Fresh proxy, warmed by a short burst; RSS of its tree before and with IDLE_CONNS open."""
     ps = start_proxy(proxy, nofile, hello) if proxy.family != "direct" else []
     try:
         roots = [p.pid for p in ps]
         target = f"{proxy.target[0]}:{proxy.target[1]}"
         loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS["normal"]),
-                 "--conns", str(IN_FLIGHT), "--duration", "0.3"], timeout=20)
-        time.sleep(0.5)
+                 "--conns", str(IN_FLIGHT), "--duration", "0.2"], timeout=20)
+        time.sleep(settle / 2)
         base = procs.tree_rss_kib(roots)
         cmd = [str(BUILD / "loadgen"), "--bind", LOADGEN_BIND, "--mode", "idle", "--target", target,
                "--hello", str(HELLOS["normal"]), "--conns", str(IDLE_CONNS), "--timeout", "20",
@@ -202,7 +240,7 @@ def run_idle(proxy: Proxy, nofile: int, hello: bytes, dur: float) -> dict:
         lg = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env())
         try:
             ready = json.loads(lg.stdout.readline())
-            time.sleep(1.0)  # let the proxy settle (lazy buffers, GC)
+            time.sleep(settle)  # let the proxy settle (lazy buffers, GC)
             rss = procs.tree_rss_kib(roots)
             lg.stdin.close()
             final = json.loads(lg.stdout.readline() or "{}")
@@ -228,24 +266,44 @@ def workloads_for(proxy: Proxy, only_wl) -> list[str]:
     return [w for w in wls if not only_wl or w in only_wl]
 
 
-def run_proxy(proxy: Proxy, nofile: int, upstream_pid: int, dur: float, only_wl) -> dict:
+def run_proxy(proxy: Proxy, nofile: int, upstream_pid: int, dns_pid, dur: float, only_wl,
+              res: dict, errors: list[str], tag: str) -> None:
+    """Run the proxy's workloads, adding results to res[workload] and failures to errors."""
     hello = HELLOS["normal"].read_bytes()
     wls = workloads_for(proxy, only_wl)
-    res = {}
+    failures = (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, OSError)
+
+    def fail(what, e):
+        errors.append(f"{tag} {proxy.key} {what}: {e}")
+        log(f"error: {errors[-1]}")
+
     main_wls = [w for w in wls if w != "idle"]
     if main_wls:
-        ps = start_proxy(proxy, nofile, hello) if proxy.family != "direct" else []
         try:
-            roots = [p.pid for p in ps]
-            for wl in main_wls:
-                res[wl] = run_workload(wl, proxy, roots, upstream_pid, dur)
-                if roots and any(p.poll() is not None for p in ps):
-                    raise RuntimeError(f"{proxy.key} exited during {wl}")
-        finally:
-            stop_procs(ps)
+            ps = start_proxy(proxy, nofile, hello) if proxy.family != "direct" else []
+        except failures as e:
+            fail("start", e)
+            ps = None
+        if ps is not None:
+            try:
+                roots = [p.pid for p in ps]
+                for wl in main_wls:
+                    try:
+                        r = run_workload(wl, proxy, roots, upstream_pid, dns_pid, dur)
+                    except failures as e:
+                        fail(wl, e)
+                        continue
+                    res.setdefault(wl, []).append(r)
+                    if roots and any(p.poll() is not None for p in ps):
+                        fail(wl, "proxy exited")
+                        break
+            finally:
+                stop_procs(ps)
     if "idle" in wls:
-        res["idle"] = run_idle(proxy, nofile, hello, dur)
-    return res
+        try:
+            res.setdefault("idle", []).append(run_idle(proxy, nofile, hello, settle=min(1.0, dur)))
+        except failures as e:
+            fail("idle", e)
 
 
 # ---------------------------------------------------------------- main
@@ -263,25 +321,34 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.6)")
     ap.add_argument("--only", help="comma-separated proxy keys (prefix match), e.g. direct,nginx")
     ap.add_argument("--workloads", help="comma-separated workloads, e.g. push1,short-normal")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="niceness for the runner and all it starts, e.g. -5 on a busy machine (default 0)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
+    ap.add_argument("--sniproxy-ref", metavar="REF",
+                    help="benchmark sniproxy as committed at this git ref (default: the installed package)")
     ap.add_argument("--out", default=str(RESULTS / "latest"), help="output path without extension")
     a = ap.parse_args()
     dur = a.duration or (0.6 if a.quick else 3.0)
     only_wl = set(a.workloads.split(",")) if a.workloads else None
 
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(143)))
+    if a.nice:
+        os.nice(a.nice)  # inherited by every process started below: all proxies alike
     WORK.mkdir(parents=True, exist_ok=True)
     t_begin = time.monotonic()
+    load_start = os.getloadavg()[0]
     ensure_tools(need_apt=not a.no_install)
     build()
     nofile = raise_nofile()
+    sniproxy_src = use_sniproxy_ref(a.sniproxy_ref)
     if nofile < 2 * IDLE_CONNS + 1000:
         log(f"warning: RLIMIT_NOFILE is {nofile}; the idle test needs {2 * IDLE_CONNS + 1000}")
     proxies = all_proxies(WORK, nofile)
     if a.only:
         keys = a.only.split(",")
         proxies = [p for p in proxies if any(p.key.startswith(k) for k in keys)]
-    runnable = [p for p in proxies if not p.skip]
+    family_order = ["direct", "sniproxy", "nginx", "haproxy", "c-sniproxy"]
+    runnable = sorted((p for p in proxies if not p.skip), key=lambda p: (p.workers, family_order.index(p.family)))
     for p in proxies:
         if p.skip:
             log(f"not run: {p.key}: {p.skip}")
@@ -290,20 +357,15 @@ def main() -> int:
     errors: list[str] = []
     try:
         up = start_helper([str(BUILD / "upstream"), f"{UPSTREAM[0]}:{UPSTREAM[1]}"], "upstream")
+        dns = None
         if any(p.family == "sniproxy" for p in runnable):
-            start_helper([sys.executable, str(BENCH / "dnsserver.py"), DNS[0], str(DNS[1]), UPSTREAM[0]], "dns")
+            dns = start_helper([sys.executable, str(BENCH / "dnsserver.py"), DNS[0], str(DNS[1]), UPSTREAM[0]], "dns")
         for run in range(a.runs):
             order = runnable[run % len(runnable):] + runnable[:run % len(runnable)] if runnable else []
             for p in order:
                 log(f"run {run + 1}/{a.runs}: {p.key}")
-                try:
-                    r = run_proxy(p, nofile, up.pid, dur, only_wl)
-                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
-                    errors.append(f"run {run + 1} {p.key}: {e}")
-                    log(f"error: {errors[-1]}")
-                    continue
-                for wl, v in r.items():
-                    results[p.key].setdefault(wl, []).append(v)
+                run_proxy(p, nofile, up.pid, dns.pid if dns else None, dur, only_wl,
+                          results[p.key], errors, f"run {run + 1}")
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")
     finally:
@@ -312,10 +374,10 @@ def main() -> int:
     import report  # after ensure_tools: it needs matplotlib
 
     meta = {"runs": a.runs, "quick": a.quick, "duration_s": dur, "idle_conns": IDLE_CONNS,
-            "in_flight": IN_FLIGHT, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
+            "in_flight": IN_FLIGHT, "nice": a.nice, "loadavg_start": load_start, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
             "kernel": os.uname().release, "elapsed_s": round(time.monotonic() - t_begin, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nofile": nofile,
-            "versions": report.versions(), "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}}
+            "versions": report.versions(), "sniproxy_source": sniproxy_src, "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report.write(out, meta, proxies, results, errors)
