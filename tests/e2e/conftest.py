@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from . import netns, oci_image
-from .world import PROXY_BY_NAME, PROXY_ONE, REPORT, World
+from .world import REPORT, TOPOLOGIES, World
 
 MiB = 1 << 20
 # >= 2 layers, one >= 20 MiB, the rest small to keep the run short
@@ -48,7 +48,6 @@ def world(tmp_path_factory):
     if UNAVAILABLE:
         pytest.fail(f"e2e must run on CI but cannot: {UNAVAILABLE}", pytrace=False)
     built = World(tmp_path_factory.mktemp("e2e"))
-    problems: list[str] = []
     try:
         built.build()
         yield built
@@ -65,13 +64,6 @@ def image(world: World) -> oci_image.Image:
 @pytest.fixture(scope="package")
 def small_image(world: World) -> oci_image.Image:
     return oci_image.build(world.tmp / "small-image", "v1", (1024,))
-
-
-# topology -> (client namespace, proxy listen addresses)
-TOPOLOGIES = {
-    "three-addresses": ("cli3", list(PROXY_BY_NAME.values())),
-    "one-address": ("cli1", [PROXY_ONE]),
-}
 
 
 @pytest.fixture

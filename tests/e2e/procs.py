@@ -8,7 +8,6 @@ our environment: each is handed a small explicit one.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -84,29 +83,6 @@ def run(ns: Namespace, argv: list[str], env: dict[str, str], timeout: float,
     return subprocess.run(
         ns.exec_argv(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=timeout)
-
-
-def _can_connect(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for_port(ns: Namespace, service: Service, host: str, port: int,
-                  timeout: float = 20.0) -> None:
-    """Poll until host:port accepts in ns; fail at once if the service died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        service.check_alive()
-        if ns.call(_can_connect, host, port):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{service.name} not listening on {host}:{port} after {timeout}s:\n"
-                f"{tail(service.log)}")
-        time.sleep(0.05)
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 
 from . import observe, oci_image
-from .conftest import TOPOLOGIES
-from .world import (ACCOUNT, API, DKR, LINKS, NAMES, PROXY_BY_NAME, REPORT, S3,
+from .world import (ACCOUNT, API, DKR, LINKS, NAMES, PROXY_BY_NAME, REPORT, S3, TOPOLOGIES,
                     UPSTREAM_BY_NAME)
 
 pytestmark = pytest.mark.e2e

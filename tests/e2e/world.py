@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -54,6 +53,12 @@ DECOY = "198.18.9.9"  # routed nowhere
 LINKS = {"cli3": ("198.19.3.1", "198.19.3.2"), "cli1": ("198.19.1.1", "198.19.1.2"),
          "direct": ("198.19.0.1", "198.19.0.2")}
 SERVICE_NET = "198.18.0.0/16"
+
+# topology -> (client namespace, proxy listen addresses)
+TOPOLOGIES = {
+    "three-addresses": ("cli3", list(PROXY_BY_NAME.values())),
+    "one-address": ("cli1", [PROXY_ONE]),
+}
 
 PROC_TIMEOUT = 60.0
 REPORT: dict[str, object] = {}  # printed by conftest at the end of the session
