@@ -318,7 +318,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per proxy (median reported; default 3)")
     ap.add_argument("--quick", action="store_true", help="shorter workloads (about 3 minutes for 3 runs)")
-    ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.6)")
+    ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.5)")
     ap.add_argument("--only", help="comma-separated proxy keys (prefix match), e.g. direct,nginx")
     ap.add_argument("--workloads", help="comma-separated workloads, e.g. push1,short-normal")
     ap.add_argument("--nice", type=int, default=0,
@@ -328,7 +328,7 @@ def main() -> int:
                     help="benchmark sniproxy as committed at this git ref (default: the installed package)")
     ap.add_argument("--out", default=str(RESULTS / "latest"), help="output path without extension")
     a = ap.parse_args()
-    dur = a.duration or (0.6 if a.quick else 3.0)
+    dur = a.duration or (0.5 if a.quick else 3.0)
     only_wl = set(a.workloads.split(",")) if a.workloads else None
 
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(143)))
