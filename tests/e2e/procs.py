@@ -7,6 +7,7 @@ our environment: each is handed a small explicit one.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -67,21 +68,23 @@ class Service:
 
 
 def start(ns: Namespace, name: str, argv: list[str], env: dict[str, str], log: Path,
-          cwd: Path | None = None) -> Service:
+          stdout: Path | None = None) -> Service:
+    """Start argv in ns. Its stderr goes to `log`, and so does its stdout unless `stdout`
+    names a file of its own."""
     # `ip netns exec` execs argv in place, so popen.pid is the service itself.
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
+    with open(log, "wb") as err, open(stdout or os.devnull, "wb") as out:
         popen = subprocess.Popen(
-            ns.exec_argv(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            ns.exec_argv(argv), env=env, stdin=subprocess.DEVNULL,
+            stdout=out if stdout else err, stderr=err, start_new_session=True)
     return Service(name, popen, log)
 
 
-def run(ns: Namespace, argv: list[str], env: dict[str, str], timeout: float,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(ns: Namespace, argv: list[str], env: dict[str, str],
+        timeout: float) -> subprocess.CompletedProcess:
     """Run a client to completion inside a namespace; never raises on a non-zero exit."""
     return subprocess.run(
-        ns.exec_argv(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+        ns.exec_argv(argv), env=env, stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,7 +10,8 @@ Topology (every address lives only inside namespaces this run creates)::
                                                      DNS             127.0.0.1:53
 
 Each client namespace has its own /etc/hosts: cli3 pins each ECR name to its own proxy
-address, cli1 pins all three to the single-address proxy, direct pins them to the upstreams.
+address, cli1 gets what `sniproxy hosts` prints for the single-address proxy, direct pins
+the names to the upstreams.
 The proxy must resolve upstreams through the DNS server: srv's /etc/hosts is a decoy.
 """
 
@@ -22,6 +23,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -178,17 +180,33 @@ class World:
         self.ns["srv"].write_etc("hosts", _hosts({name: DECOY for name in NAMES}))
         self.ns["cli3"].write_etc("hosts", _hosts({
             **PROXY_BY_NAME, OTHER_DKR: PROXY_BY_NAME[DKR], OTHER_API: PROXY_BY_NAME[API]}))
-        self.ns["cli1"].write_etc("hosts", _hosts(
-            {name: PROXY_ONE for name in (*NAMES, OTHER_DKR, OTHER_API)}))
+        self.ns["cli1"].write_etc("hosts", "127.0.0.1 localhost\n" + self._sniproxy_hosts())
         self.ns["direct"].write_etc("hosts", _hosts({
             **UPSTREAM_BY_NAME, OTHER_DKR: UPSTREAM_BY_NAME[DKR],
             OTHER_API: UPSTREAM_BY_NAME[API]}))
 
+    def _sniproxy_hosts(self) -> str:
+        """The single-address builders' /etc/hosts, as `sniproxy hosts` prints it."""
+        result = subprocess.run(
+            [sys.executable, "-m", "sniproxy", "hosts", "--region", REGION, "--account", ACCOUNT,
+             "--address", PROXY_ONE],
+            env=self.env("sniproxy-hosts", PYTHONPATH=str(REPO)), capture_output=True,
+            text=True, timeout=PROC_TIMEOUT)
+        assert result.returncode == 0, f"sniproxy hosts failed: {result.stderr}"
+        pinned = {tuple(line.split()[:2]) for line in result.stdout.splitlines()
+                  if line.strip() and not line.startswith("#")}
+        missing = {(PROXY_ONE, name) for name in NAMES} - pinned
+        assert not missing, f"sniproxy hosts does not pin {missing}:\n{result.stdout}"
+        return result.stdout
+
     def env(self, name: str, **extra: str) -> dict[str, str]:
         return procs.clean_env(self.tmp / "home" / name, **extra)
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> procs.Service:
-        service = procs.start(self.ns["srv"], name, argv, env, self.tmp / "logs" / f"{name}.log")
+    def _start(self, name: str, argv: list[str], env: dict[str, str],
+               split_stdout: bool = False) -> procs.Service:
+        logs = self.tmp / "logs"
+        service = procs.start(self.ns["srv"], name, argv, env, logs / f"{name}.log",
+                              stdout=logs / f"{name}.stdout" if split_stdout else None)
         self.services.append(service)
         return service
 
@@ -355,8 +373,9 @@ class World:
             f'[metrics]\naddress = "127.0.0.1"\nport = {metrics_port}\n\n'
             f'[ecr]\nregion = "{REGION}"\naccounts = ["{ACCOUNT}"]\n')
         env = self.env(name, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        # stderr alone in the log: that is where the access log must be
         service = self._start(name, [sys.executable, "-m", "sniproxy", "run",
-                                     "--config", str(config)], env)
+                                     "--config", str(config)], env, split_stdout=True)
         self.wait_listening(service, *[(a, 443) for a in listen], ("127.0.0.1", metrics_port))
         return Proxy(service, self.ns["srv"], metrics_port, config)
 
