@@ -140,6 +140,7 @@ class World:
     # ---- building -------------------------------------------------------------------
 
     def build(self) -> None:
+        REPORT["logs"] = str(self.tmp / "logs")
         netns.clean_stale()
         self._certificates()
         self._namespaces()
