@@ -22,6 +22,14 @@ class Listen:
     address: str
     """IPv4 or IPv6 address to bind; 0.0.0.0 or :: for all."""
     port: int = 443
+    allow: tuple[str, ...] | None = None
+    """Client networks allowed on this listener; None inherits [server] allow."""
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol v1/v2 header (from an NLB or HAProxy) before the ClientHello."""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,23 @@ class ServerConfig:
     max_connections: int = 10000
     refuse_alert: bool = True
     """Send a TLS unrecognized_name alert before closing a connection with no route."""
+    max_connections_per_client: int | None = None
+    """Open connections one client address may hold; None for no limit."""
+    allow: tuple[str, ...] = ()
+    """Client networks (CIDR) allowed to connect; empty allows everyone."""
+    user: str | None = None
+    """When started as root without socket activation: bind, then run as this user."""
+    group: str | None = None
+    """Group for ``user``; default: the user's primary group."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    access: str = "stderr"
+    """Where access-log lines go: "stderr", a file path, or "off"."""
+    error: str = "stderr"
+    """Where error and info messages go: "stderr" or a file path."""
+    level: str = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +97,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routes: tuple[Route, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = "<embedded>"
 
 
@@ -126,7 +152,13 @@ def _int(v: Any) -> tuple[bool, Any]:
 
 
 def _float(v: Any) -> tuple[bool, Any]:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)), float(v) if isinstance(v, (int, float)) else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False, v
+    try:
+        v = float(v)
+    except OverflowError:
+        return False, v
+    return v == v and v != float("inf"), v  # no NaN, no infinity
 
 
 def _str(v: Any) -> tuple[bool, Any]:
@@ -171,15 +203,27 @@ _KINDS: dict[str, tuple[Callable[[Any], tuple[bool, Any]], str]] = {
     "bool": (_bool, "true or false"),
     "region": (_str, "an AWS region such as us-east-1"),
     "accounts": (_strs, "a list of 12-digit account ids as strings"),
+    "cidrs": (_strs, "a list of networks such as \"10.8.0.0/16\""),
+    "level": (_str, "one of debug, info, warning, error"),
 }
 
-_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+\Z")
-_ACCOUNT = re.compile(r"\d{12}\Z")
+# ISO partitions use other DNS suffixes (c2s.ic.gov...); not supported, so refused here.
+_REGION = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-[0-9]+\Z")
+_ACCOUNT = re.compile(r"[0-9]{12}\Z")
 
 
 def _valid_pattern(p: str) -> bool:
     name = p[2:] if is_wildcard(p) else p
     return normalize_host(name) == name and "." in name
+
+
+def open_listeners(config: "Config") -> list[Listen]:
+    """Wildcard listeners that accept any client: worth a warning."""
+    return [
+        entry for entry in config.listen
+        if ipaddress.ip_address(entry.address).is_unspecified
+        and not (entry.allow if entry.allow is not None else config.server.allow)
+    ]
 
 
 def system_nameservers(path: str = RESOLV_CONF) -> tuple[str, ...]:
@@ -196,9 +240,27 @@ def system_nameservers(path: str = RESOLV_CONF) -> tuple[str, ...]:
     return tuple(servers)
 
 
+def _is_cidr(v: str) -> bool:
+    try:
+        ipaddress.ip_network(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _cidrs(t: _Table, default: Any) -> Any:
+    return t.get("allow", default, "cidrs", lambda v: all(map(_is_cidr, v)))
+
+
 def _listen(t: _Table) -> Listen:
     address = t.get("address", _REQUIRED, "ip", _is_ip)
-    listen = Listen(address=str(ipaddress.ip_address(address)), port=t.get("port", 443, "port", _port))
+    allow = _cidrs(t, None)
+    listen = Listen(
+        address=str(ipaddress.ip_address(address)),
+        port=t.get("port", 443, "port", _port),
+        allow=tuple(allow) if allow is not None else None,
+        proxy_protocol=t.get("proxy_protocol", False, "bool"),
+    )
     t.done()
     return listen
 
@@ -233,9 +295,23 @@ def _server(t: _Table) -> ServerConfig:
         drain_timeout=t.get("drain_timeout", 30.0, "seconds", lambda v: v >= 0),
         max_connections=t.get("max_connections", 10000, "count", _positive),
         refuse_alert=t.get("refuse_alert", True, "bool"),
+        max_connections_per_client=t.get("max_connections_per_client", None, "count", _positive),
+        allow=tuple(_cidrs(t, ())),
+        user=t.get("user", None, "str", lambda v: len(v) > 0),
+        group=t.get("group", None, "str", lambda v: len(v) > 0),
     )
     t.done()
     return s
+
+
+def _log(t: _Table) -> LogConfig:
+    c = LogConfig(
+        access=t.get("access", "stderr", "str", lambda v: len(v) > 0),
+        error=t.get("error", "stderr", "str", lambda v: v != "off" and len(v) > 0),
+        level=t.get("level", "info", "level", lambda v: v in ("debug", "info", "warning", "error")),
+    )
+    t.done()
+    return c
 
 
 def _metrics(t: _Table) -> MetricsConfig:
@@ -285,12 +361,13 @@ def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_
         raise ConfigError("listen", "at least one [[listen]] table is required")
     seen_listen: set[tuple[str, int]] = set()
     for i, entry in enumerate(listen):
-        if (entry.address, entry.port) in seen_listen:
+        if entry.key in seen_listen:
             raise ConfigError(f"listen[{i}]", f"duplicate listener {entry.address} port {entry.port}")
-        seen_listen.add((entry.address, entry.port))
+        seen_listen.add(entry.key)
     resolver = _resolver(top.table("resolver"), resolv_conf)
     server = _server(top.table("server"))
     metrics = _metrics(top.table("metrics"))
+    log = _log(top.table("log"))
     routes = [_route(t) for t in top.tables("route")]
     route_paths = [f"route[{i}]" for i in range(len(routes))]
     if "ecr" in data:
@@ -312,7 +389,9 @@ def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_
             if p in patterns:
                 raise ConfigError(f"{path}.sni", f"{p!r} is already routed by {patterns[p]!r}")
             patterns[p] = route.name
-    return Config(listen=listen, resolver=resolver, server=server, metrics=metrics, routes=tuple(routes), source=source)
+    return Config(
+        listen=listen, resolver=resolver, server=server, metrics=metrics, routes=tuple(routes), log=log, source=source
+    )
 
 
 def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
@@ -325,6 +404,8 @@ def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
         raise ConfigError("", f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not UTF-8 (byte {exc.start})") from None
     return from_dict(data, source=path, resolv_conf=resolv_conf)
 
 

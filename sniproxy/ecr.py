@@ -35,6 +35,9 @@ def ecr_names(
         api.append(f"ecr.{region}.{api_ds}")
         dkr += [f"{a}.dkr-ecr.{region}.{dkr_ds}" for a in accounts]
         s3.append(f"{bucket}.s3.dualstack.{region}.{sfx}")
+        if fips:  # the SDKs' names with both use_fips_endpoint and use_dualstack_endpoint
+            api += [f"ecr-fips.{region}.{api_ds}", f"api.ecr-fips.{region}.{api_ds}"]
+            dkr += [f"{a}.dkr-ecr-fips.{region}.{dkr_ds}" for a in accounts]
     return {API: api, DKR: dkr, S3: s3}
 
 

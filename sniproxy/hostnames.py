@@ -11,10 +11,12 @@ def normalize_host(name: str) -> str | None:
 
     IP literals and bare numbers are not host names: they must never reach routing.
     """
+    if not name.isascii():  # before lower(): the Kelvin sign lower-cases to "k"
+        return None
     name = name.lower()
     if name.endswith("."):
         name = name[:-1]
-    if not name or len(name) > 253 or not name.isascii():
+    if not name or len(name) > 253:
         return None
     labels = name.split(".")
     if not all(_LABEL.match(label) for label in labels):

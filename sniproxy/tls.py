@@ -182,12 +182,13 @@ class HelloReader:
 
     def feed(self, data: bytes) -> ClientHello | _NeedData:
         received = self.received
-        if not received:
-            if data[:1] and data[0] != ContentType.HANDSHAKE:
-                raise NotTLS(f"first byte {data[0]:#04x} is not a TLS handshake record")
-            if len(data) > 1 and data[1] != 3:
-                raise NotTLS("record version major is not 3")
         received += data
+        if len(received) < RECORD_HEADER:
+            # Refuse HTTP, SSH and the like on their first bytes, not after the timeout.
+            if received[:1] and received[0] != ContentType.HANDSHAKE:
+                raise NotTLS(f"first byte {received[0]:#04x} is not a TLS handshake record")
+            if len(received) > 1 and received[1] != 3:
+                raise NotTLS("record version major is not 3")
         while True:
             pos = self._pos
             if len(received) - pos < RECORD_HEADER:
@@ -204,17 +205,27 @@ class HelloReader:
                 raise BadHello(f"record length {length}")
             end = pos + RECORD_HEADER + length
             if len(received) < end:
+                if self._length < 0 and not self._message:
+                    self._check_header(received[pos + RECORD_HEADER : pos + RECORD_HEADER + 4])
                 return NEED_DATA
             self._pos = end
             message = self._message
             message += received[pos + RECORD_HEADER : end]
             if self._length < 0 and len(message) >= 4:
-                if message[0] != HandshakeType.CLIENT_HELLO:
-                    raise BadHello(f"handshake type {message[0]} is not ClientHello")
-                self._length = (message[1] << 16) | (message[2] << 8) | message[3]
-                if self._length > MAX_HELLO:
-                    raise BadHello(f"ClientHello of {self._length} bytes exceeds {MAX_HELLO}")
+                self._length = self._check_header(message)
             if self._length >= 0 and len(message) >= 4 + self._length:
                 if len(message) > 4 + self._length:
                     raise BadHello("handshake data after the ClientHello")
                 return parse_client_hello(memoryview(message)[4:])
+
+    @staticmethod
+    def _check_header(head: bytes | bytearray) -> int:
+        """Check the handshake header as soon as its bytes arrive; -1 if not all here yet."""
+        if head[:1] and head[0] != HandshakeType.CLIENT_HELLO:
+            raise BadHello(f"handshake type {head[0]} is not ClientHello")
+        if len(head) < 4:
+            return -1
+        length = (head[1] << 16) | (head[2] << 8) | head[3]
+        if length > MAX_HELLO:
+            raise BadHello(f"ClientHello of {length} bytes exceeds {MAX_HELLO}")
+        return length

@@ -271,8 +271,6 @@ def test_bad_input_is_one_line(cli, mode, name, fragments):
     assert r.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same as test_config.py test_not_utf8 / test_huge_integer_seconds: "
-                   "UnicodeDecodeError / OverflowError escape config.load, so the CLI prints a traceback")
 @pytest.mark.parametrize("mode, name, key", modes("not_utf8", "huge_int", not_utf8=["not_utf8.toml"],
                                                    huge_int=["server.idle_timeout"]))
 def test_bad_input_is_one_line_known_bugs(cli, mode, name, key):

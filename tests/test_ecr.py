@@ -145,16 +145,12 @@ def test_sdk_api_endpoint_is_routed(botocore_session, region, fips, dualstack):
     assert host in ecr_names(region, (A1,), fips, dualstack)[API]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with fips and dualstack both on, ecr_names() lacks the FIPS dual-stack "
-                   "API names the SDK uses (ecr-fips.<r>.api.aws / api.ecr-fips.<r>.api.amazonwebservices.com.cn)")
 @pytest.mark.parametrize("region", ["us-east-1", "cn-north-1"])
 def test_sdk_fips_dualstack_api_endpoint_is_routed(botocore_session, region):
     host = sdk_api_host(botocore_session, region, True, True)
     assert host in ecr_names(region, (A1,), True, True)[API]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config accepts ISO regions (regex -iso[a-z]?) but ecr.dns_suffix() "
-                   "gives amazonaws.com; the SDK uses c2s.ic.gov / sc2s.sgov.gov there")
 @pytest.mark.parametrize("region", ["us-iso-east-1", "us-isob-east-1"])
 def test_iso_region_is_refused_or_routed_right(botocore_session, region):
     host = sdk_api_host(botocore_session, region, False, False)
