@@ -51,8 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         import asyncio
 
         server = Server(config, asyncio.get_running_loop(), access_log=not args.no_access_log)
+        server.install_signal_handlers()  # before listening: an early signal must not kill us
         await server.start()
-        server.install_signal_handlers()
         await server.run(lambda: _load(args))
 
     uvloop.run(main())

@@ -13,11 +13,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import HelloError
-from .pump import Side, abort_with_reset
+from .proxyproto import NEED_DATA as PROXY_NEED_DATA
+from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
+from .pump import Side
 from .resolver import ResolveError
 from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
 
 if TYPE_CHECKING:
+    from .listener import ListenerInfo
     from .server import Server
 
 access_log = logging.getLogger("sniproxy.access")
@@ -39,14 +42,16 @@ class Connection:
     __slots__ = (
         "server", "listener", "client_transport", "client_addr", "reader", "timer", "task",
         "state", "sni", "route", "route_stats", "upstream_addr", "client", "upstream",
-        "started", "close_reason", "idle_mark", "idle_since",
+        "started", "close_reason", "idle_mark", "idle_since", "counted", "proxy_buf",
     )
 
-    def __init__(self, server: "Server", listener: str, transport: asyncio.Transport):
+    def __init__(self, server: "Server", listener: "ListenerInfo", transport: asyncio.Transport):
         self.server = server
         self.listener = listener
         self.client_transport = transport
         self.client_addr = transport.get_extra_info("peername")
+        self.counted: str | None = None  # the address holding a slot in the per-client limits
+        self.proxy_buf = b"" if listener.proxy_protocol else None
         self.reader: HelloReader | None = HelloReader()
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
@@ -70,6 +75,41 @@ class Connection:
     @property
     def to_client(self) -> int:
         return self.upstream.nbytes if self.upstream is not None else 0
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self) -> bool:
+        """Allowlist and per-client limit, on the real client address."""
+        ip = self.client_addr[0] if self.client_addr else ""  # no peer: reset before accept finished
+        if not self.listener.allow.allows(ip):
+            self.refuse("denied", alert=False)
+            return False
+        if not self.server.client_limits.try_acquire(ip):
+            self.refuse("client_limit", alert=False)
+            return False
+        self.counted = ip
+        return True
+
+    def on_proxy_data(self, data: bytes) -> None:
+        """A PROXY v1/v2 header from a load balancer precedes the ClientHello."""
+        buf = self.proxy_buf + data
+        try:
+            header = parse_proxy_header(buf)
+        except ProxyProtocolError as exc:
+            log.debug("%s: %s", _addr(self.client_addr), exc)
+            self.refuse("bad_proxy_header", alert=False)
+            return
+        if header is PROXY_NEED_DATA:
+            self.proxy_buf = buf
+            return
+        self.proxy_buf = None
+        if header.source is not None:
+            self.client_addr = header.source
+        if not self.admit():
+            return
+        rest = buf[header.length_consumed :]
+        if rest:
+            self.on_hello_data(rest)
 
     # -- hello -----------------------------------------------------------------------------
 
@@ -220,6 +260,9 @@ class Connection:
     def finish(self) -> None:
         server = self.server
         server.connections.discard(self)
+        if self.counted is not None:
+            server.client_limits.release(self.counted)
+            self.counted = None
         duration = server.loop.time() - self.started
         rs = self.route_stats
         if rs is not None and self in server.stats.live:
@@ -232,7 +275,7 @@ class Connection:
             access_log.info(json.dumps({
                 "time": _timestamp(time.time()),
                 "client": _addr(self.client_addr),
-                "listener": self.listener,
+                "listener": self.listener.name,
                 "sni": self.sni,
                 "route": self.route.name if self.route is not None else None,
                 "upstream": _addr(self.upstream_addr),
@@ -249,7 +292,7 @@ class HelloProtocol(asyncio.Protocol):
 
     __slots__ = ("server", "listener", "conn")
 
-    def __init__(self, server: "Server", listener: str):
+    def __init__(self, server: "Server", listener: "ListenerInfo"):
         self.server = server
         self.listener = listener
         self.conn: Connection | None = None
@@ -261,11 +304,18 @@ class HelloProtocol(asyncio.Protocol):
         if len(server.connections) > server.config.server.max_connections:
             conn.refuse("limit", alert=False)
             return
+        # Behind a load balancer the real client is known only after the PROXY header.
+        if conn.proxy_buf is None and not conn.admit():
+            return
         conn.timer = server.loop.call_later(server.config.server.handshake_timeout, conn.on_handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.state == "hello":
-            self.conn.on_hello_data(data)
+        conn = self.conn
+        if conn.state == "hello":
+            if conn.proxy_buf is None:
+                conn.on_hello_data(data)
+            else:
+                conn.on_proxy_data(data)
 
     def eof_received(self) -> bool:
         if self.conn.state == "hello":

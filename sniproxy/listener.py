@@ -7,6 +7,7 @@ import ipaddress
 import socket
 from typing import TYPE_CHECKING
 
+from .allow import Allowlist
 from .config import Listen
 from .connection import HelloProtocol
 from .errors import SniproxyError
@@ -19,6 +20,21 @@ BACKLOG = 4096
 
 class BindError(SniproxyError):
     pass
+
+
+class ListenerInfo:
+    """What a connection needs to know about the listener that accepted it. Mutable: a
+    reload updates the allowlist and PROXY option in place, without re-binding."""
+
+    __slots__ = ("name", "allow", "proxy_protocol")
+
+    def __init__(self, listen: Listen, server_allow: tuple[str, ...]):
+        self.name = listen_name(listen)
+        self.update(listen, server_allow)
+
+    def update(self, listen: Listen, server_allow: tuple[str, ...]) -> None:
+        self.allow = Allowlist(listen.allow if listen.allow is not None else server_allow)
+        self.proxy_protocol = listen.proxy_protocol
 
 
 def listen_name(listen: Listen) -> str:
@@ -48,6 +64,5 @@ def bind(listen: Listen, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-async def serve(server: "Server", listen: Listen, sock: socket.socket) -> asyncio.AbstractServer:
-    name = listen_name(listen)
-    return await server.loop.create_server(lambda: HelloProtocol(server, name), sock=sock, backlog=BACKLOG)
+async def serve(server: "Server", info: ListenerInfo, sock: socket.socket) -> asyncio.AbstractServer:
+    return await server.loop.create_server(lambda: HelloProtocol(server, info), sock=sock, backlog=BACKLOG)

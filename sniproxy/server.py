@@ -13,28 +13,35 @@ import signal
 import socket
 from typing import Callable
 
+from .allow import ClientLimits
 from .config import Config, Listen
 from .errors import ConfigError
-from .listener import bind, is_wildcard, listen_name, serve
+from .listener import ListenerInfo, bind, is_wildcard, listen_name, serve
 from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
 from .stats import Stats
+from .systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("sniproxy")
 
 
 class Server:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: bool = True):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: bool = True,
+                 notifier: Notifier | None = None):
         self.config = config
         self.loop = loop
         self.access_log = access_log
+        self.notifier = notifier or Notifier({})
         self.stats = Stats()
         self.routes = RouteTable(config.routes)
         self.resolver = Resolver(config.resolver, self.stats)
+        self.client_limits = ClientLimits(config.server.max_connections_per_client)
         self.connections: set = set()
-        self.listeners: dict[Listen, asyncio.AbstractServer] = {}
+        self.listeners: dict[tuple[str, int], tuple[asyncio.AbstractServer, ListenerInfo]] = {}
         self.metrics_server: asyncio.AbstractServer | None = None
+        self.on_usr1: Callable[[], None] | None = None
+        self._status_mark = (0.0, 0)
         self._local: dict[str, bool] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -46,10 +53,10 @@ class Server:
     def is_loop(self, ip: str, port: int) -> bool:
         """Would connecting to (ip, port) land on one of our own listeners?"""
         ip = str(ipaddress.ip_address(ip.split("%")[0]))
-        for listen in self.listeners:
-            if listen.port != port:
+        for address, listen_port in self.listeners:
+            if listen_port != port:
                 continue
-            if listen.address == ip or (is_wildcard(listen.address) and self._is_local(ip)):
+            if address == ip or (is_wildcard(address) and self._is_local(ip)):
                 return True
         return False
 
@@ -70,26 +77,57 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, sockets: dict[Listen, socket.socket] | None = None) -> None:
+    async def start(self, sockets: dict[tuple[str, int], socket.socket] | None = None) -> None:
+        """Serve every [[listen]] entry, on an inherited socket where one is given."""
         sockets = dict(sockets or {})
         for listen in self.config.listen:
-            sock = sockets.pop(listen, None) or bind(listen)
-            self.listeners[listen] = await serve(self, listen, sock)
-            log.info("listening on %s", listen_name(listen))
+            sock = sockets.pop(listen.key, None) or bind(listen)
+            await self._serve(listen, sock)
         m = self.config.metrics
         if m.enabled:
             registry = make_registry(self.stats.snapshot)
             self.metrics_server = await start_http(registry, m.address, m.port)
             log.info("metrics on http://%s/metrics", listen_name(Listen(m.address, m.port)))
         self._schedule_sweep()
+        interval = watchdog_interval()
+        if interval is not None:
+            self._watchdog(interval)
+
+    async def _serve(self, listen: Listen, sock: socket.socket) -> None:
+        info = ListenerInfo(listen, self.config.server.allow)
+        self.listeners[listen.key] = (await serve(self, info, sock), info)
+        log.info("listening on %s%s", info.name, " (PROXY protocol)" if info.proxy_protocol else "")
 
     def install_signal_handlers(self) -> None:
         self.loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         self.loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        self.loop.add_signal_handler(signal.SIGUSR1, self._usr1)
+
+    def _usr1(self) -> None:
+        if self.on_usr1 is not None:
+            self.on_usr1()
+            log.info("log files reopened")
+
+    def _watchdog(self, interval: float) -> None:
+        """Ping systemd from the event loop itself, so a stuck loop stops the pings."""
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+        self.loop.call_later(interval, self._watchdog, interval)
+
+    def status_line(self) -> str:
+        snap = self.stats.snapshot()
+        total = sum(r["to_upstream"] + r["to_client"] for r in snap["routes"].values())
+        now = self.loop.time()
+        then, before = self._status_mark
+        self._status_mark = (now, total)
+        rate = (total - before) / (now - then) if then else 0.0
+        active = sum(r["active"] for r in snap["routes"].values())
+        return f"{active} connections, {rate / 1e6:.1f} MB/s"
 
     async def run(self, reload_config: Callable[[], Config] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP, then drain."""
+        self.notifier.ready(status=self.status_line())
         while not self._stop.is_set():
             stop = asyncio.ensure_future(self._stop.wait())
             hup = asyncio.ensure_future(self._reload.wait())
@@ -99,7 +137,10 @@ class Server:
             if self._reload.is_set():
                 self._reload.clear()
                 if reload_config is not None:
+                    self.notifier.reloading()
                     await self.reload(reload_config)
+                    self.notifier.ready(status=self.status_line())
+        self.notifier.stopping()
         await self.shutdown()
 
     def stop(self) -> None:
@@ -112,31 +153,35 @@ class Server:
             log.error("reload failed, keeping the running config: %s", exc)
             return False
         old = self.config
-        added = [entry for entry in new.listen if entry not in self.listeners]
+        added = [entry for entry in new.listen if entry.key not in self.listeners]
         sockets = {}
         try:
             for listen in added:
-                sockets[listen] = bind(listen)
+                sockets[listen.key] = bind(listen)
         except OSError as exc:
             for sock in sockets.values():
                 sock.close()
             log.error("reload failed, keeping the running config: %s", exc)
             return False
-        for listen in [entry for entry in self.listeners if entry not in new.listen]:
-            self.listeners.pop(listen).close()
-            log.info("stopped listening on %s", listen_name(listen))
-        for listen, sock in sockets.items():
-            self.listeners[listen] = await serve(self, listen, sock)
-            log.info("listening on %s", listen_name(listen))
+        wanted = {entry.key: entry for entry in new.listen}
+        for key in [k for k in self.listeners if k not in wanted]:
+            srv, info = self.listeners.pop(key)
+            srv.close()
+            log.info("stopped listening on %s", info.name)
+        for key, (srv, info) in self.listeners.items():
+            info.update(wanted[key], new.server.allow)
         self.config = new
+        for listen in added:
+            await self._serve(listen, sockets[listen.key])
         self.routes = RouteTable(new.routes)
+        self.client_limits.max_per_client = new.server.max_connections_per_client
         if new.resolver != old.resolver:
             self.resolver = Resolver(new.resolver, self.stats)
         log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))
         return True
 
     async def shutdown(self) -> None:
-        for srv in self.listeners.values():
+        for srv, _ in self.listeners.values():
             srv.close()
         n = len(self.connections)
         drain = self.config.server.drain_timeout

@@ -418,16 +418,17 @@ def test_no_descriptor_leaks_after_churn_with_resets(dns_server, echo_upstream, 
             s.sendall(hello[:50])
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
-    _wait_until(lambda: len(proxy.log.access()) >= 151)
-    _wait_until(lambda: proxy.fds() <= before, timeout=5)
+    _wait_until(lambda: len(proxy.log.access()) >= 151, what=lambda: "\n".join(proxy.log.lines[-20:]))
+    _wait_until(lambda: proxy.fds() <= before, timeout=5, what=lambda: f"{proxy.fds()} fds, {before} before")
     assert proxy.fds() <= before
     assert proxy.proc.poll() is None
+    assert not [line for line in proxy.log.lines if "Traceback" in line]
 
 
-def _wait_until(predicate, timeout: float = 10.0) -> None:
+def _wait_until(predicate, timeout: float = 10.0, what=lambda: "") -> None:
     """Poll a cheap condition with a deadline (used for state in another process)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"condition not met in time {what()}")
         time.sleep(0.02)
