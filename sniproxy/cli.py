@@ -23,36 +23,103 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(args.config or config_mod.DEFAULT_PATH)
 
 
-def setup_logging(level: str) -> None:
+class ReopeningFileHandler(logging.FileHandler):
+    """A log file that logrotate can move away: SIGUSR1 reopens it under its name."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def _handler(target: str, fmt: str) -> logging.Handler:
+    if target == "stderr":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = ReopeningFileHandler(target, encoding="utf-8")
+        except OSError as exc:
+            raise SniproxyError(f"cannot open log file {target}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter(fmt))
+    return handler
+
+
+def setup_logging(log: config_mod.LogConfig, level: str | None = None, access_on: bool = True) -> list[logging.Handler]:
+    """Route error and access logs; returns the handlers to reopen on SIGUSR1."""
     root = logging.getLogger()
     root.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
+    root.addHandler(_handler(log.error, "%(asctime)s %(levelname)s %(name)s: %(message)s"
+                             if log.error != "stderr" else "%(levelname)s %(name)s: %(message)s"))
+    root.setLevel((level or log.level).upper())
     access = logging.getLogger("sniproxy.access")
     access.handlers.clear()
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(h)
     access.propagate = False
     access.setLevel(logging.INFO)
+    if access_on and log.access != "off":
+        access.addHandler(_handler(log.access, "%(message)s"))
+    else:
+        access.disabled = True
+    return [h for h in (*root.handlers, *access.handlers) if isinstance(h, ReopeningFileHandler)]
+
+
+def _inherited_sockets(config: config_mod.Config) -> dict:
+    """Sockets passed by systemd socket activation, matched to [[listen]] by bound address."""
+    from .systemd import listen_fds, match_listeners
+
+    fds = listen_fds()
+    if not fds:
+        return {}
+    match = match_listeners([f.sock for f in fds], [entry.key for entry in config.listen])
+    for sock in match.extra:
+        logging.getLogger("sniproxy").warning(
+            "socket activation: %s is not a [[listen]] entry; closing it", _sockname(sock))
+        sock.close()
+    for key in match.missing:
+        logging.getLogger("sniproxy").warning(
+            "socket activation: [[listen]] %s was not passed by systemd; binding it here", listen_name(config_mod.Listen(*key)))
+    logging.getLogger("sniproxy").info("socket activation: %d listeners from systemd", len(match.matched))
+    return match.matched
+
+
+def _sockname(sock) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+        return listen_name(config_mod.Listen(host, port))
+    except (OSError, ValueError):
+        return f"fd {sock.fileno()}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
     import uvloop
 
+    from .privdrop import drop_privileges
     from .server import Server
+    from .systemd import Notifier
 
     config = _load(args)
-    setup_logging(args.log_level)
+    reopen = setup_logging(config.log, args.log_level, access_on=not args.no_access_log)
+    log = logging.getLogger("sniproxy")
+    sockets = _inherited_sockets(config)
 
     async def main() -> None:
-        import asyncio
-
-        server = Server(config, asyncio.get_running_loop(), access_log=not args.no_access_log)
+        server = Server(config, asyncio.get_running_loop(), access_log=not args.no_access_log, notifier=Notifier())
+        server.on_usr1 = lambda: [h.reopen() for h in reopen]
         server.install_signal_handlers()  # before listening: an early signal must not kill us
-        await server.start()
+        await server.start(sockets)
+        user = config.server.user
+        if user and os.geteuid() == 0:
+            # Listeners and log files are open: root is no longer needed.
+            drop_privileges(user, config.server.group)
+            log.info("running as user %s", user)
+        elif os.geteuid() == 0 and not sockets:
+            log.warning("running as root: set [server] user to drop privileges after binding")
         await server.run(lambda: _load(args))
 
     uvloop.run(main())
@@ -69,6 +136,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"resolver: {', '.join(r.nameservers)} port {r.port} timeout {r.timeout:g}s")
     if config.metrics.enabled:
         print(f"metrics: http://{listen_name(config_mod.Listen(config.metrics.address, config.metrics.port))}/metrics")
+    for listen in config_mod.open_listeners(config):
+        print(f"warning: listener {listen_name(listen)} is on a wildcard address with no allowlist: "
+              "any client that can reach it may use the proxy; set [server] allow or [[listen]] allow")
     print("routes:")
     for route in config.routes:
         target = route.upstream or "<sni>"
@@ -105,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy in the foreground")
     with_config(run)
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
     run.add_argument("--no-access-log", action="store_true", help="do not log one JSON line per connection")
     run.set_defaults(func=cmd_run)
 
@@ -117,6 +187,15 @@ def parser() -> argparse.ArgumentParser:
     with_config(hosts)
     hosts.add_argument("--address", help="the proxy address builders connect to")
     hosts.set_defaults(func=cmd_hosts)
+
+    from . import discover, doctor
+
+    d = sub.add_parser("discover", help="find the ECR/S3 VPC endpoints and write a config (read-only AWS calls)")
+    discover.add_arguments(d)
+    d.set_defaults(func=discover.main)
+    dr = sub.add_parser("doctor", help="check DNS, TCP and TLS to every route's upstream, the listeners and metrics")
+    doctor.add_arguments(dr)
+    dr.set_defaults(func=doctor.main)
     return p
 
 

@@ -158,6 +158,16 @@ class Connection:
     # -- upstream --------------------------------------------------------------------------
 
     async def open_upstream(self) -> None:
+        try:
+            await self._open_upstream()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one connection, logged, never a hung one
+            log.exception("%s: internal error while connecting", _addr(self.client_addr))
+            if self.state != "closed":
+                self.refuse("internal_error", alert=False)
+
+    async def _open_upstream(self) -> None:
         server = self.server
         route = self.route
         host = route.upstream_for(self.sni)

@@ -12,9 +12,13 @@ import logging
 import time
 from typing import Callable
 
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
+import dns.rdtypes.ANY.CNAME  # noqa: F401  dnspython loads rdata types lazily; see below
+import dns.rdtypes.IN.A  # noqa: F401
+import dns.rdtypes.IN.AAAA  # noqa: F401
 import dns.resolver
 
 from .config import ResolverConfig
@@ -42,6 +46,10 @@ class Resolver:
         r.lifetime = config.timeout
         r.cache = None  # ours serves stale; dnspython's does not
         self._dns = r
+        # dnspython imports its asyncio backend and rdata types on first use; load them now,
+        # while the process can still read its own install (it may drop privileges after
+        # binding, and an unreadable A type silently becomes GenericRdata).
+        dns.asyncbackend.get_backend("asyncio")
         self._inflight: dict[str, asyncio.Future] = {}
 
     def cached(self, name: str) -> tuple[str, ...] | None:

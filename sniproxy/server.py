@@ -120,8 +120,11 @@ class Server:
         total = sum(r["to_upstream"] + r["to_client"] for r in snap["routes"].values())
         now = self.loop.time()
         then, before = self._status_mark
-        self._status_mark = (now, total)
-        rate = (total - before) / (now - then) if then else 0.0
+        if now - then < 0.5:  # too close to the last sample for a meaningful rate
+            rate = 0.0
+        else:
+            self._status_mark = (now, total)
+            rate = (total - before) / (now - then) if then else 0.0
         active = sum(r["active"] for r in snap["routes"].values())
         return f"{active} connections, {rate / 1e6:.1f} MB/s"
 

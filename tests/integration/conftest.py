@@ -72,3 +72,5 @@ def start_proxy(tmp_path):
         if proxy.proc.poll() is None:
             proxy.proc.kill()
             proxy.proc.wait(5)
+        print("proxy log:\n" + "\n".join(proxy.log.lines))  # shown by pytest on failure
+        assert not [line for line in proxy.log.lines if "Traceback" in line], "the proxy logged a traceback"
