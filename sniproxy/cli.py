@@ -48,22 +48,14 @@ def _handler(target: str, fmt: str) -> logging.Handler:
     return handler
 
 
-def setup_logging(log: config_mod.LogConfig, level: str | None = None, access_on: bool = True) -> list[logging.Handler]:
-    """Route error and access logs; returns the handlers to reopen on SIGUSR1."""
+def setup_logging(log: config_mod.LogConfig, level: str | None = None) -> list[logging.Handler]:
+    """Route the error log; returns the handlers to reopen on SIGUSR1."""
     root = logging.getLogger()
     root.handlers.clear()
     root.addHandler(_handler(log.error, "%(asctime)s %(levelname)s %(name)s: %(message)s"
                              if log.error != "stderr" else "%(levelname)s %(name)s: %(message)s"))
     root.setLevel((level or log.level).upper())
-    access = logging.getLogger("sniproxy.access")
-    access.handlers.clear()
-    access.propagate = False
-    access.setLevel(logging.INFO)
-    if access_on and log.access != "off":
-        access.addHandler(_handler(log.access, "%(message)s"))
-    else:
-        access.disabled = True
-    return [h for h in (*root.handlers, *access.handlers) if isinstance(h, ReopeningFileHandler)]
+    return [h for h in root.handlers if isinstance(h, ReopeningFileHandler)]
 
 
 def _inherited_sockets(config: config_mod.Config) -> dict:
@@ -99,17 +91,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import uvloop
 
+    from .accesslog import AccessLog
     from .privdrop import drop_privileges
     from .server import Server
     from .systemd import Notifier
 
     config = _load(args)
-    reopen = setup_logging(config.log, args.log_level, access_on=not args.no_access_log)
+    reopen = setup_logging(config.log, args.log_level)
     log = logging.getLogger("sniproxy")
     sockets = _inherited_sockets(config)
+    access_target = "off" if args.no_access_log else config.log.access
+    try:
+        access = AccessLog(access_target) if access_target != "off" else None
+    except OSError as exc:
+        raise SniproxyError(f"cannot open access log {access_target}: {exc.strerror}") from None
 
     async def main() -> None:
-        server = Server(config, asyncio.get_running_loop(), access_log=not args.no_access_log, notifier=Notifier())
+        loop = asyncio.get_running_loop()
+        if access is not None:
+            access.loop = loop
+        server = Server(config, loop, access_log=access, notifier=Notifier())
         server.on_usr1 = lambda: [h.reopen() for h in reopen]
         server.install_signal_handlers()  # before listening: an early signal must not kill us
         await server.start(sockets)

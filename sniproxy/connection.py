@@ -7,11 +7,11 @@ served by ``HelloProtocol``; after the upstream connects it is handed to a ``pum
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .accesslog import format_line
 from .errors import HelloError
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .listener import ListenerInfo
     from .server import Server
 
-access_log = logging.getLogger("sniproxy.access")
 log = logging.getLogger("sniproxy.connection")
 
 
@@ -32,10 +31,6 @@ def _addr(peer: Any) -> str | None:
         return None
     host, port = peer[0], peer[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _timestamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 class Connection:
@@ -281,19 +276,13 @@ class Connection:
             rs.to_upstream += self.client.nbytes
             rs.to_client += self.upstream.nbytes
             rs.duration.observe(duration)
-        if server.access_log:
-            access_log.info(json.dumps({
-                "time": _timestamp(time.time()),
-                "client": _addr(self.client_addr),
-                "listener": self.listener.name,
-                "sni": self.sni,
-                "route": self.route.name if self.route is not None else None,
-                "upstream": _addr(self.upstream_addr),
-                "bytes_to_upstream": self.to_upstream,
-                "bytes_to_client": self.to_client,
-                "duration": round(duration, 6),
-                "close": self.close_reason,
-            }, separators=(",", ":")))
+        if server.access_log is not None:
+            route = self.route
+            server.access_log.write(format_line(
+                time.time(), _addr(self.client_addr), self.listener.name, self.sni,
+                route.name if route is not None else None, _addr(self.upstream_addr),
+                self.to_upstream, self.to_client, duration, self.close_reason,
+            ))
         server.connection_closed()
 
 

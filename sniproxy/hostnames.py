@@ -1,6 +1,5 @@
 """Host name checks shared by the ClientHello parser and the route table."""
 
-import ipaddress
 import re
 
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
@@ -21,10 +20,6 @@ def normalize_host(name: str) -> str | None:
     labels = name.split(".")
     if not all(_LABEL.match(label) for label in labels):
         return None
-    if labels[-1].isdigit():
+    if labels[-1].isdigit():  # IPv4 literals and bare numbers; IPv6 fails the label check
         return None
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return name
-    return None
+    return name

@@ -13,6 +13,7 @@ import signal
 import socket
 from typing import Callable
 
+from .accesslog import AccessLog
 from .allow import ClientLimits
 from .config import Config, Listen
 from .errors import ConfigError
@@ -27,7 +28,7 @@ log = logging.getLogger("sniproxy")
 
 
 class Server:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: bool = True,
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None = None,
                  notifier: Notifier | None = None):
         self.config = config
         self.loop = loop
@@ -107,7 +108,9 @@ class Server:
     def _usr1(self) -> None:
         if self.on_usr1 is not None:
             self.on_usr1()
-            log.info("log files reopened")
+        if self.access_log is not None:
+            self.access_log.reopen()
+        log.info("log files reopened")
 
     def _watchdog(self, interval: float) -> None:
         """Ping systemd from the event loop itself, so a stuck loop stops the pings."""
@@ -206,6 +209,8 @@ class Server:
             self._sweeper.cancel()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.access_log is not None:
+            self.access_log.flush()
         log.info("stopped")
 
     def connection_closed(self) -> None:
