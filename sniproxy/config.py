@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -52,7 +53,9 @@ class ResolverConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     workers: int = 1
-    """Processes sharing the listeners."""
+    """Processes sharing the listeners ("auto": one per CPU)."""
+    splice: str = "auto"
+    """Zero-copy forwarding with splice(2) after the hello: "auto" (where the kernel has it), "on", "off"."""
     handshake_timeout: float = 5.0
     """Total seconds from accept until a complete ClientHello."""
     connect_timeout: float = 5.0
@@ -205,6 +208,8 @@ _KINDS: dict[str, tuple[Callable[[Any], tuple[bool, Any]], str]] = {
     "accounts": (_strs, "a list of 12-digit account ids as strings"),
     "cidrs": (_strs, "a list of networks such as \"10.8.0.0/16\""),
     "level": (_str, "one of debug, info, warning, error"),
+    "workers": (_int, 'an integer 1-256 or "auto"'),
+    "splice": (_str, 'one of "auto", "on", "off"'),
 }
 
 # ISO partitions use other DNS suffixes (c2s.ic.gov...); not supported, so refused here.
@@ -288,7 +293,8 @@ def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
 
 def _server(t: _Table) -> ServerConfig:
     s = ServerConfig(
-        workers=t.get("workers", 1, "count", lambda v: v == 1),
+        workers=_workers(t),
+        splice=t.get("splice", "auto", "splice", lambda v: v in ("auto", "on", "off")),
         handshake_timeout=t.get("handshake_timeout", 5.0, "seconds", _positive),
         connect_timeout=t.get("connect_timeout", 5.0, "seconds", _positive),
         idle_timeout=t.get("idle_timeout", 900.0, "seconds", _positive),
@@ -302,6 +308,13 @@ def _server(t: _Table) -> ServerConfig:
     )
     t.done()
     return s
+
+
+def _workers(t: _Table) -> int:
+    if t.data.get("workers") == "auto":
+        t.seen.add("workers")
+        return max(1, len(os.sched_getaffinity(0)))
+    return t.get("workers", 1, "workers", lambda v: 1 <= v <= 256)
 
 
 def _log(t: _Table) -> LogConfig:

@@ -16,6 +16,7 @@ from .errors import HelloError
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
 from .pump import Side
+from .splice import start as start_splice
 from .resolver import ResolveError
 from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
 
@@ -222,6 +223,10 @@ class Connection:
         hello = bytes(self.reader.received)
         self.reader = None
         client.nbytes = len(hello)
+        if self.server.splice:
+            # Zero-copy path: sniproxy.splice takes both sockets over from here.
+            start_splice(self, client, upstream, hello)
+            return
         upstream.transport.write(hello)
         t = self.client_transport
         t.set_protocol(client)

@@ -21,6 +21,7 @@ from .listener import ListenerInfo, bind, is_wildcard, listen_name, serve
 from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
+from .splice import splice_enabled
 from .stats import Stats
 from .systemd import Notifier, watchdog_interval
 
@@ -38,12 +39,14 @@ class Server:
         self.routes = RouteTable(config.routes)
         self.resolver = Resolver(config.resolver, self.stats)
         self.client_limits = ClientLimits(config.server.max_connections_per_client)
+        self.splice = splice_enabled(config.server.splice)
         self.connections: set = set()
         self.listeners: dict[tuple[str, int], tuple[asyncio.AbstractServer, ListenerInfo]] = {}
         self.metrics_server: asyncio.AbstractServer | None = None
         self.on_usr1: Callable[[], None] | None = None
         self._status_mark = (0.0, 0)
         self._local: dict[str, bool] = {}
+        self._loops: dict[tuple[str, int], bool] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._drained = asyncio.Event()
@@ -52,7 +55,17 @@ class Server:
     # -- loop refusal ----------------------------------------------------------------------
 
     def is_loop(self, ip: str, port: int) -> bool:
-        """Would connecting to (ip, port) land on one of our own listeners?"""
+        """Would connecting to (ip, port) land on one of our own listeners? Cached: the
+        answer changes only when listeners do, and it is asked on every connection."""
+        key = (ip, port)
+        known = self._loops.get(key)
+        if known is None:
+            known = self._check_loop(ip, port)
+            if len(self._loops) < 4096:
+                self._loops[key] = known
+        return known
+
+    def _check_loop(self, ip: str, port: int) -> bool:
         ip = str(ipaddress.ip_address(ip.split("%")[0]))
         for address, listen_port in self.listeners:
             if listen_port != port:
@@ -179,8 +192,10 @@ class Server:
         self.config = new
         for listen in added:
             await self._serve(listen, sockets[listen.key])
+        self._loops.clear()
         self.routes = RouteTable(new.routes)
         self.client_limits.max_per_client = new.server.max_connections_per_client
+        self.splice = splice_enabled(new.server.splice)  # new connections only
         if new.resolver != old.resolver:
             self.resolver = Resolver(new.resolver, self.stats)
         log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))

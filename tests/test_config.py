@@ -349,13 +349,21 @@ def test_huge_integer_seconds(load_text):
     assert exc.value.path == "resolver.timeout"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workers = 2 is refused with 'expected a positive integer', which 2 is; "
-                   "either allow it (context.md: processes sharing the listeners) or say only 1 is supported")
-def test_workers_two(load_text):
-    try:
-        assert load_text(section("server", "workers = 2")).server.workers == 2
-    except ConfigError as exc:
-        assert "positive integer" not in str(exc)
+def test_workers_two_and_auto(load_text):
+    import os
+
+    assert load_text(section("server", "workers = 2")).server.workers == 2
+    assert load_text(section("server", 'workers = "auto"')).server.workers == len(os.sched_getaffinity(0))
+    for bad in ("0", "257", '"many"', "1.5"):
+        with pytest.raises(ConfigError, match=r"server\.workers: expected an integer 1-256 or \"auto\""):
+            load_text(section("server", f"workers = {bad}"))
+
+
+@pytest.mark.parametrize("value", ["auto", "on", "off"])
+def test_splice_modes(load_text, value):
+    assert load_text(section("server", f'splice = "{value}"')).server.splice == value
+    with pytest.raises(ConfigError, match=r"server\.splice"):
+        load_text(section("server", 'splice = "yes"'))
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import ssl
 
 import pytest
@@ -36,7 +37,16 @@ def make_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
     return outgoing.read()
 
 
+#: The whole integration suite runs once per data path and worker count: CI sets these.
+TEST_SPLICE = os.environ.get("SNIPROXY_TEST_SPLICE", "auto")
+TEST_WORKERS = os.environ.get("SNIPROXY_TEST_WORKERS", "1")
+
+
 def proxy_config(listen_port: int, dns: DnsServer, routes: str, server: str = "", listen_address: str = "127.0.0.1") -> str:
+    if "splice" not in server:
+        server += f'\nsplice = "{TEST_SPLICE}"'
+    if "workers" not in server:
+        server += f"\nworkers = {TEST_WORKERS}"
     return f"""
 [[listen]]
 address = "{listen_address}"
