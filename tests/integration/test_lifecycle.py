@@ -90,11 +90,11 @@ def test_bad_reload_keeps_the_running_config(dns_server, upstream, start_proxy):
     port = free_port()
     config = proxy_config(port, dns_server, route(port=upstream.port))
     proxy = start_proxy(config)
-    proxy.path.write_text(config.replace("[server]", "[server]\nworkers = 'many'"))
+    proxy.path.write_text(config.replace("[server]", "[server]\nmax_connections = 'many'"))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
     line = proxy.log.wait_for("reload failed", start=mark)
-    assert "server.workers" in line
+    assert "server.max_connections" in line
     s = open_pumping(port)
     assert roundtrip(s)
     s.close()
