@@ -223,9 +223,9 @@ class Connection:
         hello = bytes(self.reader.received)
         self.reader = None
         client.nbytes = len(hello)
-        if self.server.splice:
-            # Zero-copy path: sniproxy.splice takes both sockets over from here.
-            start_splice(self, client, upstream, hello)
+        # Zero-copy path: sniproxy.splice takes both sockets over from here, unless the
+        # upstream already spoke into uvloop's buffers (then the pump carries on).
+        if self.server.splice and start_splice(self, client, upstream, hello):
             return
         upstream.transport.write(hello)
         t = self.client_transport
