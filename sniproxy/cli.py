@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import ipaddress
 import logging
 import sys
@@ -14,13 +15,20 @@ from .listener import listen_name
 
 
 def _load(args: argparse.Namespace) -> config_mod.Config:
+    return _load_text(args)[0]
+
+
+def _load_text(args: argparse.Namespace) -> tuple[config_mod.Config, bytes]:
+    """The config, and the file bytes it came from (empty for --region/--account)."""
     if getattr(args, "region", None) or getattr(args, "account", None):
         if args.config:
             raise ConfigError("", "give either --config or --region/--account, not both")
         if not (args.region and args.account):
             raise ConfigError("", "--region and --account go together")
-        return config_mod.embedded(args.region, args.account)
-    return config_mod.load(args.config or config_mod.DEFAULT_PATH)
+        return config_mod.embedded(args.region, args.account), b""
+    path = args.config or config_mod.DEFAULT_PATH
+    text = config_mod.read(path)
+    return config_mod.loads(text, path), text
 
 
 class ReopeningFileHandler(logging.FileHandler):
@@ -48,12 +56,12 @@ def _handler(target: str, fmt: str) -> logging.Handler:
     return handler
 
 
-def setup_logging(log: config_mod.LogConfig, level: str | None = None) -> list[logging.Handler]:
-    """Route the error log; returns the handlers to reopen on SIGUSR1."""
+def setup_logging(log: config_mod.LogConfig, level: str | None = None, tag: str = "") -> list[logging.Handler]:
+    """Route the error log; returns the handlers to reopen on SIGUSR1. ``tag`` names a worker."""
     root = logging.getLogger()
     root.handlers.clear()
-    root.addHandler(_handler(log.error, "%(asctime)s %(levelname)s %(name)s: %(message)s"
-                             if log.error != "stderr" else "%(levelname)s %(name)s: %(message)s"))
+    fmt = f"%(levelname)s %(name)s{tag}: %(message)s"
+    root.addHandler(_handler(log.error, "%(asctime)s " + fmt if log.error != "stderr" else fmt))
     root.setLevel((level or log.level).upper())
     return [h for h in root.handlers if isinstance(h, ReopeningFileHandler)]
 
@@ -85,46 +93,108 @@ def _sockname(sock) -> str:
         return f"fd {sock.fileno()}"
 
 
+argv_run: list[str] | None = None  # the command line workers are started with (tests may set it)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
     import uvloop
 
+    from .listener import bind
     from .accesslog import AccessLog
     from .privdrop import drop_privileges
     from .server import Server
     from .systemd import Notifier
 
-    config = _load(args)
-    reopen = setup_logging(config.log, args.log_level)
+    worker = args.worker_channel is not None
+    if worker:
+        from .supervisor import read_initial_config
+
+        channel = socket.socket(fileno=args.worker_channel)
+        config_text = [read_initial_config(channel)]
+
+        def load_worker_config() -> config_mod.Config:
+            text = config_text[0]
+            return config_mod.loads(text, args.config or config_mod.DEFAULT_PATH) if text else _load(args)
+
+        config = load_worker_config()
+    else:
+        config, text = _load_text(args)
+    reopen = setup_logging(config.log, args.log_level, f" worker={args.worker_index}" if worker else "")
     log = logging.getLogger("sniproxy")
-    sockets = _inherited_sockets(config)
+    if worker:
+        sockets = _worker_sockets(config, args.worker_fds)
+    else:
+        sockets = _inherited_sockets(config)
+        # Bind everything now, before any privilege drop, so workers can share the sockets.
+        if config.server.workers > 1:
+            for listen in config.listen:
+                if listen.key not in sockets:
+                    sockets[listen.key] = bind(listen)
     access_target = "off" if args.no_access_log else config.log.access
     try:
         access = AccessLog(access_target) if access_target != "off" else None
     except OSError as exc:
         raise SniproxyError(f"cannot open access log {access_target}: {exc.strerror}") from None
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        if access is not None:
-            access.loop = loop
-        server = Server(config, loop, access_log=access, notifier=Notifier())
-        server.on_usr1 = lambda: [h.reopen() for h in reopen]
-        server.install_signal_handlers()  # before listening: an early signal must not kill us
-        await server.start(sockets)
+    def drop_root() -> None:
         user = config.server.user
         if user and os.geteuid() == 0:
             # Listeners and log files are open: root is no longer needed.
             drop_privileges(user, config.server.group)
             log.info("running as user %s", user)
-        elif os.geteuid() == 0 and not sockets:
+        elif os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
             log.warning("running as root: set [server] user to drop privileges after binding")
-        await server.run(lambda: _load(args))
 
-    uvloop.run(main())
+    async def supervise() -> None:
+        from .supervisor import Supervisor
+
+        # Like nginx's master, the supervisor keeps its privileges (to restart workers and
+        # reopen logs); it never touches a connection. Each worker drops them once started.
+        sup = Supervisor(config, sockets, sys.argv[1:] if argv_run is None else argv_run, lambda: _load_text(args), text)
+        sup.on_usr1 = lambda: [h.reopen() for h in reopen]
+        await sup.run()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if access is not None:
+            access.loop = loop
+        server = Server(config, loop, access_log=access, notifier=Notifier({} if worker else os.environ))
+        server.on_usr1 = lambda: [h.reopen() for h in reopen]
+        server.install_signal_handlers()  # before listening: an early signal must not kill us
+        if worker:
+            from .supervisor import WorkerChannel
+
+            server.serve_metrics = False
+            server.reuse_port = True
+            def take_reload(new_text: bytes) -> None:
+                config_text[0] = new_text
+                server.request_reload()
+
+            server.channel = WorkerChannel(channel, server.stats.snapshot, take_reload, server.stop)
+            await server.channel.start()
+        await server.start(sockets)
+        drop_root()
+        await server.run(load_worker_config if worker else (lambda: _load(args)))
+
+    if config.server.workers > 1 and not worker:
+        uvloop.run(supervise())
+    else:
+        uvloop.run(main())
     return 0
+
+
+def _worker_sockets(config: config_mod.Config, fds: str) -> dict:
+    """A worker's listeners: the supervisor's sockets, matched to [[listen]] by address."""
+    from .systemd import match_listeners
+
+    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+    match = match_listeners(socks, [entry.key for entry in config.listen])
+    for sock in match.extra:
+        sock.close()
+    return match.matched
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -178,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
     run.add_argument("--no-access-log", action="store_true", help="do not log one JSON line per connection")
+    # Internal: how the supervisor starts its workers.
+    run.add_argument("--worker-channel", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-fds", default="", help=argparse.SUPPRESS)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and print the listeners and routes")

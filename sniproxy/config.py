@@ -407,19 +407,28 @@ def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_
     )
 
 
-def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
+def read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return f.read()
     except FileNotFoundError:
         raise ConfigError("", f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError("", f"{path}: {exc.strerror}") from None
+
+
+def loads(text: bytes, source: str, resolv_conf: str = RESOLV_CONF) -> Config:
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError("", f"{source}: invalid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError("", f"{path}: not UTF-8 (byte {exc.start})") from None
-    return from_dict(data, source=path, resolv_conf=resolv_conf)
+        raise ConfigError("", f"{source}: not UTF-8 (byte {exc.start})") from None
+    return from_dict(data, source=source, resolv_conf=resolv_conf)
+
+
+def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
+    return loads(read(path), path, resolv_conf)
 
 
 def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF) -> Config:

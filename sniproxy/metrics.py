@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -64,8 +64,11 @@ def make_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:
     return registry
 
 
-async def start_http(registry: CollectorRegistry, address: str, port: int) -> asyncio.AbstractServer:
-    """Serve ``GET /metrics`` (and ``/`` as a liveness probe) on the running loop."""
+async def start_http(registry: CollectorRegistry, address: str, port: int,
+                     before_scrape: Callable[[], Awaitable] | None = None) -> asyncio.AbstractServer:
+    """Serve ``GET /metrics`` (and ``/`` as a liveness probe) on the running loop.
+
+    ``before_scrape`` lets a supervisor collect its workers' snapshots first."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,6 +78,8 @@ async def start_http(registry: CollectorRegistry, address: str, port: int) -> as
             if method != b"GET":
                 status, body, ctype = b"405 Method Not Allowed", b"GET only\n", b"text/plain"
             elif path.split(b"?")[0] == b"/metrics":
+                if before_scrape is not None:
+                    await before_scrape()
                 status, body, ctype = b"200 OK", generate_latest(registry), CONTENT_TYPE_LATEST.encode()
             elif path == b"/":
                 status, body, ctype = b"200 OK", b"sniproxy: see /metrics\n", b"text/plain"

@@ -44,6 +44,9 @@ class Server:
         self.listeners: dict[tuple[str, int], tuple[asyncio.AbstractServer, ListenerInfo]] = {}
         self.metrics_server: asyncio.AbstractServer | None = None
         self.on_usr1: Callable[[], None] | None = None
+        self.serve_metrics = True  # a worker leaves /metrics to its supervisor
+        self.reuse_port = False  # workers bind listeners added on reload side by side
+        self.channel = None  # a worker's link to its supervisor
         self._status_mark = (0.0, 0)
         self._local: dict[str, bool] = {}
         self._loops: dict[tuple[str, int], bool] = {}
@@ -95,10 +98,10 @@ class Server:
         """Serve every [[listen]] entry, on an inherited socket where one is given."""
         sockets = dict(sockets or {})
         for listen in self.config.listen:
-            sock = sockets.pop(listen.key, None) or bind(listen)
+            sock = sockets.pop(listen.key, None) or bind(listen, reuse_port=self.reuse_port)
             await self._serve(listen, sock)
         m = self.config.metrics
-        if m.enabled:
+        if m.enabled and self.serve_metrics:
             registry = make_registry(self.stats.snapshot)
             self.metrics_server = await start_http(registry, m.address, m.port)
             log.info("metrics on http://%s/metrics", listen_name(Listen(m.address, m.port)))
@@ -147,6 +150,8 @@ class Server:
     async def run(self, reload_config: Callable[[], Config] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP, then drain."""
         self.notifier.ready(status=self.status_line())
+        if self.channel is None:
+            log.info("ready")
         while not self._stop.is_set():
             stop = asyncio.ensure_future(self._stop.wait())
             hup = asyncio.ensure_future(self._reload.wait())
@@ -157,13 +162,18 @@ class Server:
                 self._reload.clear()
                 if reload_config is not None:
                     self.notifier.reloading()
-                    await self.reload(reload_config)
+                    ok = await self.reload(reload_config)
                     self.notifier.ready(status=self.status_line())
+                    if self.channel is not None:
+                        self.channel.reloaded(ok)
         self.notifier.stopping()
         await self.shutdown()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
 
     async def reload(self, reload_config: Callable[[], Config]) -> bool:
         try:
@@ -176,7 +186,7 @@ class Server:
         sockets = {}
         try:
             for listen in added:
-                sockets[listen.key] = bind(listen)
+                sockets[listen.key] = bind(listen, reuse_port=self.reuse_port)
         except OSError as exc:
             for sock in sockets.values():
                 sock.close()
@@ -226,6 +236,8 @@ class Server:
             self.metrics_server.close()
         if self.access_log is not None:
             self.access_log.flush()
+        if self.channel is not None:
+            await self.channel.final()
         log.info("stopped")
 
     def connection_closed(self) -> None:

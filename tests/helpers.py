@@ -212,7 +212,7 @@ class Proxy:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(), cwd=str(REPO),
         )
         self.log = LineLog(self.proc.stderr)
-        self.log.wait_for(r"metrics on|stopped|error", timeout=15)
+        self.log.wait_for(r"sniproxy(\.supervisor)?: ready|stopped|error", timeout=20)
         if self.proc.poll() is not None:
             raise AssertionError("proxy exited: " + "\n".join(self.log.lines))
 
@@ -235,8 +235,27 @@ class Proxy:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    def pids(self) -> list[int]:
+        """The proxy and its workers (when [server] workers > 1)."""
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    todo += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+            except OSError:
+                pass
+        return pids
+
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        total = 0
+        for pid in self.pids():
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                pass
+        return total
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:

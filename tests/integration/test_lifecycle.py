@@ -75,7 +75,7 @@ def test_reload_swaps_routes_without_dropping_connections(dns_server, upstream, 
     proxy.path.write_text(config.replace(f'sni = "{NAME}"', f'sni = "{OTHER}"'))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
-    proxy.log.wait_for("reloaded", start=mark)
+    proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
 
     assert roundtrip(held)  # the running connection survived
     new = open_pumping(port, OTHER)  # the new route serves
@@ -107,7 +107,7 @@ def test_reload_adds_and_removes_listeners(dns_server, upstream, start_proxy):
     proxy.path.write_text(config.replace(f"port = {port}", f"port = {port2}", 1))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
-    proxy.log.wait_for("reloaded", start=mark)
+    proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
     open_pumping(port2).close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)

@@ -18,6 +18,10 @@ from tests.integration.conftest import make_hello, proxy_config
 
 NAME = "api.ecr.us-east-1.amazonaws.com"
 
+#: Connection limits count per worker process, like nginx's worker_connections.
+single_worker = pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1",
+                                   reason="limits are per worker; with several workers they add up")
+
 
 def route(name: str = "echo", sni: str = NAME, port: int = 443, upstream: str | None = None) -> str:
     up = f'upstream = "{upstream}"\n' if upstream else ""
@@ -377,6 +381,7 @@ def test_bytes_are_visible_in_metrics_while_the_transfer_runs(dns_server, echo_u
     s.close()
 
 
+@single_worker
 def test_max_connections_refuses_the_excess(dns_server, echo_upstream, start_proxy):
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port), server="max_connections = 2"))
