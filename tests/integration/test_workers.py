@@ -1,0 +1,121 @@
+"""workers = 2: one metrics endpoint summing every worker, restarts, signals to every worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.helpers import Server, free_port, recv_all
+from tests.integration.conftest import make_hello, proxy_config
+from tests.integration.test_proxy import NAME, connect, echo, route
+
+
+@pytest.fixture
+def upstream(dns_server):
+    server = Server(echo, host="127.0.0.2")
+    dns_server.add(NAME, "127.0.0.2")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def two_workers(dns_server, upstream, start_proxy):
+    port = free_port()
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="workers = 2\ndrain_timeout = 30.0"))
+    assert len(proxy.pids()) == 3  # the supervisor and two workers
+    return proxy, port
+
+
+def exchange(port: int) -> int:
+    s = connect(port)
+    hello = make_hello(NAME)
+    s.sendall(hello + b"x" * 1000)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == hello + b"x" * 1000
+    s.close()
+    return len(hello) + 1000
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_metrics_are_the_sum_of_all_workers(two_workers):
+    proxy, port = two_workers
+    sent = sum(exchange(port) for _ in range(40))
+    wait_until(lambda: len(proxy.log.access()) == 40)
+    workers = {line.split("worker=")[1].split(":")[0] for line in proxy.log.lines if "worker=" in line}
+    assert workers == {"0", "1"}
+    m = proxy.metrics()
+    assert m[("sniproxy_connections_total", (("route", "echo"),))] == 40
+    assert m[("sniproxy_bytes_total", (("direction", "to_upstream"), ("route", "echo")))] == sent
+    assert m[("sniproxy_bytes_total", (("direction", "to_client"), ("route", "echo")))] == sent
+
+
+def test_a_dead_worker_is_restarted_and_its_counts_kept(two_workers):
+    proxy, port = two_workers
+    for _ in range(10):
+        exchange(port)
+    assert proxy.sample("sniproxy_connections_total", route="echo") == 10  # scraped: counts known
+    victim = proxy.pids()[1]
+    os.kill(victim, signal.SIGKILL)
+    proxy.log.wait_for(rf"worker \d \(pid {victim}\) died \(signal SIGKILL\); restarting")
+    proxy.log.wait_for(r"worker \d started", start=len(proxy.log.lines) - 1)
+    wait_until(lambda: len(proxy.pids()) == 3 and victim not in proxy.pids())
+    exchange(port)
+    wait_until(lambda: proxy.sample("sniproxy_connections_total", route="echo") == 11)
+
+
+def test_sighup_reaches_every_worker(two_workers, tmp_path):
+    proxy, port = two_workers
+    other = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+    proxy.path.write_text(proxy.path.read_text().replace(f'sni = "{NAME}"', f'sni = ["{NAME}", "{other}"]'))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.log.wait_for(r"supervisor: reloaded .* in 2 workers", start=mark)
+    for index in (0, 1):
+        proxy.log.wait_for(rf"worker={index}: reloaded", start=mark)
+
+
+def test_sigterm_drains_every_worker_then_exits_zero(two_workers):
+    proxy, port = two_workers
+    held = []
+    for _ in range(4):  # likely spread over both workers
+        s = connect(port)
+        hello = make_hello(NAME)
+        s.sendall(hello)
+        assert s.recv(len(hello))
+        held.append(s)
+    proxy.signal(signal.SIGTERM)
+    proxy.log.wait_for("asking 2 workers to drain")
+    with pytest.raises(ConnectionRefusedError):
+        for _ in range(5):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            time.sleep(0.05)
+    for s in held:
+        s.close()
+    assert proxy.proc.wait(15) == 0
+    assert [e["close"] for e in proxy.log.access()].count("client_closed") == 0
+
+
+def test_workers_exit_when_the_supervisor_dies(two_workers):
+    proxy, _ = two_workers
+    workers = proxy.pids()[1:]
+    proxy.proc.kill()
+    proxy.proc.wait(5)
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(pid) for pid in workers), timeout=15)
