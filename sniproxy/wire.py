@@ -1,8 +1,5 @@
 """A tiny read cursor over bytes, after aioquic's Buffer."""
 
-from contextlib import contextmanager
-from typing import Iterator
-
 from .errors import WireError
 
 
@@ -47,11 +44,11 @@ class Buffer:
     def skip(self, n: int) -> None:
         self._take(n)
 
-    @contextmanager
-    def pull_block(self, length_size: int) -> Iterator[int]:
+    def pull_block(self, length_size: int) -> "_Block":
         """Enter a block prefixed by a ``length_size``-byte length.
 
-        Reads are confined to the block, which must be consumed exactly.
+        Reads are confined to the block, which must be consumed exactly. A small class
+        rather than @contextmanager: this runs for every extension of every ClientHello.
         """
         if length_size == 1:
             n = self.pull_uint8()
@@ -60,8 +57,24 @@ class Buffer:
         else:
             n = self.pull_uint24()
         start = self._take(n)
-        outer_end, self.end, self.pos = self.end, start + n, start
-        yield n
-        if self.pos != self.end:
-            raise WireError(f"block of {n} bytes not consumed exactly ({self.end - self.pos} left)")
-        self.end = outer_end
+        block = _Block(self, n, self.end)
+        self.end, self.pos = start + n, start
+        return block
+
+
+class _Block:
+    __slots__ = ("buf", "length", "outer_end")
+
+    def __init__(self, buf: Buffer, length: int, outer_end: int):
+        self.buf = buf
+        self.length = length
+        self.outer_end = outer_end
+
+    def __enter__(self) -> int:
+        return self.length
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        buf = self.buf
+        if exc_type is None and buf.pos != buf.end:
+            raise WireError(f"block of {self.length} bytes not consumed exactly ({buf.end - buf.pos} left)")
+        buf.end = self.outer_end
