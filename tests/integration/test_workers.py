@@ -102,7 +102,9 @@ def test_sigterm_drains_every_worker_then_exits_zero(two_workers):
     for s in held:
         s.close()
     assert proxy.proc.wait(15) == 0
-    assert [e["close"] for e in proxy.log.access()].count("client_closed") == 0
+    closes = [e["close"] for e in proxy.log.access()]
+    assert closes.count("done") == 4 and "drain" not in closes  # finished, not cut off
+    # (a probe that connected before the listeners closed may add a "client_closed")
 
 
 def test_workers_exit_when_the_supervisor_dies(two_workers):
