@@ -39,7 +39,7 @@ FALLBACK_PIPE_SIZE = 64 << 10
 #: Empty pipes kept for reuse, per process. Pipes in use are not bounded by this: each
 #: direction holds one only while bytes wait in it for a slow reader.
 POOL_LIMIT = 64
-#: Socket -> pipe -> socket rounds per readiness event before yielding to the loop.
+#: Most socket -> pipe -> socket rounds per readiness event, while each fills the pipe.
 ROUNDS = 4
 #: After a failure to get a pipe (out of descriptors), wait this long before reading again.
 PIPE_RETRY = 0.1
@@ -151,6 +151,15 @@ _pool = PipePool()
 os.register_at_fork(after_in_child=_pool.close)
 
 
+def _with_socket(fd: int, method: Any, *args: Any) -> Any:
+    """Call a socket method on a plain fd, for the rare calls os has no function for."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return method(sock, *args)
+    finally:
+        sock.detach()
+
+
 # -- takeover --------------------------------------------------------------------------------
 
 #: Protocol for the detached uvloop transports: their connection_lost must not reach the
@@ -170,19 +179,21 @@ def start(conn: Any, client: Any, upstream: Any, hello: bytes) -> bool:
     # the client: the pump, which owns those buffers, carries on with this connection.
     if upstream.eof or ct.get_write_buffer_size():
         return False
+    # Plain fds, not socket objects (which cost a getsockname and an ioctl each): a dup is
+    # close-on-exec, and non-blocking already, as O_NONBLOCK belongs to the shared file.
     try:
-        csock = ct.get_extra_info("socket").dup()  # non-blocking, close-on-exec
+        cfd = os.dup(ct.get_extra_info("socket").fileno())
     except OSError:
         return False
     try:
-        usock = ut.get_extra_info("socket").dup()
+        ufd = os.dup(ut.get_extra_info("socket").fileno())
     except OSError:
-        csock.close()
+        os.close(cfd)
         return False
     for t in (ct, ut):
         t.set_protocol(_DETACHED)
         t.abort()  # closes uvloop's fd only; with ours open, the peer sees nothing
-    pair = Splice(conn, client, upstream, csock, usock)
+    pair = Splice(conn, client, upstream, cfd, ufd)
     client.transport = upstream.transport = pair
     pair.down.resume()
     pair.up.head = memoryview(hello)
@@ -197,18 +208,16 @@ class Flow:
     the Side of dst. ``head`` holds bytes to write before any splice (the ClientHello).
     """
 
-    __slots__ = ("pair", "loop", "reader", "writer", "src", "dst", "src_fd", "dst_fd", "pipe", "pending",
+    __slots__ = ("pair", "loop", "reader", "writer", "src_fd", "dst_fd", "pipe", "pending",
                  "head", "reading", "writing", "done", "retry")
 
-    def __init__(self, pair: "Splice", reader: Any, writer: Any, src: socket.socket, dst: socket.socket):
+    def __init__(self, pair: "Splice", reader: Any, writer: Any, src_fd: int, dst_fd: int):
         self.pair = pair
         self.loop = pair.loop
         self.reader = reader
         self.writer = writer
-        self.src = src
-        self.dst = dst
-        self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
         self.pipe: Pipe | None = None
         self.pending = 0  # bytes in the pipe
         self.head: memoryview | None = None
@@ -245,6 +254,8 @@ class Flow:
             self.pending = n
             if not self._flush():
                 return
+            if n < pipe.size:  # the socket had less than a pipeful: likely EAGAIN next, skip it
+                break
         self._release_pipe()
 
     def on_writable(self) -> None:
@@ -261,7 +272,7 @@ class Flow:
         try:
             head = self.head
             while head:
-                head = self.head = head[self.dst.send(head):]
+                head = self.head = head[os.write(self.dst_fd, head):]
             pending = self.pending
             while pending:
                 n = _splice(self.pipe.r, self.dst_fd, pending, flags=_FLAGS)
@@ -291,7 +302,7 @@ class Flow:
         self.loop.remove_reader(self.src_fd)
         if not self.pair.flow_done():
             try:
-                self.dst.shutdown(socket.SHUT_WR)
+                _with_socket(self.dst_fd, socket.socket.shutdown, socket.SHUT_WR)
             except OSError as exc:
                 self.pair.lost(self.writer, exc)
 
@@ -329,19 +340,19 @@ class Flow:
 class Splice:
     """Both sockets of one connection after takeover. It is each Side's ``transport``."""
 
-    __slots__ = ("conn", "loop", "client", "upstream", "csock", "usock", "up", "down", "closed")
+    __slots__ = ("conn", "loop", "client", "upstream", "cfd", "ufd", "up", "down", "closed")
 
     _warned_at = float("-inf")
 
-    def __init__(self, conn: Any, client: Any, upstream: Any, csock: socket.socket, usock: socket.socket):
+    def __init__(self, conn: Any, client: Any, upstream: Any, cfd: int, ufd: int):
         self.conn = conn
         self.loop = conn.server.loop
         self.client = client
         self.upstream = upstream
-        self.csock = csock
-        self.usock = usock
-        self.up = Flow(self, client, upstream, csock, usock)
-        self.down = Flow(self, upstream, client, usock, csock)
+        self.cfd = cfd
+        self.ufd = ufd
+        self.up = Flow(self, client, upstream, cfd, ufd)
+        self.down = Flow(self, upstream, client, ufd, cfd)
         self.closed = False
 
     def flow_done(self) -> bool:
@@ -371,13 +382,13 @@ class Splice:
         self.closed = True
         self.up.stop()
         self.down.stop()
-        for side, sock in ((self.client, self.csock), (self.upstream, self.usock)):
+        for side, fd in ((self.client, self.cfd), (self.upstream, self.ufd)):
             if side is reset:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    _with_socket(fd, socket.socket.setsockopt, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
                 except OSError:
                     pass
-            sock.close()
+            os.close(fd)
 
     def _end(self, first: Any, exc: BaseException | None) -> None:
         """Report both sides lost, ``first`` first: finish() runs once, on the second."""
