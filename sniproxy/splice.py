@@ -193,11 +193,7 @@ def start(conn: Any, client: Any, upstream: Any, hello: bytes) -> bool:
     for t in (ct, ut):
         t.set_protocol(_DETACHED)
         t.abort()  # closes uvloop's fd only; with ours open, the peer sees nothing
-    pair = Splice(conn, client, upstream, cfd, ufd)
-    client.transport = upstream.transport = pair
-    pair.down.resume()
-    pair.up.head = memoryview(hello)
-    pair.up.on_writable()  # sends the hello, then reads the client
+    Splice(conn, client, upstream, cfd, ufd).begin(hello)
     return True
 
 
@@ -354,6 +350,13 @@ class Splice:
         self.up = Flow(self, client, upstream, cfd, ufd)
         self.down = Flow(self, upstream, client, ufd, cfd)
         self.closed = False
+
+    def begin(self, hello: bytes) -> None:
+        """Stand in as both Sides' transport, and pump: the hello first, then the client."""
+        self.client.transport = self.upstream.transport = self
+        self.down.resume()
+        self.up.head = memoryview(hello)
+        self.up.on_writable()  # sends the hello, then reads the client
 
     def flow_done(self) -> bool:
         """A direction read its EOF. The second one closes both sockets at once, without
