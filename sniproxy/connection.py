@@ -226,6 +226,7 @@ class Connection:
         # Zero-copy path: sniproxy.splice takes both sockets over from here, unless the
         # upstream already spoke into uvloop's buffers (then the pump carries on).
         if self.server.splice and start_splice(self, client, upstream, hello):
+            self.client_transport = None  # aborted by the takeover: let it go (~1 KiB each)
             return
         upstream.transport.write(hello)
         t = self.client_transport
