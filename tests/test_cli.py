@@ -5,7 +5,6 @@ through ``cli.main(argv)`` in-process, which runs the same code minus the interp
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass

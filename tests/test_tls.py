@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sniproxy.errors import BadHello, HelloError, NotTLS
@@ -20,7 +20,6 @@ from sniproxy.tls import (
     MAX_HELLO,
     MAX_RECORD,
     NEED_DATA,
-    RECORD_HEADER,
     UNRECOGNIZED_NAME_ALERT,
     ClientHello,
     HelloReader,

@@ -6,7 +6,22 @@ import ssl
 import pytest
 import trustme
 
-from tests.helpers import DnsServer, Proxy, free_port
+from tests.helpers import DnsServer, Proxy, Server, free_port
+
+NAME = "api.ecr.us-east-1.amazonaws.com"
+OTHER = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+
+
+def echo(conn) -> None:
+    """Upstream behaviour for most scenarios: echo everything, then pass the FIN back."""
+    import socket
+
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +81,16 @@ port = {free_port()}
 
 {routes}
 """
+
+
+@pytest.fixture
+def upstream(dns_server):
+    """An echo server on 127.0.0.2 that NAME and OTHER resolve to."""
+    server = Server(echo, host="127.0.0.2")
+    dns_server.add(NAME, "127.0.0.2")
+    dns_server.add(OTHER, "127.0.0.2")
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -8,20 +8,12 @@ import time
 
 import pytest
 
-from tests.helpers import Server, free_port, recv_all, recv_exactly
+from tests.helpers import free_port, recv_all, recv_exactly
 from tests.integration.conftest import make_hello, proxy_config
-from tests.integration.test_proxy import NAME, connect, echo, route
+from tests.integration.conftest import NAME, OTHER
+from tests.integration.test_proxy import connect, route
 
-OTHER = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 
-
-@pytest.fixture
-def upstream(dns_server):
-    server = Server(echo, host="127.0.0.2")
-    dns_server.add(NAME, "127.0.0.2")
-    dns_server.add(OTHER, "127.0.0.2")
-    yield server
-    server.close()
 
 
 def open_pumping(port: int, sni: str = NAME) -> socket.socket:

@@ -11,14 +11,14 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from tests.helpers import REPO, LineLog, Server, clean_env, free_port, recv_all, recv_exactly
+from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly
 from tests.integration.conftest import make_hello, proxy_config
 from tests.integration.test_lifecycle import open_pumping
-from tests.integration.test_proxy import NAME, echo, route
+from tests.integration.conftest import NAME
+from tests.integration.test_proxy import route
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -26,13 +26,6 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 single_worker = pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1",
                                    reason="limits are per worker; with several workers they add up")
 
-
-@pytest.fixture
-def upstream(dns_server):
-    server = Server(echo, host="127.0.0.2")
-    dns_server.add(NAME, "127.0.0.2")
-    yield server
-    server.close()
 
 
 def connect_from(source: str, port: int, dest: str = "127.0.0.1") -> socket.socket:

@@ -14,9 +14,8 @@ import pytest
 import trustme
 
 from tests.helpers import FIXTURES, Server, free_port, read_hello, recv_all, recv_exactly
-from tests.integration.conftest import make_hello, proxy_config
+from tests.integration.conftest import NAME, echo, make_hello, proxy_config
 
-NAME = "api.ecr.us-east-1.amazonaws.com"
 
 #: Connection limits count per worker process, like nginx's worker_connections.
 single_worker = pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1",
@@ -34,21 +33,8 @@ def connect(port: int) -> socket.socket:
     return s
 
 
-def echo(conn: socket.socket) -> None:
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            conn.shutdown(socket.SHUT_WR)
-            return
-        conn.sendall(data)
 
 
-@pytest.fixture
-def echo_upstream(dns_server):
-    server = Server(echo, host="127.0.0.2")
-    dns_server.add(NAME, "127.0.0.2")
-    yield server
-    server.close()
 
 
 def test_client_verifies_the_real_certificate_through_the_proxy(ca, dns_server, start_proxy):
@@ -81,10 +67,10 @@ def test_client_verifies_the_real_certificate_through_the_proxy(ca, dns_server, 
     proxy.log.wait_for(r'"sni":"api.ecr.us-east-1.amazonaws.com".*"close":"done"')
 
 
-def test_bulk_64mib_each_way_is_byte_exact(dns_server, echo_upstream, start_proxy):
+def test_bulk_64mib_each_way_is_byte_exact(dns_server, upstream, start_proxy):
     size = 64 * 1024 * 1024
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)))
     hello = make_hello(NAME)
     s = connect(port)
     sent = hashlib.sha256()
@@ -145,13 +131,13 @@ def test_half_close_keeps_the_other_direction_flowing(dns_server, start_proxy):
     assert reply.startswith(b"got 7 after hello; ") and len(reply) == 19 + 100000
 
 
-def test_split_post_quantum_hello_is_reassembled(dns_server, echo_upstream, start_proxy):
+def test_split_post_quantum_hello_is_reassembled(dns_server, upstream, start_proxy):
     """Chromium's ~2 KB ML-KEM hello, split across 3 records and sent in small segments."""
     raw = (FIXTURES / "chromium_pq_3records.bin").read_bytes()
     sni = "prod-us-east-1-starport-layer-bucket.s3.us-east-1.amazonaws.com"
     dns_server.add(sni, "127.0.0.2")
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(sni=sni, port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(sni=sni, port=upstream.port)))
     s = connect(port)
     for i in range(0, len(raw), 500):
         s.sendall(raw[i : i + 500])
@@ -169,9 +155,9 @@ def test_split_post_quantum_hello_is_reassembled(dns_server, echo_upstream, star
         (b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "bad_hello"),
     ],
 )
-def test_non_tls_is_refused_at_once(dns_server, echo_upstream, start_proxy, payload, reason):
+def test_non_tls_is_refused_at_once(dns_server, upstream, start_proxy, payload, reason):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port), server="handshake_timeout = 30.0"))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="handshake_timeout = 30.0"))
     s = connect(port)
     started = time.monotonic()
     s.sendall(payload)
@@ -180,7 +166,7 @@ def test_non_tls_is_refused_at_once(dns_server, echo_upstream, start_proxy, payl
     assert time.monotonic() - started < 5  # not after the 30 s handshake timeout
     proxy.log.wait_for(rf'"close":"{reason}"')
     assert proxy.sample("sniproxy_connections_rejected_total", reason=reason) == 1
-    assert echo_upstream.accepted == 0
+    assert upstream.accepted == 0
 
 
 class _reset_is_eof:
@@ -192,23 +178,23 @@ class _reset_is_eof:
 
 
 @pytest.mark.parametrize("sni, reason", [("unknown.example.com", "no_route"), (None, "no_sni"), ("10.0.0.1", "no_sni")])
-def test_unrouted_names_get_an_alert_and_never_reach_an_upstream(dns_server, echo_upstream, start_proxy, sni, reason):
+def test_unrouted_names_get_an_alert_and_never_reach_an_upstream(dns_server, upstream, start_proxy, sni, reason):
     port = free_port()
     dns_server.add("unknown.example.com", "127.0.0.2")
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)))
     s = connect(port)
     s.sendall(make_hello(sni))
     assert recv_all(s) == bytes([21, 3, 3, 0, 2, 2, 112])  # fatal unrecognized_name
     proxy.log.wait_for(rf'"close":"{reason}"')
     assert proxy.sample("sniproxy_connections_rejected_total", reason=reason) == 1
-    assert echo_upstream.accepted == 0
+    assert upstream.accepted == 0
     assert dns_server.count("unknown.example.com") == 0
 
 
-def test_wildcard_route_matches_one_label(dns_server, echo_upstream, start_proxy):
+def test_wildcard_route_matches_one_label(dns_server, upstream, start_proxy):
     port = free_port()
     dns_server.add("123456789012.dkr.ecr.us-east-1.amazonaws.com", "127.0.0.2")
-    proxy = start_proxy(proxy_config(port, dns_server, route(sni="*.dkr.ecr.us-east-1.amazonaws.com", port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(sni="*.dkr.ecr.us-east-1.amazonaws.com", port=upstream.port)))
     for sni, ok in [("123456789012.dkr.ecr.us-east-1.amazonaws.com", True), ("a.b.dkr.ecr.us-east-1.amazonaws.com", False)]:
         s = connect(port)
         hello = make_hello(sni)
@@ -218,11 +204,11 @@ def test_wildcard_route_matches_one_label(dns_server, echo_upstream, start_proxy
     assert proxy.sample("sniproxy_connections_total", route="echo") == 1
 
 
-def test_handshake_timeout_is_a_total_deadline(dns_server, echo_upstream, start_proxy):
+def test_handshake_timeout_is_a_total_deadline(dns_server, upstream, start_proxy):
     """A client trickling its hello one byte at a time is cut off at handshake_timeout,
     not kept alive by each byte."""
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port), server="handshake_timeout = 1.0"))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="handshake_timeout = 1.0"))
     hello = make_hello(NAME)
     s = connect(port)
     started = time.monotonic()
@@ -355,9 +341,9 @@ def test_client_reset_reaches_the_upstream_as_a_reset(dns_server, start_proxy):
     proxy.log.wait_for(r'"close":"client_reset"')
 
 
-def test_idle_pairs_are_closed(dns_server, echo_upstream, start_proxy):
+def test_idle_pairs_are_closed(dns_server, upstream, start_proxy):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port), server="idle_timeout = 0.5"))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="idle_timeout = 0.5"))
     s = connect(port)
     s.sendall(make_hello(NAME))
     s.settimeout(10)
@@ -367,9 +353,9 @@ def test_idle_pairs_are_closed(dns_server, echo_upstream, start_proxy):
     proxy.log.wait_for(r'"close":"idle"')
 
 
-def test_bytes_are_visible_in_metrics_while_the_transfer_runs(dns_server, echo_upstream, start_proxy):
+def test_bytes_are_visible_in_metrics_while_the_transfer_runs(dns_server, upstream, start_proxy):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)))
     s = connect(port)
     hello = make_hello(NAME)
     s.sendall(hello + b"x" * 100000)
@@ -382,9 +368,9 @@ def test_bytes_are_visible_in_metrics_while_the_transfer_runs(dns_server, echo_u
 
 
 @single_worker
-def test_max_connections_refuses_the_excess(dns_server, echo_upstream, start_proxy):
+def test_max_connections_refuses_the_excess(dns_server, upstream, start_proxy):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port), server="max_connections = 2"))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="max_connections = 2"))
     held = [connect(port) for _ in range(2)]
     for s in held:
         s.sendall(make_hello(NAME))
@@ -399,9 +385,9 @@ def test_max_connections_refuses_the_excess(dns_server, echo_upstream, start_pro
     assert proxy.sample("sniproxy_connections_rejected_total", reason="limit") == 1
 
 
-def test_no_descriptor_leaks_after_churn_with_resets(dns_server, echo_upstream, start_proxy):
+def test_no_descriptor_leaks_after_churn_with_resets(dns_server, upstream, start_proxy):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=echo_upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)))
     hello = make_hello(NAME)
     s = connect(port)  # warm up: DNS socket, caches
     s.sendall(hello)

@@ -9,17 +9,11 @@ import time
 
 import pytest
 
-from tests.helpers import Server, free_port, recv_all
+from tests.helpers import free_port, recv_all
 from tests.integration.conftest import make_hello, proxy_config
-from tests.integration.test_proxy import NAME, connect, echo, route
+from tests.integration.conftest import NAME
+from tests.integration.test_proxy import connect, route
 
-
-@pytest.fixture
-def upstream(dns_server):
-    server = Server(echo, host="127.0.0.2")
-    dns_server.add(NAME, "127.0.0.2")
-    yield server
-    server.close()
 
 
 @pytest.fixture
