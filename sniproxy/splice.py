@@ -191,8 +191,11 @@ def start(conn: Any, client: Any, upstream: Any, hello: bytes) -> bool:
         os.close(cfd)
         return False
     for t in (ct, ut):
+        # Abort first: set_protocol on a reading transport would restart its reads. The
+        # abort closes uvloop's fd only (ours stays open, so the peer sees nothing), and
+        # its connection_lost, due next iteration, goes to the protocol set here.
+        t.abort()
         t.set_protocol(_DETACHED)
-        t.abort()  # closes uvloop's fd only; with ours open, the peer sees nothing
     Splice(conn, client, upstream, cfd, ufd).begin(hello)
     return True
 
