@@ -393,3 +393,108 @@ def test_no_descriptor_outlives_its_connection():
         assert open_fds() <= before + 2 * len(splice._pool.idle)
 
     run(main())
+
+
+# -- the takeover from uvloop --------------------------------------------------------------------
+
+
+async def uvloop_pair(loop: asyncio.AbstractEventLoop, upstream: Side):
+    """A paused accepted transport (as HelloProtocol leaves it) and a connected one with
+    ``upstream`` as its protocol, plus the app socket at the far end of each."""
+    accepted: asyncio.Future = loop.create_future()
+
+    class Paused(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.pause_reading()
+            accepted.set_result(transport)
+
+    server = await loop.create_server(Paused, "127.0.0.1", 0)
+    app_client = socket.create_connection(server.sockets[0].getsockname())
+    ct = await accepted
+    server.close()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        await loop.create_connection(lambda: upstream, *listener.getsockname())
+        app_upstream, _ = listener.accept()
+    for s in (app_client, app_upstream):
+        s.setblocking(False)
+    return ct, app_client, app_upstream
+
+
+def quiet(sock: socket.socket) -> bool:
+    """Nothing arrived: no data, no FIN, no RST."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    return False
+
+
+def test_takeover_sends_nothing_and_the_hello_arrives_first():
+    """uvloop's abort closes only its own fd: neither peer sees a FIN or RST at takeover."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        conn = Conn(loop)
+        client, upstream = Side(conn, "client"), Side(conn, "upstream")
+        client.peer, upstream.peer = upstream, client
+        ct, app_client, app_upstream = await uvloop_pair(loop, upstream)
+        conn.client_transport = client.transport = ct
+        app_client.send(b"early")  # sent before takeover, still in the kernel
+        before = open_fds()
+        assert splice.start(conn, client, upstream, b"hello|")
+        assert isinstance(client.transport, Splice) and client.transport is upstream.transport
+        for _ in range(5):  # let uvloop's connection_lost run and close its fds
+            await asyncio.sleep(0)
+        assert conn.finishes == 0 and open_fds() == before  # two fds closed, two dups open
+        assert quiet(app_client)
+        for s in (app_client, app_upstream):
+            s.settimeout(10)
+        assert await loop.run_in_executor(None, recv_n, app_upstream, 11) == b"hello|early"
+        app_upstream.sendall(b"answer")
+        assert await loop.run_in_executor(None, recv_n, app_client, 6) == b"answer"
+        assert (client.nbytes, upstream.nbytes) == (5, 6)  # the hello was counted by the caller
+        client.transport.abort()
+        assert conn.finishes == 1 and open_fds() == before - 2
+        app_client.close()
+        app_upstream.close()
+
+    run(main())
+
+
+def recv_n(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def test_an_upstream_that_closed_first_stays_with_the_pump():
+    """Its FIN already went through uvloop (write_eof on the client transport): the pump,
+    which owns that state, keeps the connection, and start() touches nothing."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        conn = Conn(loop)
+        client, upstream = Side(conn, "client"), Side(conn, "upstream")
+        client.peer, upstream.peer = upstream, client
+        ct, app_client, app_upstream = await uvloop_pair(loop, upstream)
+        conn.client_transport = client.transport = ct
+        app_upstream.send(b"banner")
+        app_upstream.shutdown(socket.SHUT_WR)
+        await until(lambda: upstream.eof, "the upstream's FIN reached the pump")
+        before = open_fds()
+        assert splice.start(conn, client, upstream, b"hello") is False
+        assert client.transport is ct and not ct.is_closing() and open_fds() == before
+        app_client.settimeout(10)
+        assert await loop.run_in_executor(None, recv_until_eof, app_client) == b"banner"
+        ct.abort()
+        upstream.transport.abort()
+        app_client.close()
+        app_upstream.close()
+
+    run(main())
