@@ -31,10 +31,12 @@ from .errors import ConfigError
 
 log = logging.getLogger("sniproxy.splice")
 
-#: Asked for with F_SETPIPE_SZ: one splice moves up to this much. 1 MiB is Linux's default
-#: /proc/sys/fs/pipe-max-size; an unprivileged process past it gets EPERM.
+#: Asked for with F_SETPIPE_SZ: one splice moves up to this much, and a direction whose
+#: reader is slow holds up to this much (in the kernel; the pump's bound is 256 KiB in user
+#: space). 1 MiB is Linux's default /proc/sys/fs/pipe-max-size, past which an unprivileged
+#: process gets EPERM; it costs about a quarter less CPU per GiB than 256 KiB pipes.
 PIPE_SIZE = 1 << 20
-#: Used when PIPE_SIZE is refused: Linux's default pipe size, which can always be set.
+#: Used when PIPE_SIZE is refused: Linux's default pipe size.
 FALLBACK_PIPE_SIZE = 64 << 10
 #: Empty pipes kept for reuse, per process. Pipes in use are not bounded by this: each
 #: direction holds one only while bytes wait in it for a slow reader.

@@ -76,8 +76,12 @@ except PermissionError:
 default = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
 fallback = PipePool(size=big, fallback=128 * 1024).acquire()
 neither = PipePool(size=big, fallback=big).acquire()
-print(json.dumps({"refused": refused, "default": default, "fallback": [fallback.size, fcntl.fcntl(fallback.w, fcntl.F_GETPIPE_SZ)],
-                  "neither": [neither.size, fcntl.fcntl(neither.w, fcntl.F_GETPIPE_SZ)]}))
+print(json.dumps({
+    "refused": refused,
+    "default": default,
+    "fallback": [fallback.size, fcntl.fcntl(fallback.w, fcntl.F_GETPIPE_SZ)],
+    "neither": [neither.size, fcntl.fcntl(neither.w, fcntl.F_GETPIPE_SZ)],
+}))
 """
 
 
@@ -159,7 +163,8 @@ def test_on_without_os_splice_is_a_clear_config_error(monkeypatch):
     monkeypatch.setattr(splice, "_splice", None)
     splice.probe.cache_clear()
     try:
-        with pytest.raises(ConfigError, match=r'^config error: server\.splice: is "on" but this Python has no os\.splice'):
+        expected = r'^config error: server\.splice: is "on" but this Python has no os\.splice'
+        with pytest.raises(ConfigError, match=expected):
             splice.splice_enabled("on")
         assert splice.splice_enabled("auto") is False
         assert splice.splice_enabled("off") is False
@@ -281,7 +286,11 @@ def test_backpressure_then_every_byte_in_order_and_counted():
         rig = Rig(loop)
         rig.pair.begin(b"hello")
         rig.client.nbytes = 5
-        sender = threading.Thread(target=lambda: (rig.app_client.sendall(data), rig.app_client.shutdown(socket.SHUT_WR)))
+        def send() -> None:
+            rig.app_client.sendall(data)
+            rig.app_client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         up = rig.pair.up
         await until(lambda: up.writing and not up.reading, "the client is no longer read")
@@ -335,7 +344,9 @@ def test_a_reset_reaches_the_other_side_as_a_reset(who):
         rig = Rig(loop)
         rig.pair.begin(b"hello")
         assert await loop.run_in_executor(None, rig.app_upstream.recv, 5) == b"hello"
-        resetting, other = (rig.app_client, rig.app_upstream) if who == "client" else (rig.app_upstream, rig.app_client)
+        resetting, other = rig.app_client, rig.app_upstream
+        if who == "upstream":
+            resetting, other = other, resetting
         resetting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         resetting.close()
         await rig.conn.finished.wait()
