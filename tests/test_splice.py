@@ -8,6 +8,7 @@ import asyncio
 import fcntl
 import json
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -507,5 +508,38 @@ def test_an_upstream_that_closed_first_stays_with_the_pump():
         upstream.transport.abort()
         app_client.close()
         app_upstream.close()
+
+    run(main())
+
+
+def test_out_of_descriptors_the_pump_waits_for_a_pipe_then_carries_on():
+    """pipe2() failing with EMFILE stops reading that direction and retries; nothing is lost."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        rig = Rig(loop)
+        rig.pair.begin(b"hello")
+        assert await loop.run_in_executor(None, recv_n, rig.app_upstream, 5) == b"hello"
+        splice._pool.close()  # the next chunk needs a new pipe
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers = []
+        try:
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+            while True:  # take every free descriptor number below the limit
+                try:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            rig.app_client.sendall(b"while out of fds")
+            await until(lambda: rig.pair.up.retry is not None, "a retry is scheduled")
+            assert not rig.pair.up.reading and rig.client.nbytes == 0
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert await loop.run_in_executor(None, recv_n, rig.app_upstream, 16) == b"while out of fds"
+        assert rig.client.nbytes == 16
+        rig.pair.abort()
+        rig.close()
 
     run(main())
