@@ -198,7 +198,10 @@ def _worker_sockets(config: config_mod.Config, fds: str) -> dict:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .splice import splice_enabled
+
     config = _load(args)
+    splice_enabled(config.server.splice)  # "on" where splice(2) does not work is an error
     print(f"config {config.source}: ok")
     print("listeners:")
     for listen in config.listen:

@@ -55,7 +55,7 @@ class ServerConfig:
     workers: int = 1
     """Processes sharing the listeners ("auto": one per CPU)."""
     splice: str = "auto"
-    """Zero-copy forwarding with splice(2) after the hello: "auto" (where the kernel has it), "on", "off"."""
+    """splice(2) forwarding: "on" right after the hello, "auto" once a connection carries 1 MiB, "off"."""
     handshake_timeout: float = 5.0
     """Total seconds from accept until a complete ClientHello."""
     connect_timeout: float = 5.0

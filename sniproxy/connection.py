@@ -234,6 +234,23 @@ class Connection:
         client.connection_made(t)
         t.resume_reading()
 
+    def move_to_splice(self, tries: int = 64) -> None:
+        """Hand a busy pumping pair over to splice(2). Only at a moment when neither
+        transport holds unsent bytes, so nothing is lost or reordered; retried on the next
+        loop iterations (a bulk pair is rarely idle for long) and then on the next sweep."""
+        client, upstream = self.client, self.upstream
+        if self.state != "pumping" or client.eof or upstream.eof or client.lost or upstream.lost:
+            return
+        if upstream.transport.get_write_buffer_size():
+            if tries:
+                self.server.loop.call_soon(self.move_to_splice, tries - 1)
+            return
+        if start_splice(self, client, upstream, b""):
+            self.client_transport = None
+            log.debug("%s: moved to splice after %d bytes", _addr(self.client_addr), self.to_upstream + self.to_client)
+        elif tries:
+            self.server.loop.call_soon(self.move_to_splice, tries - 1)
+
     # -- close -----------------------------------------------------------------------------
 
     def client_lost(self, exc: Exception | None) -> None:

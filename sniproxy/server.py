@@ -22,6 +22,16 @@ from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
 from .splice import splice_enabled
+
+#: With splice = "auto", a connection moves to splice(2) once it has carried this much:
+#: bulk layer transfers go zero-copy, short API calls keep the pump's lower set-up cost.
+SPLICE_AFTER = 1 << 20
+
+
+def splice_modes(mode: str) -> tuple[bool, bool]:
+    """(splice right after the hello, splice once a connection carries SPLICE_AFTER)."""
+    available = splice_enabled(mode)
+    return (available and mode == "on", available and mode == "auto")
 from .stats import Stats
 from .systemd import Notifier, watchdog_interval
 
@@ -39,7 +49,7 @@ class Server:
         self.routes = RouteTable(config.routes)
         self.resolver = Resolver(config.resolver, self.stats)
         self.client_limits = ClientLimits(config.server.max_connections_per_client)
-        self.splice = splice_enabled(config.server.splice)
+        self.splice, self.splice_later = splice_modes(config.server.splice)
         self.connections: set = set()
         self.listeners: dict[tuple[str, int], tuple[asyncio.AbstractServer, ListenerInfo]] = {}
         self.metrics_server: asyncio.AbstractServer | None = None
@@ -178,6 +188,7 @@ class Server:
     async def reload(self, reload_config: Callable[[], Config]) -> bool:
         try:
             new = reload_config()
+            splice = splice_modes(new.server.splice)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return False
@@ -205,7 +216,7 @@ class Server:
         self._loops.clear()
         self.routes = RouteTable(new.routes)
         self.client_limits.max_per_client = new.server.max_connections_per_client
-        self.splice = splice_enabled(new.server.splice)  # new connections only
+        self.splice, self.splice_later = splice  # new connections only
         if new.resolver != old.resolver:
             self.resolver = Resolver(new.resolver, self.stats)
         log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))
@@ -255,11 +266,14 @@ class Server:
         pump keeps anyway, so the data path pays nothing for idle tracking."""
         now = self.loop.time()
         idle = self.config.server.idle_timeout
+        splice_later = self.splice_later
         for conn in list(self.stats.live):
             total = conn.to_upstream + conn.to_client
             if total != conn.idle_mark:
                 conn.idle_mark = total
                 conn.idle_since = now
+                if splice_later and total >= SPLICE_AFTER and conn.client_transport is not None:
+                    conn.move_to_splice()
             elif now - conn.idle_since >= idle:
                 conn.abort("idle")
         self._schedule_sweep()

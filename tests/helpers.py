@@ -248,11 +248,16 @@ class Proxy:
                 pass
         return pids
 
-    def fds(self) -> int:
+    def fds(self, kind: str = "socket") -> int:
+        """Open descriptors of one kind ("socket", "pipe", or "" for all) over all processes."""
         total = 0
         for pid in self.pids():
             try:
-                total += len(os.listdir(f"/proc/{pid}/fd"))
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        total += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(kind)
+                    except OSError:
+                        pass
             except OSError:
                 pass
         return total
