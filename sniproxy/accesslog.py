@@ -14,8 +14,14 @@ import time
 from typing import Any
 
 
+_second = [-1, ""]  # strftime once per second, not once per line
+
+
 def _timestamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    second = int(t)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
 def _str(value: Any) -> str:

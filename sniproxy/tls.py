@@ -66,6 +66,12 @@ class ClientHello:
     legacy_version: int
 
 
+#: A proxy sees the same few names all day: remember how each raw SNI normalises.
+_SNI_CACHE: dict[bytes, str | None] = {}
+_SNI_CACHE_SIZE = 1024
+_MISSING = object()
+
+
 def pull_server_name(buf: Buffer) -> str | None:
     """ServerNameList (RFC 6066 section 3): exactly one host_name entry."""
     sni = None
@@ -82,10 +88,15 @@ def pull_server_name(buf: Buffer) -> str | None:
                     raise BadHello("empty or repeated host_name")
                 seen = True
                 raw = buf.pull_bytes(n)
-                try:
-                    sni = normalize_host(raw.decode("ascii"))
-                except UnicodeDecodeError:
-                    sni = None
+                sni = _SNI_CACHE.get(raw, _MISSING)
+                if sni is _MISSING:
+                    try:
+                        sni = normalize_host(raw.decode("ascii"))
+                    except UnicodeDecodeError:
+                        sni = None
+                    if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
+                        _SNI_CACHE.clear()
+                    _SNI_CACHE[raw] = sni
     return sni
 
 
