@@ -14,6 +14,14 @@ from .hosts import hosts_lines
 from .listener import listen_name
 
 
+def _has_ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load(args: argparse.Namespace) -> config_mod.Config:
     return _load_text(args)[0]
 
@@ -25,7 +33,7 @@ def _load_text(args: argparse.Namespace) -> tuple[config_mod.Config, bytes]:
             raise ConfigError("", "give either --config or --region/--account, not both")
         if not (args.region and args.account):
             raise ConfigError("", "--region and --account go together")
-        return config_mod.embedded(args.region, args.account), b""
+        return config_mod.embedded(args.region, args.account, ipv6=_has_ipv6()), b""
     path = args.config or config_mod.DEFAULT_PATH
     text = config_mod.read(path)
     return config_mod.loads(text, path), text

@@ -431,10 +431,11 @@ def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
     return loads(read(path), path, resolv_conf)
 
 
-def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF) -> Config:
-    """The first-run default: the ECR routes of one region on every address, port 443."""
+def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF, ipv6: bool = True) -> Config:
+    """The first-run default: the ECR routes of one region on every address, port 443
+    (IPv6 too where the host has it)."""
     data = {
-        "listen": [{"address": "0.0.0.0"}, {"address": "::"}],
+        "listen": [{"address": "0.0.0.0"}] + ([{"address": "::"}] if ipv6 else []),
         "ecr": {"region": region, "accounts": list(accounts)},
     }
     return from_dict(data, source="--region/--account", resolv_conf=resolv_conf)
