@@ -16,6 +16,8 @@ UPSTREAM = ("127.0.4.2", 9000)
 DNS = ("127.0.4.53", 5353)
 METRICS = ("127.0.4.1", 9464)
 SNI = "bench.example.com"
+# [server] splice modes of the Python sniproxy; "auto" is its default
+SPLICE_MODES = ("auto", "on", "off")
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
@@ -141,7 +143,7 @@ table bench {{
 
 
 def sniproxy_config(workers: int, options: dict, nofile: int) -> str:
-    """Config for the Python sniproxy. options: splice ("on"/"off"/None), metrics (bool),
+    """Config for the Python sniproxy. options: splice ("auto"/"on"/"off"/None), metrics (bool),
     workers_key (bool: whether [server] workers is supported yet)."""
     # drain_timeout: the runner stops proxies between workloads and should not wait 30 s
     server = [f"max_connections = {nofile // 2 - 500}", "drain_timeout = 1.0"]
@@ -192,8 +194,11 @@ def sniproxy_check(text: str, workdir: Path) -> str:
 def sniproxy_variants(workdir: Path, nofile: int) -> list[Proxy]:
     """Python sniproxy variants, each either runnable or marked with why it cannot run.
 
+    Every splice mode ("auto", the default: the Protocol pump, then splice(2) once a
+    connection has carried 1 MiB; "on": splice(2) right after the hello; "off": the pump only)
+    with 1 and 2 workers, plus the default with metrics off for the metrics-on-vs-off target.
     `sniproxy check` tells which config keys exist yet: without [server] splice the default
-    is run once per worker count and the explicit on/off variants are marked as not run."""
+    runs once per worker count and the explicit modes are marked as not run."""
     label = "sniproxy (this project)"
     try:
         r = subprocess.run([sys.executable, "-c", "import sniproxy.cli"], capture_output=True,
@@ -205,15 +210,16 @@ def sniproxy_variants(workdir: Path, nofile: int) -> list[Proxy]:
     if not base_err:
         base_err = check(1, workers_key=False)
     workers_ok = not base_err and not check(2)
-    splice_ok = not base_err and not check(1, splice="on") and not check(1, splice="off")
+    splice_ok = not base_err and all(not check(1, splice=m) for m in SPLICE_MODES)
     metrics_off_err = "" if base_err else check(1, workers_key=workers_ok, metrics=False)
     out = []
     for workers, metrics in ((1, True), (1, False), (2, True)):
-        for splice in (("on", "off") if splice_ok else (None,)):
-            if not metrics and splice == "off":
+        for splice in (SPLICE_MODES if splice_ok else (None,)):
+            if not metrics and splice not in ("auto", None):
                 continue
             key = f"sniproxy-w{workers}-splice-{splice or 'default'}" + ("" if metrics else "-nometrics")
-            text = f"{label}, splice {splice or 'default'}" + ("" if metrics else ", metrics off")
+            mode = {"auto": "auto (default)", None: "default"}.get(splice, splice)
+            text = f"{label}, splice {mode}" + ("" if metrics else ", metrics off")
             skip, note = base_err, ""
             if not skip and workers > 1 and not workers_ok:
                 note = f"ran with 1 worker: [server] workers = {workers} not accepted yet"
@@ -223,7 +229,7 @@ def sniproxy_variants(workdir: Path, nofile: int) -> list[Proxy]:
             out.append(Proxy(key, "sniproxy", text, workers, note=note, skip=skip, options=opts))
     if not splice_ok and not base_err:
         for workers in (1, 2):
-            for splice in ("on", "off"):
+            for splice in SPLICE_MODES:
                 out.append(Proxy(f"sniproxy-w{workers}-splice-{splice}", "sniproxy",
                                  f"{label}, splice {splice}", workers,
                                  skip="[server] splice not supported yet"))
