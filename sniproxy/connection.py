@@ -15,7 +15,7 @@ from .accesslog import format_line
 from .errors import HelloError
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
-from .pump import Side
+from .pump import SPLICE_AFTER, Side
 from .splice import start as start_splice
 from .resolver import ResolveError
 from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
@@ -229,6 +229,8 @@ class Connection:
             self.client_transport = None  # aborted by the takeover: let it go (~1 KiB each)
             return
         upstream.transport.write(hello)
+        if self.server.splice_later:
+            client.splice_at = upstream.splice_at = SPLICE_AFTER
         t = self.client_transport
         t.set_protocol(client)
         client.connection_made(t)
@@ -239,7 +241,9 @@ class Connection:
         transport holds unsent bytes, so nothing is lost or reordered; retried on the next
         loop iterations (a bulk pair is rarely idle for long) and then on the next sweep."""
         client, upstream = self.client, self.upstream
-        if self.state != "pumping" or client.eof or upstream.eof or client.lost or upstream.lost:
+        if self.state != "pumping" or self.client_transport is None:
+            return  # closed, or moved already
+        if client.eof or upstream.eof or client.lost or upstream.lost:
             return
         if upstream.transport.get_write_buffer_size():
             if tries:

@@ -18,6 +18,10 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 _LINGER_RST = struct.pack("ii", 1, 0)
+NEVER = float("inf")
+#: With splice = "auto", a pair moves to splice(2) once one direction has carried this
+#: much: bulk layer transfers go zero-copy, short API calls keep the pump's cheaper set-up.
+SPLICE_AFTER = 1 << 20
 
 
 def set_limits(transport: asyncio.Transport) -> None:
@@ -38,7 +42,7 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
 class Side(asyncio.Protocol):
     """One socket of a proxied pair. ``nbytes`` counts bytes read here and written to the peer."""
 
-    __slots__ = ("conn", "name", "transport", "peer", "nbytes", "eof", "lost")
+    __slots__ = ("conn", "name", "transport", "peer", "nbytes", "eof", "lost", "splice_at")
 
     def __init__(self, conn: Any, name: str):
         self.conn = conn
@@ -48,14 +52,19 @@ class Side(asyncio.Protocol):
         self.nbytes = 0
         self.eof = False
         self.lost = False
+        self.splice_at = NEVER
+        """Byte count at which this pair asks to move to splice(2) ([server] splice = "auto")."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         set_limits(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        self.nbytes += len(data)
+        n = self.nbytes = self.nbytes + len(data)
         self.peer.transport.write(data)
+        if n >= self.splice_at:  # one comparison per chunk; true once per busy pair
+            self.splice_at = self.peer.splice_at = NEVER
+            self.conn.server.loop.call_soon(self.conn.move_to_splice)
 
     def eof_received(self) -> bool:
         # Half-close: pass the FIN on once the peer's buffer is flushed (write_eof waits for

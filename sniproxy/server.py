@@ -22,14 +22,12 @@ from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
 from .splice import splice_enabled
-
-#: With splice = "auto", a connection moves to splice(2) once it has carried this much:
-#: bulk layer transfers go zero-copy, short API calls keep the pump's lower set-up cost.
-SPLICE_AFTER = 1 << 20
+from .pump import SPLICE_AFTER
 
 
 def splice_modes(mode: str) -> tuple[bool, bool]:
-    """(splice right after the hello, splice once a connection carries SPLICE_AFTER)."""
+    """(splice right after the hello, splice once a connection carries SPLICE_AFTER;
+    the data path asks as it crosses it, and the once-a-second sweep retries)."""
     available = splice_enabled(mode)
     return (available and mode == "on", available and mode == "auto")
 from .stats import Stats

@@ -124,9 +124,8 @@ def test_a_busy_pair_moves_to_splice_mid_stream_byte_exact(dns_server, upstream,
     if probe() is not None:
         pytest.skip(f"splice(2) unavailable: {probe()}")
     port = free_port()
-    # idle_timeout sets the sweep interval (a quarter of it, at most 1 s)
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port),
-                                     server='splice = "auto"\nidle_timeout = 0.4'), "--log-level", "debug")
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server='splice = "auto"'),
+                        "--log-level", "debug")
     n = bulk_roundtrip(port, 128 * 1024 * 1024)
     proxy.log.wait_for(r"moved to splice after \d+ bytes")
     line = proxy.log.wait_for(r'"close":"done"')
