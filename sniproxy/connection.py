@@ -15,7 +15,7 @@ from .accesslog import format_line
 from .errors import HelloError
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
-from .pump import SPLICE_AFTER, Side
+from .pump import SPLICE_AFTER, SPLICE_RETRY, Side
 from .splice import start as start_splice
 from .resolver import ResolveError
 from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
@@ -236,24 +236,21 @@ class Connection:
         client.connection_made(t)
         t.resume_reading()
 
-    def move_to_splice(self, tries: int = 64) -> None:
-        """Hand a busy pumping pair over to splice(2). Only at a moment when neither
-        transport holds unsent bytes, so nothing is lost or reordered; retried on the next
-        loop iterations (a bulk pair is rarely idle for long) and then on the next sweep."""
+    def move_to_splice(self) -> None:
+        """Hand a busy pumping pair over to splice(2), at a moment when neither transport
+        holds unsent bytes, so nothing is lost or reordered. If this is not such a moment,
+        ask again after the next SPLICE_RETRY bytes (or at the next sweep)."""
         client, upstream = self.client, self.upstream
         if self.state != "pumping" or self.client_transport is None:
             return  # closed, or moved already
         if client.eof or upstream.eof or client.lost or upstream.lost:
             return
-        if upstream.transport.get_write_buffer_size():
-            if tries:
-                self.server.loop.call_soon(self.move_to_splice, tries - 1)
-            return
-        if start_splice(self, client, upstream, b""):
+        if not upstream.transport.get_write_buffer_size() and start_splice(self, client, upstream, b""):
             self.client_transport = None
             log.debug("%s: moved to splice after %d bytes", _addr(self.client_addr), self.to_upstream + self.to_client)
-        elif tries:
-            self.server.loop.call_soon(self.move_to_splice, tries - 1)
+            return
+        client.splice_at = client.nbytes + SPLICE_RETRY
+        upstream.splice_at = upstream.nbytes + SPLICE_RETRY
 
     # -- close -----------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ NEVER = float("inf")
 #: With splice = "auto", a pair moves to splice(2) once one direction has carried this
 #: much: bulk layer transfers go zero-copy, short API calls keep the pump's cheaper set-up.
 SPLICE_AFTER = 1 << 20
+#: A move waits for a moment with nothing buffered; until then, ask again this often.
+SPLICE_RETRY = 256 * 1024
 
 
 def set_limits(transport: asyncio.Transport) -> None:
