@@ -71,7 +71,8 @@ class AccessLog:
     def reopen(self) -> None:
         if self.target != "stderr":
             self.flush()
-            old, self.fd = self.fd, self._open()
+            fd = self._open()  # first: if this fails, the old file keeps working
+            old, self.fd = self.fd, fd
             os.close(old)
 
     def close(self) -> None:

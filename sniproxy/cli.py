@@ -43,13 +43,14 @@ class ReopeningFileHandler(logging.FileHandler):
     """A log file that logrotate can move away: SIGUSR1 reopens it under its name."""
 
     def reopen(self) -> None:
+        stream = self._open()  # first: if this fails, the old file keeps working
         self.acquire()
         try:
-            if self.stream is not None:
-                self.stream.close()
-            self.stream = self._open()
+            old, self.stream = self.stream, stream
         finally:
             self.release()
+        if old is not None:
+            old.close()
 
 
 def _handler(target: str, fmt: str) -> logging.Handler:
@@ -141,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for listen in config.listen:
                 if listen.key not in sockets:
                     sockets[listen.key] = bind(listen)
-    access_target = "off" if args.no_access_log else config.log.access
+    supervisor = config.server.workers > 1 and not worker
+    access_target = "off" if args.no_access_log or supervisor else config.log.access  # workers write it
     try:
         access = AccessLog(access_target) if access_target != "off" else None
     except OSError as exc:

@@ -160,6 +160,9 @@ class Connection:
             raise
         except Exception:  # a bug must cost one connection, logged, never a hung one
             log.exception("%s: internal error while connecting", _addr(self.client_addr))
+            upstream = self.upstream
+            if upstream is not None and upstream.transport is not None and not upstream.lost:
+                upstream.transport.abort()
             if self.state != "closed":
                 self.refuse("internal_error", alert=False)
 

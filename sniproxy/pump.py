@@ -90,6 +90,8 @@ class Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.conn.state != "pumping":
+            return  # an upstream attempt that closed before attach: the next address is tried
         peer = self.peer
         if peer is not None and not peer.lost:
             if exc is not None:

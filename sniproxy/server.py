@@ -16,7 +16,7 @@ from typing import Callable
 from .accesslog import AccessLog
 from .allow import ClientLimits
 from .config import Config, Listen
-from .errors import ConfigError
+from .errors import ConfigError, SniproxyError
 from .listener import ListenerInfo, bind, is_wildcard, listen_name, serve
 from .metrics import make_registry, start_http
 from .resolver import Resolver
@@ -130,10 +130,14 @@ class Server:
         self.loop.add_signal_handler(signal.SIGUSR1, self._usr1)
 
     def _usr1(self) -> None:
-        if self.on_usr1 is not None:
-            self.on_usr1()
-        if self.access_log is not None:
-            self.access_log.reopen()
+        try:
+            if self.on_usr1 is not None:
+                self.on_usr1()
+            if self.access_log is not None:
+                self.access_log.reopen()
+        except OSError as exc:  # e.g. the new file's directory is not writable for us
+            log.error("cannot reopen log files (still writing to the old ones): %s", exc)
+            return
         log.info("log files reopened")
 
     def _watchdog(self, interval: float) -> None:
@@ -170,7 +174,11 @@ class Server:
                 self._reload.clear()
                 if reload_config is not None:
                     self.notifier.reloading()
-                    ok = await self.reload(reload_config)
+                    try:
+                        ok = await self.reload(reload_config)
+                    except Exception:  # whatever went wrong, never skip the drain over it
+                        log.exception("reload failed, keeping the running config")
+                        ok = False
                     self.notifier.ready(status=self.status_line())
                     if self.channel is not None:
                         self.channel.reloaded(ok)
@@ -196,7 +204,7 @@ class Server:
         try:
             for listen in added:
                 sockets[listen.key] = bind(listen, reuse_port=self.reuse_port)
-        except OSError as exc:
+        except (OSError, SniproxyError) as exc:  # BindError: address in use, not ours, port < 1024
             for sock in sockets.values():
                 sock.close()
             log.error("reload failed, keeping the running config: %s", exc)

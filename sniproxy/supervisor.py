@@ -27,6 +27,7 @@ from .config import Config, Listen
 from .errors import ConfigError
 from .listener import listen_name
 from .metrics import make_registry, start_http
+from .splice import splice_enabled
 from .stats import merge
 from .systemd import Notifier, watchdog_interval
 
@@ -54,6 +55,7 @@ class Worker:
         self.lock = asyncio.Lock()
         self.updated = asyncio.Event()
         self.reloaded = asyncio.Event()
+        self.reload_ok = True
 
 
 class Supervisor:
@@ -88,7 +90,7 @@ class Supervisor:
         child.close()
         w.started = time.monotonic()
         w.snapshot = _empty_snapshot()
-        w.reader, w.writer = await asyncio.open_connection(sock=parent)
+        w.reader, w.writer = await asyncio.open_connection(sock=parent, limit=16 << 20)
         w.writer.write(b"config %d\n" % len(self.config_text) + self.config_text)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
         self._keep(self.watch(w))
@@ -106,6 +108,7 @@ class Supervisor:
             while line := await w.reader.readline():
                 message = json.loads(line)
                 if "reloaded" in message:
+                    w.reload_ok = bool(message["reloaded"])
                     w.reloaded.set()
                 else:
                     w.snapshot = message
@@ -205,6 +208,7 @@ class Supervisor:
     async def reload(self) -> None:
         try:
             new, text = self.load_config()
+            splice_enabled(new.server.splice)  # checked here, before any worker sees it
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
@@ -226,7 +230,11 @@ class Supervisor:
         try:
             async with asyncio.timeout(30):
                 await asyncio.gather(*(w.reloaded.wait() for w in live))
-            log.info("reloaded %s in %d workers", new.source, len(live))
+            refused = [w.index for w in live if not w.reload_ok]
+            if refused:
+                log.error("reload: workers %s kept their running config (see their log lines)", refused)
+            else:
+                log.info("reloaded %s in %d workers", new.source, len(live))
         except TimeoutError:
             log.error("reload: not every worker confirmed within 30s")
         self.notifier.ready(status=self.status())

@@ -103,3 +103,23 @@ def test_reload_adds_and_removes_listeners(dns_server, upstream, start_proxy):
     open_pumping(port2).close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_reload_adding_an_unbindable_listener_keeps_serving(dns_server, upstream, start_proxy):
+    """A new [[listen]] whose port is taken fails the reload, not the process."""
+    port = free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config = proxy_config(port, dns_server, route(port=upstream.port))
+    proxy = start_proxy(config)
+    held = open_pumping(port)
+    extra = f'[[listen]]\naddress = "127.0.0.1"\nport = {taken.getsockname()[1]}\n\n[resolver]'
+    proxy.path.write_text(config.replace("[resolver]", extra, 1))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.log.wait_for(r"reload failed|kept their running config", start=mark)
+    assert proxy.proc.poll() is None
+    assert roundtrip(held)
+    open_pumping(port).close()
+    taken.close()
