@@ -102,9 +102,6 @@ def _sockname(sock) -> str:
         return f"fd {sock.fileno()}"
 
 
-argv_run: list[str] | None = None  # the command line workers are started with (tests may set it)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -163,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         # Like nginx's master, the supervisor keeps its privileges (to restart workers and
         # reopen logs); it never touches a connection. Each worker drops them once started.
-        sup = Supervisor(config, sockets, sys.argv[1:] if argv_run is None else argv_run, lambda: _load_text(args), text)
+        sup = Supervisor(config, sockets, sys.argv[1:], lambda: _load_text(args), text)
         sup.on_usr1 = lambda: [h.reopen() for h in reopen]
         await sup.run()
 

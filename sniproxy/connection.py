@@ -242,7 +242,7 @@ class Connection:
     def move_to_splice(self) -> None:
         """Hand a busy pumping pair over to splice(2), at a moment when neither transport
         holds unsent bytes, so nothing is lost or reordered. If this is not such a moment,
-        ask again after the next SPLICE_RETRY bytes (or at the next sweep)."""
+        ask again after the next SPLICE_RETRY bytes."""
         client, upstream = self.client, self.upstream
         if self.state != "pumping" or self.client_transport is None:
             return  # closed, or moved already

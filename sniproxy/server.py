@@ -22,12 +22,10 @@ from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
 from .splice import splice_enabled
-from .pump import SPLICE_AFTER
 
 
 def splice_modes(mode: str) -> tuple[bool, bool]:
-    """(splice right after the hello, splice once a connection carries SPLICE_AFTER;
-    the data path asks as it crosses it, and the once-a-second sweep retries)."""
+    """(splice right after the hello, splice once a connection carries SPLICE_AFTER)."""
     available = splice_enabled(mode)
     return (available and mode == "on", available and mode == "auto")
 from .stats import Stats
@@ -272,14 +270,11 @@ class Server:
         pump keeps anyway, so the data path pays nothing for idle tracking."""
         now = self.loop.time()
         idle = self.config.server.idle_timeout
-        splice_later = self.splice_later
         for conn in list(self.stats.live):
             total = conn.to_upstream + conn.to_client
             if total != conn.idle_mark:
                 conn.idle_mark = total
                 conn.idle_since = now
-                if splice_later and total >= SPLICE_AFTER and conn.client_transport is not None:
-                    conn.move_to_splice()
             elif now - conn.idle_since >= idle:
                 conn.abort("idle")
         self._schedule_sweep()

@@ -56,6 +56,7 @@ class Worker:
         self.updated = asyncio.Event()
         self.reloaded = asyncio.Event()
         self.reload_ok = True
+        self.watcher: asyncio.Task | None = None
 
 
 class Supervisor:
@@ -93,7 +94,7 @@ class Supervisor:
         w.reader, w.writer = await asyncio.open_connection(sock=parent, limit=16 << 20)
         w.writer.write(b"config %d\n" % len(self.config_text) + self.config_text)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
-        self._keep(self.watch(w))
+        w.watcher = self._keep(self.watch(w))
 
     def _keep(self, coro) -> asyncio.Task:
         task = self.loop.create_task(coro)
@@ -123,7 +124,11 @@ class Supervisor:
         lived = time.monotonic() - w.started
         w.backoff = 0.5 if lived > 60 else min(w.backoff * 2, MAX_BACKOFF)
         log.error("worker %d (pid %d) died (%s); restarting in %.1fs", w.index, proc.pid, _describe(code), w.backoff)
-        await asyncio.sleep(w.backoff)
+        try:  # a stop during the back-off ends it at once
+            async with asyncio.timeout(w.backoff):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
         if not self.stopping:
             await self.spawn(w)
 
@@ -197,10 +202,8 @@ class Supervisor:
         for sock in self.sockets.values():
             sock.close()  # the workers hold their own copies until they stop listening
         self.signal_workers(signal.SIGTERM)
-        for w in self.workers:
-            if w.proc is not None:
-                await self.loop.run_in_executor(None, w.proc.wait)
-        await asyncio.sleep(0)  # let the watch tasks retire the workers
+        # Each watcher returns once its worker has exited and been retired.
+        await asyncio.gather(*(w.watcher for w in self.workers if w.watcher is not None), return_exceptions=True)
         if metrics_server is not None:
             metrics_server.close()
         log.info("stopped")

@@ -177,6 +177,20 @@ def one_line_error(run: Run, *fragments: str) -> str:
     return line
 
 
+#: What `check` prints for the [ecr] routes of us-east-1 with the two test accounts.
+ECR_ROUTE_LINES = [
+    "  ecr-api -> <sni>:443",
+    "    api.ecr.us-east-1.amazonaws.com",
+    "    ecr.us-east-1.amazonaws.com",
+    "  ecr-dkr -> <sni>:443",
+    "    123456789012.dkr.ecr.us-east-1.amazonaws.com",
+    "    210987654321.dkr.ecr.us-east-1.amazonaws.com",
+    "  ecr-s3 -> <sni>:443",
+    "    prod-us-east-1-starport-layer-bucket.s3.us-east-1.amazonaws.com",
+    "    prod-us-east-1-starport-layer-bucket.s3.amazonaws.com",
+]
+
+
 @pytest.mark.parametrize("mode, name", modes("check_good"))
 def test_check_good_config(cli, tmpdir_cli, mode, name):
     r = cli(mode, name)
@@ -195,16 +209,7 @@ def test_check_good_config(cli, tmpdir_cli, mode, name):
         "  mirror -> vpce-0123.example.org:8443",
         "    registry.example.com",
         "    *.mirror.example.com",
-        "  ecr-api -> <sni>:443",
-        "    api.ecr.us-east-1.amazonaws.com",
-        "    ecr.us-east-1.amazonaws.com",
-        "  ecr-dkr -> <sni>:443",
-        "    123456789012.dkr.ecr.us-east-1.amazonaws.com",
-        "    210987654321.dkr.ecr.us-east-1.amazonaws.com",
-        "  ecr-s3 -> <sni>:443",
-        "    prod-us-east-1-starport-layer-bucket.s3.us-east-1.amazonaws.com",
-        "    prod-us-east-1-starport-layer-bucket.s3.amazonaws.com",
-    ]
+    ] + ECR_ROUTE_LINES
 
 
 def host_lines(stdout: str) -> list[list[str]]:
@@ -234,17 +239,7 @@ def test_check_region_and_accounts(cli, mode, name):
     lines = r.stdout.splitlines()
     assert lines[0] == "config --region/--account: ok"
     assert lines[1:4] == ["listeners:", "  0.0.0.0:443", "  [::]:443"]
-    assert lines[lines.index("routes:") + 1 :] == [
-        "  ecr-api -> <sni>:443",
-        "    api.ecr.us-east-1.amazonaws.com",
-        "    ecr.us-east-1.amazonaws.com",
-        "  ecr-dkr -> <sni>:443",
-        "    123456789012.dkr.ecr.us-east-1.amazonaws.com",
-        "    210987654321.dkr.ecr.us-east-1.amazonaws.com",
-        "  ecr-s3 -> <sni>:443",
-        "    prod-us-east-1-starport-layer-bucket.s3.us-east-1.amazonaws.com",
-        "    prod-us-east-1-starport-layer-bucket.s3.amazonaws.com",
-    ]
+    assert lines[lines.index("routes:") + 1 :] == ECR_ROUTE_LINES
 
 
 BAD_INPUT = {

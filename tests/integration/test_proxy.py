@@ -276,24 +276,26 @@ def test_failover_to_the_next_address_and_connect_histogram(dns_server, start_pr
     up.close()
 
 
+def refused_before_upstream(proxy, port: int, reason: str) -> None:
+    """Send a hello; the proxy must close without forwarding anything and log ``reason``."""
+    s = connect(port)
+    s.sendall(make_hello(NAME))
+    assert recv_all(s) == b""
+    proxy.log.wait_for(rf'"close":"{reason}"')
+
+
 def test_connect_failure_is_counted(dns_server, start_proxy):
     dns_server.add(NAME, "127.0.0.4")
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=free_port("127.0.0.4"))))
-    s = connect(port)
-    s.sendall(make_hello(NAME))
-    assert recv_all(s) == b""
-    proxy.log.wait_for(r'"close":"connect_failed"')
+    refused_before_upstream(proxy, port, "connect_failed")
     assert proxy.sample("sniproxy_connections_rejected_total", reason="connect_failed") == 1
 
 
 def test_resolve_failure_is_counted(dns_server, start_proxy):
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=443)))  # NAME not in DNS: NXDOMAIN
-    s = connect(port)
-    s.sendall(make_hello(NAME))
-    assert recv_all(s) == b""
-    proxy.log.wait_for(r'"close":"resolve_failed"')
+    refused_before_upstream(proxy, port, "resolve_failed")
     assert proxy.sample("sniproxy_dns_queries_total", result="nxdomain") == 1
 
 
@@ -301,10 +303,7 @@ def test_a_route_pointing_back_at_the_proxy_is_refused_as_a_loop(dns_server, sta
     port = free_port()
     dns_server.add(NAME, "127.0.0.1")  # the proxy's own listen address and port
     proxy = start_proxy(proxy_config(port, dns_server, route(port=port)))
-    s = connect(port)
-    s.sendall(make_hello(NAME))
-    assert recv_all(s) == b""
-    proxy.log.wait_for(r'"close":"loop"')
+    refused_before_upstream(proxy, port, "loop")
     assert proxy.sample("sniproxy_connections_rejected_total", reason="loop") == 1
     assert proxy.sample("sniproxy_connections_total", route="echo") == 0
 
@@ -313,10 +312,7 @@ def test_wildcard_listener_refuses_loops_through_any_local_address(dns_server, s
     port = free_port()
     dns_server.add(NAME, "127.0.0.9")  # local, and 0.0.0.0 listens there too
     proxy = start_proxy(proxy_config(port, dns_server, route(port=port), listen_address="0.0.0.0"))
-    s = connect(port)
-    s.sendall(make_hello(NAME))
-    assert recv_all(s) == b""
-    proxy.log.wait_for(r'"close":"loop"')
+    refused_before_upstream(proxy, port, "loop")
 
 
 def test_upstream_reset_reaches_the_client_as_a_reset(dns_server, start_proxy):
