@@ -37,6 +37,8 @@ def test_stop_closes_listeners_and_lets_connections_finish(dns_server, upstream,
     started = time.monotonic()
     proxy.signal(sig)
     proxy.log.wait_for("draining 1 connections")
+    for index in range(len(proxy.pids()) - 1):  # with workers, every one has closed its listeners
+        proxy.log.wait_for(rf"worker={index}: stopping: listeners closed")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
     assert roundtrip(s)
