@@ -51,7 +51,7 @@ def main() -> int:
     while not stopping:
         try:
             wire, peer = sock.recvfrom(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except InterruptedError:
             continue

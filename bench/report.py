@@ -295,7 +295,7 @@ def markdown(meta, proxies, summary, errors) -> str:
     L.append("| target | splice auto (default) | verdict | splice on | splice off |")
     L.append("|---|---|---|---|---|")
     for t in targets(summary, {p.key: p.note for p in proxies}):
-        cell = lambda m: (t["modes"][m][0] + ("" if m == "auto" or t["modes"][m][1] is None else  # noqa: E731
+        cell = lambda m, t=t: (t["modes"][m][0] + ("" if m == "auto" or t["modes"][m][1] is None else  # noqa: E731
                           (" met" if t["modes"][m][1] else " missed"))) if m in t["modes"] else "–"
         L.append(f"| {t['target']} | {cell('auto') if t['modes'] else t['note'] or '–'} | {t['verdict']} | "
                  f"{cell('on')} | {cell('off')} |")

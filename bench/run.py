@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
 import proxies  # noqa: E402
-from proxies import DNS, PROXY, SYSTEM_PATH, UPSTREAM, Proxy, all_proxies, clean_env  # noqa: E402
+from proxies import DNS, SYSTEM_PATH, UPSTREAM, Proxy, all_proxies, clean_env  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BUILD = BENCH / "build"

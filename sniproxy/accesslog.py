@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any
 
-
 _second = [-1, ""]  # strftime once per second, not once per line
 
 

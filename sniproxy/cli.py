@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import ipaddress
 import logging
+import socket
 import sys
 
 from . import config as config_mod
 from .errors import ConfigError, SniproxyError
-from .hosts import hosts_lines
 from .listener import listen_name
+from .tools.hosts import hosts_lines
 
 
 def _has_ipv6() -> bool:
@@ -108,8 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from .listener import bind
     from .accesslog import AccessLog
+    from .listener import bind
     from .privdrop import drop_privileges
     from .server import Server
     from .systemd import Notifier
@@ -273,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     hosts.add_argument("--address", help="the proxy address builders connect to")
     hosts.set_defaults(func=cmd_hosts)
 
-    from . import discover, doctor
+    from .tools import discover, doctor
 
     d = sub.add_parser("discover", help="find the ECR/S3 VPC endpoints and write a config (read-only AWS calls)")
     discover.add_arguments(d)

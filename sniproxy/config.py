@@ -6,8 +6,9 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .ecr import ecr_routes
 from .errors import ConfigError
@@ -130,11 +131,11 @@ class _Table:
             raise ConfigError(self.key(name), f"expected {expected}")
         return value
 
-    def table(self, name: str) -> "_Table":
+    def table(self, name: str) -> _Table:
         self.seen.add(name)
         return _Table(self.data.get(name, {}), self.key(name))
 
-    def tables(self, name: str) -> list["_Table"]:
+    def tables(self, name: str) -> list[_Table]:
         self.seen.add(name)
         items = self.data.get(name, [])
         if not isinstance(items, list):
@@ -222,7 +223,7 @@ def _valid_pattern(p: str) -> bool:
     return normalize_host(name) == name and "." in name
 
 
-def open_listeners(config: "Config") -> list[Listen]:
+def open_listeners(config: Config) -> list[Listen]:
     """Wildcard listeners that accept any client: worth a warning."""
     return [
         entry for entry in config.listen

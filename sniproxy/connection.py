@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from .accesslog import format_line
 from .errors import HelloError
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
-from .proxyproto import ProxyProtocolError, parse as parse_proxy_header
+from .proxyproto import ProxyProtocolError
+from .proxyproto import parse as parse_proxy_header
 from .pump import SPLICE_AFTER, SPLICE_RETRY, Side
-from .splice import start as start_splice
 from .resolver import ResolveError
+from .splice import start as start_splice
 from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class Connection:
         "started", "close_reason", "idle_mark", "idle_since", "counted", "proxy_buf",
     )
 
-    def __init__(self, server: "Server", listener: "ListenerInfo", transport: asyncio.Transport):
+    def __init__(self, server: Server, listener: ListenerInfo, transport: asyncio.Transport):
         self.server = server
         self.listener = listener
         self.client_transport = transport
@@ -191,7 +192,7 @@ class Connection:
             started = loop.time()
             try:
                 async with asyncio.timeout(server.config.server.connect_timeout):
-                    await loop.create_connection(lambda: upstream, ip, route.port)
+                    await loop.create_connection(lambda: upstream, ip, route.port)  # noqa: B023 (awaited here)
             except (OSError, TimeoutError) as exc:
                 failures.append(f"{ip}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timeout'}")
                 continue
@@ -318,7 +319,7 @@ class HelloProtocol(asyncio.Protocol):
 
     __slots__ = ("server", "listener", "conn")
 
-    def __init__(self, server: "Server", listener: "ListenerInfo"):
+    def __init__(self, server: Server, listener: ListenerInfo):
         self.server = server
         self.listener = listener
         self.conn: Connection | None = None

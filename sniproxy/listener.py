@@ -64,5 +64,5 @@ def bind(listen: Listen, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-async def serve(server: "Server", info: ListenerInfo, sock: socket.socket) -> asyncio.AbstractServer:
+async def serve(server: Server, info: ListenerInfo, sock: socket.socket) -> asyncio.AbstractServer:
     return await server.loop.create_server(lambda: HelloProtocol(server, info), sock=sock, backlog=BACKLOG)

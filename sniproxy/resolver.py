@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import dns.asyncbackend
 import dns.asyncresolver

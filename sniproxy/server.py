@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import signal
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from .accesslog import AccessLog
 from .allow import ClientLimits
@@ -22,16 +22,16 @@ from .metrics import make_registry, start_http
 from .resolver import Resolver
 from .routes import RouteTable
 from .splice import splice_enabled
+from .stats import Stats
+from .systemd import Notifier, watchdog_interval
+
+log = logging.getLogger("sniproxy")
 
 
 def splice_modes(mode: str) -> tuple[bool, bool]:
     """(splice right after the hello, splice once a connection carries SPLICE_AFTER)."""
     available = splice_enabled(mode)
     return (available and mode == "on", available and mode == "auto")
-from .stats import Stats
-from .systemd import Notifier, watchdog_interval
-
-log = logging.getLogger("sniproxy")
 
 
 class Server:
@@ -212,7 +212,7 @@ class Server:
             srv, info = self.listeners.pop(key)
             srv.close()
             log.info("stopped listening on %s", info.name)
-        for key, (srv, info) in self.listeners.items():
+        for key, (_, info) in self.listeners.items():
             info.update(wanted[key], new.server.allow)
         self.config = new
         for listen in added:

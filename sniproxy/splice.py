@@ -212,7 +212,7 @@ class Flow:
     __slots__ = ("pair", "loop", "reader", "writer", "src_fd", "dst_fd", "pipe", "pending",
                  "head", "reading", "writing", "done", "retry")
 
-    def __init__(self, pair: "Splice", reader: Any, writer: Any, src_fd: int, dst_fd: int):
+    def __init__(self, pair: Splice, reader: Any, writer: Any, src_fd: int, dst_fd: int):
         self.pair = pair
         self.loop = pair.loop
         self.reader = reader

@@ -7,7 +7,8 @@ with ``merge`` before a Prometheus collector turns them into metric families.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -29,7 +30,7 @@ class Histogram:
 class LiveConnection(Protocol):
     """What a connection exposes so its bytes count before it closes."""
 
-    route_stats: "RouteStats | None"
+    route_stats: RouteStats | None
     to_upstream: int
     to_client: int
 

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .config import Config, Listen
 from .errors import ConfigError

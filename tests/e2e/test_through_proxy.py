@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 
 from . import observe, oci_image
-from .world import (ACCOUNT, API, DKR, LINKS, NAMES, PROXY_BY_NAME, REPORT, S3, TOPOLOGIES,
-                    UPSTREAM_BY_NAME)
+from .world import ACCOUNT, API, DKR, LINKS, NAMES, PROXY_BY_NAME, REPORT, S3, TOPOLOGIES, UPSTREAM_BY_NAME
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +53,7 @@ def test_token_push_and_pull_through_the_proxy(world, image, start_proxy, pull_d
     assert {entry["sni"] for entry in snap.log} == set(NAMES)
 
     per_route = {}
-    for sni, route in ROUTE.items():
+    for route in ROUTE.values():
         up, down = snap.bytes(route)
         logged = [e for e in snap.log if e["route"] == route]
         assert len(logged) == snap.value("sniproxy_connections_total", route=route)
@@ -69,7 +68,7 @@ def test_token_push_and_pull_through_the_proxy(world, image, start_proxy, pull_d
 
     dns_log = (world.tmp / "logs" / "dns.log").read_text()
     for name in NAMES:
-        assert f"peer=127.0.0.1:" in dns_log and f"name={name} type=A" in dns_log, name
+        assert "peer=127.0.0.1:" in dns_log and f"name={name} type=A" in dns_log, name
 
     size = sum(image.blobs.values())
     REPORT[f"proxy {topology} push (20 MiB layer image)"] = (

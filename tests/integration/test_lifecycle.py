@@ -9,11 +9,8 @@ import time
 import pytest
 
 from tests.helpers import free_port, recv_all, recv_exactly
-from tests.integration.conftest import make_hello, proxy_config
-from tests.integration.conftest import NAME, OTHER
+from tests.integration.conftest import NAME, OTHER, make_hello, proxy_config
 from tests.integration.test_proxy import connect, route
-
-
 
 
 def open_pumping(port: int, sni: str = NAME) -> socket.socket:

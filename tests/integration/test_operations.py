@@ -15,9 +15,8 @@ import sys
 import pytest
 
 from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly
-from tests.integration.conftest import make_hello, proxy_config
+from tests.integration.conftest import NAME, make_hello, proxy_config
 from tests.integration.test_lifecycle import open_pumping
-from tests.integration.conftest import NAME
 from tests.integration.test_proxy import route
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -16,7 +16,6 @@ import trustme
 from tests.helpers import FIXTURES, Server, free_port, read_hello, recv_all, recv_exactly
 from tests.integration.conftest import NAME, echo, make_hello, proxy_config
 
-
 #: Connection limits count per worker process, like nginx's worker_connections.
 single_worker = pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1",
                                    reason="limits are per worker; with several workers they add up")

@@ -10,10 +10,8 @@ import time
 import pytest
 
 from tests.helpers import free_port, recv_all
-from tests.integration.conftest import make_hello, proxy_config
-from tests.integration.conftest import NAME
+from tests.integration.conftest import NAME, make_hello, proxy_config
 from tests.integration.test_proxy import connect, route
-
 
 
 @pytest.fixture

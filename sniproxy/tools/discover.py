@@ -2,7 +2,7 @@
 
 The logic is pure: plain data about the site and its endpoints goes in; findings, the TOML
 config text and the builders' /etc/hosts block come out. `main` alone talks to AWS, through
-`sniproxy.aws`, with read-only calls.
+`sniproxy.tools.aws`, with read-only calls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tomllib
 from sniproxy import config as config_mod
 from sniproxy.config import Config
 from sniproxy.errors import ConfigError
-from sniproxy.hosts import hosts_lines
+from sniproxy.tools.hosts import hosts_lines
 
 SERVICES = ("ecr.api", "ecr.dkr", "s3")
 UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint]]:
-    from sniproxy import aws
+    from sniproxy.tools import aws
 
     for account in args.account:
         if not _ACCOUNT.match(account):
@@ -405,7 +405,7 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
     """0: config written, nothing blocks; 1: a blocking finding; 2: could not discover.
 
     `connect(session, region)` builds the `aws.Aws` client; tests pass one with Stubbers."""
-    from sniproxy import aws
+    from sniproxy.tools import aws
 
     try:
         site, endpoints = _gather(args, connect)

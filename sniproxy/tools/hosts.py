@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import Config
-from .routes import is_wildcard
+from ..config import Config
+from ..routes import is_wildcard
 
 
 def hosts_lines(config: Config, address: str) -> list[str]:

@@ -297,7 +297,7 @@ def scrape(address: str, port: int, timeout: float) -> int:
         response = connection.getresponse()
         body = response.read(4 << 20).decode("utf-8", "replace")
     except http.client.HTTPException as exc:
-        raise Failed(f"not an HTTP answer: {exc}", "something else holds the metrics port")
+        raise Failed(f"not an HTTP answer: {exc}", "something else holds the metrics port") from None
     finally:
         connection.close()
     if response.status != 200:

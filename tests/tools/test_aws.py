@@ -1,4 +1,4 @@
-"""sniproxy.aws: IMDSv2 against a real loopback HTTP server, API calls through botocore's
+"""sniproxy.tools.aws: IMDSv2 against a real loopback HTTP server, API calls through botocore's
 Stubber with responses shaped like real ones, and the one-line error messages."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from sniproxy import aws
+from sniproxy.tools import aws
 
 REGION = "eu-west-2"
 VPC = "vpc-0a1b2c3d4e5f60718"
@@ -22,7 +22,7 @@ SUBNET = "subnet-0fedcba9876543210"
 RTB_SUBNET = "rtb-0aaaabbbbccccdddd"
 RTB_MAIN = "rtb-0111122223333444f"
 ACCOUNT = "123456789012"
-CREATED = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.timezone.utc)
+CREATED = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.UTC)
 
 
 # --- real-shaped describe_vpc_endpoints items ------------------------------------------------

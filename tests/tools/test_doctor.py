@@ -1,4 +1,4 @@
-"""sniproxy.doctor against real loopback parts: a dnspython-built DNS server on 127.0.5.53,
+"""sniproxy.tools.doctor against real loopback parts: a dnspython-built DNS server on 127.0.5.53,
 TLS upstreams with trustme certificates on 127.0.5.x, and a real sniproxy for the listener
 and metrics checks."""
 
@@ -25,7 +25,7 @@ import dns.rrset
 import pytest
 import trustme
 
-from sniproxy import doctor
+from sniproxy.tools import doctor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNS_ADDRESS = "127.0.5.53"

@@ -1,4 +1,4 @@
-"""sniproxy.discover: the pure assessment, the TOML it writes (read back by sniproxy.config),
+"""sniproxy.tools.discover: the pure assessment, the TOML it writes (read back by sniproxy.config),
 and `main` end to end against a loopback IMDS server and Stubbed EC2/STS clients."""
 
 from __future__ import annotations
@@ -9,11 +9,27 @@ import tomllib
 import pytest
 from botocore.stub import Stubber
 
-from sniproxy import aws, config as config_mod, discover
-from tests.test_aws import (
-    ACCOUNT, MAIN_FILTER, REGION, RTB_MAIN, RTB_SUBNET, SUBNET, SUBNET_FILTER, VPC, VPC_FILTER,
-    clean_env, gateway_endpoint, identity, imds_server, instance_data, interface_endpoint,
-    other_endpoint, route_table, subnet_item,
+from sniproxy import config as config_mod
+from sniproxy.tools import aws, discover
+from tests.tools.test_aws import (
+    ACCOUNT,
+    MAIN_FILTER,
+    REGION,
+    RTB_MAIN,
+    RTB_SUBNET,
+    SUBNET,
+    SUBNET_FILTER,
+    VPC,
+    VPC_FILTER,
+    clean_env,
+    gateway_endpoint,
+    identity,
+    imds_server,
+    instance_data,
+    interface_endpoint,
+    other_endpoint,
+    route_table,
+    subnet_item,
 )
 
 assert clean_env  # a fixture, used by name below

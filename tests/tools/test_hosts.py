@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 
 from sniproxy.config import Config, Listen, ResolverConfig, embedded
-from sniproxy.hosts import hosts_lines
 from sniproxy.routes import Route
+from sniproxy.tools.hosts import hosts_lines
 
 
 def config(*routes: Route) -> Config:
