@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -63,8 +64,11 @@ class ServerConfig:
     """Seconds per upstream address."""
     idle_timeout: float = 900.0
     """Seconds with no bytes either way before the pair is closed."""
+    drain_delay: float = 0.0
+    """After SIGTERM, seconds to keep accepting while /readyz says 503, so a load balancer's
+    health check takes this instance out of service before its listeners close."""
     drain_timeout: float = 30.0
-    """On SIGTERM, seconds running connections may take to finish."""
+    """Then, seconds running connections may take to finish."""
     max_connections: int = 10000
     refuse_alert: bool = True
     """Send a TLS unrecognized_name alert before closing a connection with no route."""
@@ -106,24 +110,30 @@ class Config:
 
 
 class _Table:
-    """One TOML table being read: typed getters that name the key path, and unknown-key checks."""
+    """One TOML table being read: typed getters that name the key path, and unknown-key checks.
 
-    def __init__(self, data: Any, path: str):
+    ``defaults`` is the dataclass the table becomes: a missing key takes its field's default,
+    so every default is written once, in the dataclass."""
+
+    def __init__(self, data: Any, path: str, defaults: type | None = None):
         if not isinstance(data, dict):
             raise ConfigError(path, "expected a table")
         self.data = data
         self.path = path
         self.seen: set[str] = set()
+        self.defaults = {f.name: f.default for f in dataclasses.fields(defaults)
+                         if f.default is not dataclasses.MISSING} if defaults else {}
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def get(self, name: str, default: Any, kind: str, check: Callable[[Any], bool] | None = None) -> Any:
+    def get(self, name: str, kind: str, check: Callable[[Any], bool] | None = None, default: Any = None) -> Any:
+        """The value of ``name``, checked; when absent, ``default``, else the dataclass's."""
         self.seen.add(name)
         if name not in self.data:
             if default is _REQUIRED:
                 raise ConfigError(self.key(name), "required")
-            return default
+            return self.defaults.get(name) if default is None else default
         value = self.data[name]
         convert, expected = _KINDS[kind]
         ok, value = convert(value)
@@ -131,16 +141,16 @@ class _Table:
             raise ConfigError(self.key(name), f"expected {expected}")
         return value
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str, defaults: type | None = None) -> _Table:
         self.seen.add(name)
-        return _Table(self.data.get(name, {}), self.key(name))
+        return _Table(self.data.get(name, {}), self.key(name), defaults)
 
-    def tables(self, name: str) -> list[_Table]:
+    def tables(self, name: str, defaults: type | None = None) -> list[_Table]:
         self.seen.add(name)
         items = self.data.get(name, [])
         if not isinstance(items, list):
             raise ConfigError(self.key(name), "expected an array of tables ([[" + name + "]])")
-        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(items)]
+        return [_Table(item, f"{self.key(name)}[{i}]", defaults) for i, item in enumerate(items)]
 
     def done(self) -> None:
         for name in self.data:
@@ -149,6 +159,15 @@ class _Table:
 
 
 _REQUIRED = object()
+
+
+def default(cls: type, name: str) -> Any:
+    """A config field's default, for the few places outside this module that print or
+    compare it (discover, the deploy template's test): written once, in the dataclass."""
+    return cls.__dataclass_fields__[name].default
+
+
+_ROUTE_PORT = default(Route, "port")
 
 
 def _int(v: Any) -> tuple[bool, Any]:
@@ -254,37 +273,37 @@ def _is_cidr(v: str) -> bool:
     return True
 
 
-def _cidrs(t: _Table, default: Any) -> Any:
-    return t.get("allow", default, "cidrs", lambda v: all(map(_is_cidr, v)))
+def _cidrs(t: _Table) -> Any:
+    return t.get("allow", "cidrs", lambda v: all(map(_is_cidr, v)))
 
 
 def _listen(t: _Table) -> Listen:
-    address = t.get("address", _REQUIRED, "ip", _is_ip)
-    allow = _cidrs(t, None)
+    address = t.get("address", "ip", _is_ip, default=_REQUIRED)
+    allow = _cidrs(t)
     listen = Listen(
         address=str(ipaddress.ip_address(address)),
-        port=t.get("port", 443, "port", _port),
+        port=t.get("port", "port", _port),
         allow=tuple(allow) if allow is not None else None,
-        proxy_protocol=t.get("proxy_protocol", False, "bool"),
+        proxy_protocol=t.get("proxy_protocol", "bool"),
     )
     t.done()
     return listen
 
 
 def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
-    servers = t.get("nameservers", None, "ips", lambda v: len(v) > 0 and all(map(_is_ip, v)))
+    servers = t.get("nameservers", "ips", lambda v: len(v) > 0 and all(map(_is_ip, v)))
     if servers is None:
         servers = system_nameservers(resolv_conf)
         if not servers:
             raise ConfigError(t.key("nameservers"), f"not set and {resolv_conf} lists none")
     r = ResolverConfig(
         nameservers=tuple(servers),
-        port=t.get("port", 53, "port", _port),
-        timeout=t.get("timeout", 2.0, "seconds", _positive),
-        min_ttl=t.get("min_ttl", 5.0, "seconds", lambda v: v >= 0),
-        max_ttl=t.get("max_ttl", 300.0, "seconds", _positive),
-        stale_ttl=t.get("stale_ttl", 86400.0, "seconds", lambda v: v >= 0),
-        negative_ttl=t.get("negative_ttl", 5.0, "seconds", lambda v: v >= 0),
+        port=t.get("port", "port", _port),
+        timeout=t.get("timeout", "seconds", _positive),
+        min_ttl=t.get("min_ttl", "seconds", lambda v: v >= 0),
+        max_ttl=t.get("max_ttl", "seconds", _positive),
+        stale_ttl=t.get("stale_ttl", "seconds", lambda v: v >= 0),
+        negative_ttl=t.get("negative_ttl", "seconds", lambda v: v >= 0),
     )
     if r.min_ttl > r.max_ttl:
         raise ConfigError(t.key("min_ttl"), "must not exceed max_ttl")
@@ -295,17 +314,18 @@ def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
 def _server(t: _Table) -> ServerConfig:
     s = ServerConfig(
         workers=_workers(t),
-        splice=t.get("splice", "auto", "splice", lambda v: v in ("auto", "on", "off")),
-        handshake_timeout=t.get("handshake_timeout", 5.0, "seconds", _positive),
-        connect_timeout=t.get("connect_timeout", 5.0, "seconds", _positive),
-        idle_timeout=t.get("idle_timeout", 900.0, "seconds", _positive),
-        drain_timeout=t.get("drain_timeout", 30.0, "seconds", lambda v: v >= 0),
-        max_connections=t.get("max_connections", 10000, "count", _positive),
-        refuse_alert=t.get("refuse_alert", True, "bool"),
-        max_connections_per_client=t.get("max_connections_per_client", None, "count", _positive),
-        allow=tuple(_cidrs(t, ())),
-        user=t.get("user", None, "str", lambda v: len(v) > 0),
-        group=t.get("group", None, "str", lambda v: len(v) > 0),
+        splice=t.get("splice", "splice", lambda v: v in ("auto", "on", "off")),
+        handshake_timeout=t.get("handshake_timeout", "seconds", _positive),
+        connect_timeout=t.get("connect_timeout", "seconds", _positive),
+        idle_timeout=t.get("idle_timeout", "seconds", _positive),
+        drain_delay=t.get("drain_delay", "seconds", lambda v: v >= 0),
+        drain_timeout=t.get("drain_timeout", "seconds", lambda v: v >= 0),
+        max_connections=t.get("max_connections", "count", _positive),
+        refuse_alert=t.get("refuse_alert", "bool"),
+        max_connections_per_client=t.get("max_connections_per_client", "count", _positive),
+        allow=tuple(_cidrs(t)),
+        user=t.get("user", "str", lambda v: len(v) > 0),
+        group=t.get("group", "str", lambda v: len(v) > 0),
     )
     t.done()
     return s
@@ -315,14 +335,14 @@ def _workers(t: _Table) -> int:
     if t.data.get("workers") == "auto":
         t.seen.add("workers")
         return max(1, len(os.sched_getaffinity(0)))
-    return t.get("workers", 1, "workers", lambda v: 1 <= v <= 256)
+    return t.get("workers", "workers", lambda v: 1 <= v <= 256)
 
 
 def _log(t: _Table) -> LogConfig:
     c = LogConfig(
-        access=t.get("access", "stderr", "str", lambda v: len(v) > 0),
-        error=t.get("error", "stderr", "str", lambda v: v != "off" and len(v) > 0),
-        level=t.get("level", "info", "level", lambda v: v in ("debug", "info", "warning", "error")),
+        access=t.get("access", "str", lambda v: len(v) > 0),
+        error=t.get("error", "str", lambda v: v != "off" and len(v) > 0),
+        level=t.get("level", "level", lambda v: v in ("debug", "info", "warning", "error")),
     )
     t.done()
     return c
@@ -330,9 +350,9 @@ def _log(t: _Table) -> LogConfig:
 
 def _metrics(t: _Table) -> MetricsConfig:
     m = MetricsConfig(
-        address=t.get("address", "127.0.0.1", "ip", _is_ip),
-        port=t.get("port", 9464, "port", _port),
-        enabled=t.get("enabled", True, "bool"),
+        address=t.get("address", "ip", _is_ip),
+        port=t.get("port", "port", _port),
+        enabled=t.get("enabled", "bool"),
     )
     t.done()
     return m
@@ -340,27 +360,28 @@ def _metrics(t: _Table) -> MetricsConfig:
 
 def _route(t: _Table) -> Route:
     route = Route(
-        name=t.get("name", _REQUIRED, "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None),
+        name=t.get("name", "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None, default=_REQUIRED),
         patterns=tuple(
             p.lower().rstrip(".")
-            for p in t.get("sni", _REQUIRED, "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v))
+            for p in t.get("sni", "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v),
+                           default=_REQUIRED)
         ),
-        upstream=t.get("upstream", None, "host", lambda v: normalize_host(v) is not None or _is_ip(v)),
-        port=t.get("port", 443, "port", _port),
+        upstream=t.get("upstream", "host", lambda v: normalize_host(v) is not None or _is_ip(v)),
+        port=t.get("port", "port", _port),
     )
     t.done()
     return route
 
 
 def _ecr(t: _Table) -> list[Route]:
-    region = t.get("region", _REQUIRED, "region", lambda v: _REGION.match(v) is not None)
-    accounts = t.get("accounts", _REQUIRED, "accounts", lambda v: len(v) > 0 and all(_ACCOUNT.match(a) for a in v))
-    fips = t.get("fips", False, "bool")
-    dualstack = t.get("dualstack", False, "bool")
-    port = t.get("port", 443, "port", _port)
+    region = t.get("region", "region", lambda v: _REGION.match(v) is not None, default=_REQUIRED)
+    accounts = t.get("accounts", "accounts", lambda v: len(v) > 0 and all(_ACCOUNT.match(a) for a in v), default=_REQUIRED)
+    fips = t.get("fips", "bool", default=False)
+    dualstack = t.get("dualstack", "bool", default=False)
+    port = t.get("port", "port", _port, default=_ROUTE_PORT)
     u = t.table("upstreams")
     upstreams = {
-        kind: u.get(kind, None, "host", lambda v: normalize_host(v) is not None or _is_ip(v))
+        kind: u.get(kind, "host", lambda v: normalize_host(v) is not None or _is_ip(v))
         for kind in ("api", "dkr", "s3")
     }
     u.done()
@@ -370,7 +391,7 @@ def _ecr(t: _Table) -> list[Route]:
 
 def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_CONF) -> Config:
     top = _Table(data, "")
-    listen = tuple(_listen(t) for t in top.tables("listen"))
+    listen = tuple(_listen(t) for t in top.tables("listen", Listen))
     if not listen:
         raise ConfigError("listen", "at least one [[listen]] table is required")
     seen_listen: set[tuple[str, int]] = set()
@@ -378,11 +399,11 @@ def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_
         if entry.key in seen_listen:
             raise ConfigError(f"listen[{i}]", f"duplicate listener {entry.address} port {entry.port}")
         seen_listen.add(entry.key)
-    resolver = _resolver(top.table("resolver"), resolv_conf)
-    server = _server(top.table("server"))
-    metrics = _metrics(top.table("metrics"))
-    log = _log(top.table("log"))
-    routes = [_route(t) for t in top.tables("route")]
+    resolver = _resolver(top.table("resolver", ResolverConfig), resolv_conf)
+    server = _server(top.table("server", ServerConfig))
+    metrics = _metrics(top.table("metrics", MetricsConfig))
+    log = _log(top.table("log", LogConfig))
+    routes = [_route(t) for t in top.tables("route", Route)]
     route_paths = [f"route[{i}]" for i in range(len(routes))]
     if "ecr" in data:
         generated = _ecr(top.table("ecr"))

@@ -42,6 +42,7 @@ workers = 1
 handshake_timeout = 4.0
 connect_timeout = 3
 idle_timeout = 600.0
+drain_delay = 15
 drain_timeout = 20.0
 max_connections = 5000
 [metrics]
@@ -96,8 +97,8 @@ def test_full_example(load_text, tmp_path):
     assert config.listen == (Listen("10.0.1.10", 443), Listen("2001:db8::10", 8443))
     assert config.resolver == ResolverConfig(nameservers=("127.0.0.53",), port=5353, timeout=2.5)
     assert config.server == ServerConfig(
-        workers=1, handshake_timeout=4.0, connect_timeout=3.0, idle_timeout=600.0, drain_timeout=20.0,
-        max_connections=5000,
+        workers=1, handshake_timeout=4.0, connect_timeout=3.0, idle_timeout=600.0, drain_delay=15.0,
+        drain_timeout=20.0, max_connections=5000,
     )
     assert isinstance(config.server.connect_timeout, float)  # an integer is taken as seconds
     assert config.metrics == MetricsConfig(address="127.0.0.1", port=9465)
@@ -123,9 +124,10 @@ def test_defaults(load_text):
         stale_ttl=86400.0, negative_ttl=5.0,
     )
     assert config.server == ServerConfig(
-        workers=1, handshake_timeout=5.0, connect_timeout=5.0, idle_timeout=900.0, drain_timeout=30.0,
-        max_connections=10000, refuse_alert=True,
+        workers=1, handshake_timeout=5.0, connect_timeout=5.0, idle_timeout=900.0, drain_delay=0.0,
+        drain_timeout=30.0, max_connections=10000, refuse_alert=True,
     )
+    assert config.server.drain_delay == 0.0  # documented: a single host closes its listeners at once
     assert config.metrics == MetricsConfig(address="127.0.0.1", port=9464, enabled=True)
     assert all(r.upstream is None and r.port == 443 for r in config.routes)
     assert [r.name for r in config.routes] == ["ecr-api", "ecr-dkr", "ecr-s3"]
@@ -241,6 +243,8 @@ BAD = [
     ("timeout_nan", section("server", "handshake_timeout = nan"), "server.handshake_timeout"),
     ("drain_nan", section("server", "drain_timeout = nan"), "server.drain_timeout"),
     ("drain_negative", section("server", "drain_timeout = -1"), "server.drain_timeout"),
+    ("drain_delay_negative", section("server", "drain_delay = -5"), "server.drain_delay"),
+    ("drain_delay_string", section("server", 'drain_delay = "20s"'), "server.drain_delay"),
     ("max_connections_0", section("server", "max_connections = 0"), "server.max_connections"),
     ("workers_0", section("server", "workers = 0"), "server.workers"),
     ("min_ttl_negative", section("resolver", "min_ttl = -1"), "resolver.min_ttl"),

@@ -26,8 +26,8 @@ SERVICES = ("ecr.api", "ecr.dkr", "s3")
 UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
 SERVICE_PREFIXES = ("com.amazonaws.", "cn.com.amazonaws.")
 AMAZON_DNS = "169.254.169.253"
-LISTEN_PORT = 443
-METRICS = ("127.0.0.1", 9464)
+LISTEN_PORT = config_mod.default(config_mod.Listen, "port")
+METRICS = (config_mod.default(config_mod.MetricsConfig, "address"), config_mod.default(config_mod.MetricsConfig, "port"))
 
 # Regional vpce names: "vpce-<hex>-<id>.<service>..."; zonal names add "-<az>" after the id.
 _REGIONAL = re.compile(r"^(\*\.)?vpce-[0-9a-f]+-[0-9a-z]+\.")
@@ -65,6 +65,19 @@ class Endpoint:
             if _REGIONAL.match(name):
                 return name
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """How this instance serves, when it is one of a fleet behind a load balancer."""
+
+    metrics_address: str = METRICS[0]
+    """Where /metrics, /healthz and /readyz listen; a balancer's health check needs a
+    routable address (the instance's private IP, or 0.0.0.0)."""
+    drain_delay: float | None = None
+    """[server] drain_delay: at least the balancer's health-check interval x threshold."""
+    allow: tuple[str, ...] = ()
+    """[server] allow: the builders' networks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +260,7 @@ def _toml(value: object) -> str:
     return json.dumps(value)
 
 
-def render_toml(site: Site, plan: Plan) -> str:
+def render_toml(site: Site, plan: Plan, service: Service = Service()) -> str:
     """The complete, commented config for the proxy."""
     lines = [
         "# sniproxy configuration written by `sniproxy discover`.",
@@ -267,9 +280,20 @@ def render_toml(site: Site, plan: Plan) -> str:
         f"nameservers = {_toml(resolver_addresses(site.vpc_cidr))}",
         "port = 53",
         "",
-        "# Prometheus metrics at http://ADDRESS:PORT/metrics.",
+    ]
+    server = []
+    if service.drain_delay is not None:
+        server += ["# After SIGTERM, /readyz answers 503 for this long while the proxy still accepts,",
+                   "# so the load balancer's health check takes it out of service first.",
+                   f"drain_delay = {service.drain_delay:g}"]
+    if service.allow:
+        server += ["# Only the builders' networks may connect.", f"allow = {_toml(list(service.allow))}"]
+    if server:
+        lines += ["[server]", *server, ""]
+    lines += [
+        "# Prometheus metrics at http://ADDRESS:PORT/metrics; /healthz and /readyz for health checks.",
         "[metrics]",
-        f"address = {_toml(METRICS[0])}",
+        f"address = {_toml(service.metrics_address)}",
         f"port = {METRICS[1]}",
         "",
         "# ECR in this region: routes for api.ecr, <account>.dkr.ecr and the layer bucket.",
@@ -329,8 +353,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", action="append", default=[], metavar="IP",
                         help="address the proxy listens on; repeat for several (default: the "
                         "instance's private IPv4 addresses)")
+    parser.add_argument("--metrics-address", default=METRICS[0], metavar="IP",
+                        help="address of /metrics, /healthz and /readyz (default %(default)s; behind a "
+                        "load balancer, one its health checks reach, such as 0.0.0.0)")
+    parser.add_argument("--drain-delay", type=float, metavar="SECONDS",
+                        help="[server] drain_delay: after SIGTERM, keep accepting this long while "
+                        "/readyz says 503 (behind a load balancer: its check interval x threshold)")
+    parser.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                        help="[server] allow: a builder network; repeat for several")
     parser.add_argument("--write", metavar="FILE", help="write the config to FILE (the old file "
                         "is kept as FILE.bak) instead of standard output")
+
+
+def _service(args: argparse.Namespace) -> Service:
+    try:
+        ipaddress.ip_address(args.metrics_address)
+    except ValueError:
+        raise UsageError(f"--metrics-address {args.metrics_address!r}: not an IP address") from None
+    if args.drain_delay is not None and not 0 <= args.drain_delay < float("inf"):
+        raise UsageError(f"--drain-delay {args.drain_delay:g}: expected seconds, 0 or more")
+    for cidr in args.allow:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as exc:
+            raise UsageError(f"--allow {cidr!r}: {exc}") from None
+    return Service(args.metrics_address, args.drain_delay, tuple(args.allow))
 
 
 def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint]]:
@@ -408,12 +455,13 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
     from sniproxy.tools import aws
 
     try:
+        service = _service(args)
         site, endpoints = _gather(args, connect)
     except (UsageError, aws.AwsError) as exc:
         print(f"discover: error: {exc}", file=sys.stderr)
         return 2
     plan = assess(site, endpoints)
-    text = render_toml(site, plan)
+    text = render_toml(site, plan, service)
     try:
         config = parse(text, args.write or "sniproxy discover")
     except (ConfigError, tomllib.TOMLDecodeError) as exc:

@@ -195,6 +195,31 @@ def test_generated_config_is_what_sniproxy_loads(tmp_path):
                for line in text.splitlines())
 
 
+def test_fleet_options_reach_the_config():
+    """Behind a load balancer: metrics (and /readyz) on a routable address, a drain delay
+    covering the health check, the builders' networks allowed."""
+    service = discover.Service(metrics_address="0.0.0.0", drain_delay=20, allow=("10.8.0.0/16", "10.9.0.0/16"))
+    config = discover.parse(discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]), service))
+    assert config.metrics.address == "0.0.0.0"
+    assert config.server.drain_delay == 20.0
+    assert config.server.allow == ("10.8.0.0/16", "10.9.0.0/16")
+    plain = discover.parse(discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()])))
+    assert "[server]" not in discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]))
+    assert plain.server.drain_delay == 0.0 and plain.metrics.address == "127.0.0.1"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"metrics_address": "localhost"}, "--metrics-address 'localhost': not an IP address"),
+    ({"drain_delay": -1.0}, "--drain-delay -1: expected seconds, 0 or more"),
+    ({"allow": ["10.8.0.1/16"]}, "--allow '10.8.0.1/16'"),
+])
+def test_bad_fleet_options_are_one_line(flags, message, capsys):
+    assert discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"], **flags),
+                         connect=stub_connect([])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
 def test_config_without_overrides_has_no_upstreams_table():
     text = discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]))
     assert "[ecr.upstreams]" not in text
