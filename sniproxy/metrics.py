@@ -15,6 +15,12 @@ from .stats import CONNECT_BUCKETS, DURATION_BUCKETS
 
 log = logging.getLogger("sniproxy.metrics")
 
+#: Paths on the metrics listener. A load balancer's health check asks READY_PATH: 200 while
+#: the proxy accepts and is not draining, 503 from the moment SIGTERM arrives.
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+
 
 def _buckets(bounds: tuple[float, ...], counts: list) -> tuple[list, float]:
     """Per-bucket counts plus sum -> Prometheus cumulative buckets and the sum."""
