@@ -2,16 +2,21 @@
 
 Lines produced in one event-loop iteration go out in one write(2), so a burst of short
 connections costs one system call, not one each. Every field is either a number or a
-string the proxy validated (host names, route names, IP addresses, fixed close reasons),
-so the line is formatted directly instead of through json.dumps and the logging module.
+string the proxy validated (host names, route names, IP addresses, fixed close reasons,
+group names from a table), so the line is formatted directly instead of through json.dumps
+and the logging module. ALPN names are the client's own bytes: they go through json.dumps,
+once per distinct list.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import Any
+
+from .tls import ClientHello
 
 _second = [-1, ""]  # strftime once per second, not once per line
 
@@ -27,12 +32,35 @@ def _str(value: Any) -> str:
     return "null" if value is None else f'"{value}"'
 
 
-def format_line(t: float, client: str | None, listener: str, sni: str | None, route: str | None,
-                upstream: str | None, to_upstream: int, to_client: int, duration: float, close: str | None) -> str:
+_ALPN: dict[tuple[str, ...], str] = {}
+_ALPN_LIMIT = 256  # keys are client-chosen: bounded
+
+
+def _alpn(protocols: tuple[str, ...]) -> str:
+    text = _ALPN.get(protocols)
+    if text is None:
+        text = json.dumps(list(protocols), separators=(",", ":"))
+        if len(_ALPN) >= _ALPN_LIMIT:
+            _ALPN.clear()
+        _ALPN[protocols] = text
+    return text
+
+
+def format_line(t: float, client: str | None, listener: str, hello: ClientHello | None, route: str | None,
+                upstream: str | None, to_upstream: int, to_client: int, duration: float, close: str,
+                hello_bytes: int = 0, hello_records: int = 0, hello_reads: int = 0,
+                hello_seconds: float = 0.0) -> str:
+    if hello is None:
+        facts = '"sni":null,"alpn":null,"pq":null,"ech":false'
+    else:
+        facts = (f'"sni":{_str(hello.sni)},"alpn":{_alpn(hello.alpn)},"pq":{_str(hello.pq_group)},'
+                 f'"ech":{"true" if hello.ech else "false"}')
     return (
-        f'{{"time":"{_timestamp(t)}","client":{_str(client)},"listener":"{listener}","sni":{_str(sni)},'
+        f'{{"time":"{_timestamp(t)}","client":{_str(client)},"listener":"{listener}",{facts},'
         f'"route":{_str(route)},"upstream":{_str(upstream)},"bytes_to_upstream":{to_upstream},'
-        f'"bytes_to_client":{to_client},"duration":{round(duration, 6)},"close":{_str(close)}}}\n'
+        f'"bytes_to_client":{to_client},"duration":{round(duration, 6)},"close":"{close}",'
+        f'"hello_bytes":{hello_bytes},"hello_records":{hello_records},"hello_reads":{hello_reads},'
+        f'"hello_ms":{round(hello_seconds * 1000, 3)}}}\n'
     )
 
 

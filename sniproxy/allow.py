@@ -7,14 +7,24 @@ Both run once per accepted connection, so they take the peer address string exac
 import ipaddress
 from collections.abc import Iterable
 
-_MAPPED_PREFIX = "::ffff:"  # how Linux prints an IPv4 client on a dual-stack socket
+_MAPPED_PREFIX = "::ffff:"
 
 
 def client_key(ip: str) -> str:
-    """The address that names a client: IPv4-mapped IPv6 becomes plain IPv4."""
-    if ip.startswith(_MAPPED_PREFIX) and "." in ip:
+    """The address that names a client: an IPv4-mapped IPv6 address is its IPv4 address.
+
+    Linux prints one on a dual-stack socket as ``::ffff:10.0.0.7``; Python 3.11's ipaddress
+    (a PROXY v2 AF_INET6 source, a v1 TCP6 one) as ``::ffff:a00:7``. Both name 10.0.0.7,
+    for allowlists, per-client limits and logs alike."""
+    if not ip.startswith(_MAPPED_PREFIX):
+        return ip
+    if "." in ip:
         return ip[len(_MAPPED_PREFIX) :]
-    return ip
+    try:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+    except ValueError:
+        return ip
+    return str(mapped) if mapped is not None else ip
 
 
 class Allowlist:
@@ -72,12 +82,15 @@ class ClientLimits:
 
     __slots__ = ("max_per_client", "_open")
 
-    def __init__(self, max_per_client: int | None):
-        """``max_per_client``: at most this many open connections per client; None: no limit."""
+    def __init__(self, max_per_client: int | None, counts: dict[str, int] | None = None):
+        """``max_per_client``: at most this many open connections per client; None: no limit.
+
+        ``counts`` shares the open counts with the limits a reload replaces, so connections
+        opened before a reload still count after it."""
         if max_per_client is not None and max_per_client < 1:
             raise ValueError("max_per_client must be at least 1")
         self.max_per_client = max_per_client
-        self._open: dict[str, int] = {}
+        self._open: dict[str, int] = counts if counts is not None else {}
 
     def try_acquire(self, ip: str) -> bool:
         """Count a new connection from ``ip``; False (and nothing counted) if over the limit."""

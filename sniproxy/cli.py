@@ -109,36 +109,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from .accesslog import AccessLog
+    from .lifecycle import Flag, Lifecycle
     from .listener import bind
     from .privdrop import drop_privileges
-    from .server import Server
-    from .systemd import Notifier
 
     worker = args.worker_channel is not None
     if worker:
         from .supervisor import read_initial_config
 
         channel = socket.socket(fileno=args.worker_channel)
-        config_text = [read_initial_config(channel)]
-
-        def load_worker_config() -> config_mod.Config:
-            text = config_text[0]
-            return config_mod.loads(text, args.config or config_mod.DEFAULT_PATH) if text else _load(args)
-
-        config = load_worker_config()
+        text = read_initial_config(channel)
+        config = config_mod.loads(text, args.config or config_mod.DEFAULT_PATH) if text else _load(args)
     else:
         config, text = _load_text(args)
-    reopen = setup_logging(config.log, args.log_level, f" worker={args.worker_index}" if worker else "")
+    handlers = setup_logging(config.log, args.log_level, f" worker={args.worker_index}" if worker else "")
     log = logging.getLogger("sniproxy")
-    if worker:
-        sockets = _worker_sockets(config, args.worker_fds)
-    else:
-        sockets = _inherited_sockets(config)
-        # Bind everything now, before any privilege drop, so workers can share the sockets.
-        if config.server.workers > 1:
-            for listen in config.listen:
-                if listen.key not in sockets:
-                    sockets[listen.key] = bind(listen)
+
+    def reopen() -> None:
+        for handler in handlers:
+            handler.reopen()
+
+    # Every listener is bound (or adopted) before the event loop starts and before any
+    # privilege drop: a worker gets the supervisor's sockets, the others bind what systemd
+    # did not pass.
+    sockets = _worker_sockets(config, args.worker_fds) if worker else _inherited_sockets(config)
+    if not worker:
+        for listen in config.listen:
+            if listen.key not in sockets:
+                sockets[listen.key] = bind(listen)
     supervisor = config.server.workers > 1 and not worker
     access_target = "off" if args.no_access_log or supervisor else config.log.access  # workers write it
     try:
@@ -157,39 +155,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def supervise() -> None:
         from .supervisor import Supervisor
+        from .systemd import Notifier
 
-        # Like nginx's master, the supervisor keeps its privileges (to restart workers and
+        # Like nginx's master, the supervisor keeps its privileges (to start workers and
         # reopen logs); it never touches a connection. Each worker drops them once started.
-        sup = Supervisor(config, sockets, sys.argv[1:], lambda: _load_text(args), text)
-        sup.on_usr1 = lambda: [h.reopen() for h in reopen]
-        await sup.run()
+        sup = Supervisor(config, text, sockets, sys.argv[1:], lambda: _load_text(args), reopen)
+        lifecycle = Lifecycle(sup, Notifier())
+        lifecycle.install_signal_handlers(asyncio.get_running_loop())
+        await lifecycle.run()
 
-    async def main() -> None:
+    async def serve() -> None:
+        from .server import Server
+        from .systemd import Notifier
+
         loop = asyncio.get_running_loop()
         if access is not None:
             access.loop = loop
-        server = Server(config, loop, access_log=access, notifier=Notifier({} if worker else os.environ))
-        server.on_usr1 = lambda: [h.reopen() for h in reopen]
-        server.install_signal_handlers()  # before listening: an early signal must not kill us
+        server = Server(config, loop, access, lambda: _load(args), reopen)
+        server.sockets = sockets
         if worker:
             from .supervisor import WorkerChannel
 
-            server.serve_metrics = False
-            server.reuse_port = True
-            def take_reload(new_text: bytes) -> None:
-                config_text[0] = new_text
-                server.request_reload()
-
-            server.channel = WorkerChannel(channel, server.stats.snapshot, take_reload, server.stop)
-            await server.channel.start()
-        await server.start(sockets)
+            notifier = WorkerChannel(channel, server.snapshot, lambda: lifecycle.signal(Flag.STOP))
+            lifecycle = Lifecycle(server, notifier, serves_metrics=False, takes_reloads=False, delays_drain=False)
+        else:
+            lifecycle = Lifecycle(server, Notifier())
+        lifecycle.install_signal_handlers(loop)  # before anything else: an early signal must not kill us
+        if worker:
+            await notifier.start()
         drop_root()
-        await server.run(load_worker_config if worker else (lambda: _load(args)))
+        await lifecycle.run()
+        if worker:
+            await notifier.final()
 
-    if config.server.workers > 1 and not worker:
-        uvloop.run(supervise())
-    else:
-        uvloop.run(main())
+    uvloop.run(supervise() if supervisor else serve())
     return 0
 
 

@@ -1,353 +1,540 @@
-"""One proxied connection: accepted -> hello -> routed -> resolving -> connecting -> pumping -> closed.
+"""One proxied connection, from accept to close, on the engine's event set.
 
-The connection owns both sockets. Until the ClientHello is complete the client socket is
-served by ``HelloProtocol``; after the upstream connects it is handed to a ``pump.Side``.
+    PROXY_HEADER -> HELLO -> RESOLVING -> CONNECTING -> FORWARDING -> CLOSED
+    (any state may go to CLOSED; HELLO skips RESOLVING when the name is cached)
+
+The connection owns both descriptors. It gets a small ``Context`` (routes, resolver, limits,
+stats, access log, timeouts, splice policy, loop guard) and an ``on_closed`` callback; it
+never sees the server. Deadlines (handshake, connect, idle) are fields read by the server's
+once-a-second sweep: there are no per-connection timers or tasks, except a task for a DNS
+cache miss.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import os
+import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-from .accesslog import format_line
+from .accesslog import AccessLog, format_line
+from .allow import Allowlist, ClientLimits, client_key
 from .errors import HelloError
+from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
+from .forward import CHUNK, Flow, Result
+from .hostnames import format_address
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError
 from .proxyproto import parse as parse_proxy_header
-from .pump import SPLICE_AFTER, SPLICE_RETRY, Side
-from .resolver import ResolveError
-from .splice import start as start_splice
-from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, HelloReader
-
-if TYPE_CHECKING:
-    from .listener import ListenerInfo
-    from .server import Server
+from .resolver import ResolveError, Resolver
+from .routes import Route, RouteTable
+from .stats import RouteStats, Stats
+from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, parse_single_record
 
 log = logging.getLogger("sniproxy.connection")
 
+#: The clock of every connection time and deadline: high resolution (the event loop's own
+#: clock moves in 1 ms steps, too coarse for connect times on a LAN).
+clock = time.monotonic
+_readv = os.readv
+_read_buffer = bytearray(CHUNK)
+_read_views = [memoryview(_read_buffer)]
 
-def _addr(peer: Any) -> str | None:
-    if not peer:
-        return None
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+class State(enum.Enum):
+    PROXY_HEADER = "proxy_header"
+    HELLO = "hello"
+    RESOLVING = "resolving"
+    CONNECTING = "connecting"
+    FORWARDING = "forwarding"
+    CLOSED = "closed"
+
+
+#: The only transitions there are; ``_enter`` refuses any other.
+_NEXT: dict[State, frozenset[State]] = {
+    State.PROXY_HEADER: frozenset({State.HELLO, State.CLOSED}),
+    State.HELLO: frozenset({State.RESOLVING, State.CONNECTING, State.CLOSED}),
+    State.RESOLVING: frozenset({State.CONNECTING, State.CLOSED}),
+    State.CONNECTING: frozenset({State.FORWARDING, State.CLOSED}),
+    State.FORWARDING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+#: States whose deadline is the handshake timeout.
+_HANDSHAKE = frozenset({State.PROXY_HEADER, State.HELLO})
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a connection may touch. A reload builds a new one and the server swaps it in
+    one assignment; running connections keep the one they started with."""
+
+    events: EventSet
+    routes: RouteTable
+    resolver: Resolver
+    limits: ClientLimits
+    stats: Stats
+    access_log: AccessLog | None
+    handshake_timeout: float
+    connect_timeout: float
+    idle_timeout: float
+    splice_after: float
+    """Bytes a direction copies before it moves to splice(2) (0: at once; inf: never)."""
+    refuse_alert: bool
+    is_loop: Callable[[str, int], bool]
+    """Would connecting to (ip, port) reach one of our own listeners?"""
+    spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]
+    """Run a coroutine as a task the server keeps a reference to (DNS cache misses only)."""
+
+
+@dataclass(slots=True)
+class ListenerInfo:
+    """What a connection knows of the listener that accepted it. A reload replaces it."""
+
+    name: str
+    allow: Allowlist
+    proxy_protocol: bool
 
 
 class Connection:
     __slots__ = (
-        "server", "listener", "client_transport", "client_addr", "reader", "timer", "task",
-        "state", "sni", "route", "route_stats", "upstream_addr", "client", "upstream",
-        "started", "close_reason", "idle_mark", "idle_since", "counted", "proxy_buf",
+        "ctx", "listener", "on_closed", "state", "client_fd", "upstream_fd", "client_ip",
+        "client_port", "holds_slot", "received", "reader", "client_readable", "client_eof", "hello_bytes",
+        "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "addresses",
+        "attempt", "loops", "failures", "upstream_addr", "up", "down", "started", "connect_started",
+        "deadline", "task", "close_reason", "idle_mark", "idle_since",
     )
 
-    def __init__(self, server: Server, listener: ListenerInfo, transport: asyncio.Transport):
-        self.server = server
+    def __init__(self, ctx: Context, listener: ListenerInfo, fd: int, peer: tuple,
+                 on_closed: Callable[[Connection], None]):
+        self.ctx = ctx
         self.listener = listener
-        self.client_transport = transport
-        self.client_addr = transport.get_extra_info("peername")
-        self.counted: str | None = None  # the address holding a slot in the per-client limits
-        self.proxy_buf = b"" if listener.proxy_protocol else None
-        self.reader: HelloReader | None = HelloReader()
-        self.timer: asyncio.TimerHandle | None = None
+        self.on_closed = on_closed
+        self.state = State.PROXY_HEADER if listener.proxy_protocol else State.HELLO
+        self.client_fd = fd
+        self.upstream_fd = -1
+        self.client_ip = client_key(peer[0]) if peer else ""
+        self.client_port: int | None = peer[1] if peer else None
+        self.holds_slot = False  # counted in ctx.limits, to be released on close
+        self.received = b""  # every client byte before FORWARDING, forwarded as received
+        self.reader: HelloReader | None = None  # only when the hello is not one record in one read
+        self.client_readable = True  # the client's readiness before its Flow exists
+        self.client_eof = False  # and whether its FIN has been seen (EPOLLRDHUP)
+        self.hello_bytes = 0  # the ClientHello's records, as received
+        self.hello_reads = 0
+        self.hello_records = 0
+        self.hello_seconds = 0.0
+        self.hello: ClientHello | None = None
+        self.route: Route | None = None
+        self.route_stats: RouteStats | None = None
+        self.addresses: tuple[str, ...] = ()
+        self.attempt = 0
+        self.loops = 0
+        self.failures: list[str] = []
+        self.upstream_addr: str | None = None
+        self.up: Flow | None = None  # client -> upstream
+        self.down: Flow | None = None  # upstream -> client
+        self.started = clock()
+        self.connect_started = 0.0
+        self.deadline = self.started + ctx.handshake_timeout
         self.task: asyncio.Task | None = None
-        self.state = "hello"
-        self.sni: str | None = None
-        self.route = None
-        self.route_stats = None
-        self.upstream_addr: tuple | None = None
-        self.client: Side | None = None
-        self.upstream: Side | None = None
-        self.started = server.loop.time()
-        self.close_reason: str | None = None
+        self.close_reason = "client_closed"
         self.idle_mark = -1
         self.idle_since = self.started
 
-    # Byte counters as the stats snapshot reads them while the connection runs.
+    # Live byte counters, read by the stats snapshot while the connection runs.
     @property
     def to_upstream(self) -> int:
-        return self.client.nbytes if self.client is not None else 0
+        return self.up.nbytes if self.up is not None else 0
 
     @property
     def to_client(self) -> int:
-        return self.upstream.nbytes if self.upstream is not None else 0
+        return self.down.nbytes if self.down is not None else 0
 
-    # -- admission -------------------------------------------------------------------------
+    def _enter(self, state: State) -> None:
+        if state not in _NEXT[self.state]:
+            raise RuntimeError(f"connection state {self.state.value} -> {state.value}")
+        self.state = state
 
-    def admit(self) -> bool:
+    # -- accept ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Just accepted: admit the client (unless a PROXY header will name it), watch the
+        socket, and read at once: the hello has usually arrived with the handshake's ACK."""
+        if self.state is State.HELLO and not self._admit():
+            return
+        try:
+            self.ctx.events.add(self.client_fd, self)
+        except OSError:
+            self._close("internal_error", reset_client=True)
+            return
+        self._read_client()
+
+    def _admit(self) -> bool:
         """Allowlist and per-client limit, on the real client address."""
-        ip = self.client_addr[0] if self.client_addr else ""  # no peer: reset before accept finished
-        if not self.listener.allow.allows(ip):
-            self.refuse("denied", alert=False)
+        if not self.listener.allow.allows(self.client_ip):
+            self.refuse("denied")
             return False
-        if not self.server.client_limits.try_acquire(ip):
-            self.refuse("client_limit", alert=False)
+        if not self.ctx.limits.try_acquire(self.client_ip):
+            self.refuse("client_limit")
             return False
-        self.counted = ip
+        self.holds_slot = True
         return True
 
-    def on_proxy_data(self, data: bytes) -> None:
-        """A PROXY v1/v2 header from a load balancer precedes the ClientHello."""
-        buf = self.proxy_buf + data
-        try:
-            header = parse_proxy_header(buf)
-        except ProxyProtocolError as exc:
-            log.debug("%s: %s", _addr(self.client_addr), exc)
-            self.refuse("bad_proxy_header", alert=False)
-            return
-        if header is PROXY_NEED_DATA:
-            self.proxy_buf = buf
-            return
-        self.proxy_buf = None
-        if header.source is not None:
-            self.client_addr = header.source
-        if not self.admit():
-            return
-        rest = buf[header.length_consumed :]
-        if rest:
-            self.on_hello_data(rest)
+    # -- events ----------------------------------------------------------------------------
+
+    def on_event(self, fd: int, events: int) -> None:
+        state = self.state
+        if state is State.FORWARDING:
+            self._forward_event(fd, events)
+        elif fd == self.client_fd:
+            if events & ERR:  # reset before forwarding: the client left
+                self._close("client_closed")
+                return
+            if events & RDHUP:
+                self.client_eof = True
+            if state in _HANDSHAKE:
+                self._read_client()
+            else:  # resolving or connecting: remember; the client Flow reads it later
+                self.client_readable = True
+        elif state is State.CONNECTING:
+            if events & ERR:
+                self._connect_failed(errno_name(socket_error(fd)))
+            elif events & OUT:
+                self._connected(events)
+
+    def _forward_event(self, fd: int, events: int) -> None:
+        up, down = self.up, self.down
+        if fd == self.client_fd:
+            if events & ERR:
+                self._reset("client", up)
+                return
+            if events & IN:
+                up.readable = True
+                if events & RDHUP:
+                    up.eof_pending = True
+            if events & OUT:
+                down.writable = True
+        else:
+            if events & ERR:
+                self._reset("upstream", down)
+                return
+            if events & IN:
+                down.readable = True
+                if events & RDHUP:
+                    down.eof_pending = True
+            if events & OUT:
+                up.writable = True
+        self._run(up)
+        if self.state is State.FORWARDING:
+            self._run(down)
 
     # -- hello -----------------------------------------------------------------------------
 
-    def on_hello_data(self, data: bytes) -> None:
-        reader = self.reader
+    def _read_client(self) -> None:
         try:
-            hello = reader.feed(data)
+            n = _readv(self.client_fd, _read_views)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close("client_closed")
+            return
+        if n == 0:
+            log.debug("%s: closed before a complete ClientHello", self._client())
+            self._close("client_closed")
+            return
+        self.hello_reads += 1
+        data = bytes(_read_buffer[:n])
+        if self.state is State.PROXY_HEADER:
+            data = self._proxy_header(data)
+            if not data:
+                return
+        try:
+            if self.reader is None and not self.received:
+                hello = parse_single_record(data)
+                if hello is not None:
+                    self.received = data
+                    self.hello_bytes = len(data)
+                    self.hello_records = 1
+                    self._routed(hello)
+                    return
+                self.reader = HelloReader()
+            hello = self.reader.feed(data)
         except HelloError as exc:
-            log.debug("%s: %s", _addr(self.client_addr), exc)
-            self.refuse(exc.reason, alert=False)
+            log.debug("%s: %s", self._client(), exc)
+            self.refuse(exc.reason)
             return
         if hello is NEED_DATA:
             return
-        self.timer.cancel()
-        self.sni = hello.sni
+        reader = self.reader
+        self.received = bytes(reader.received)
+        self.hello_bytes = reader.consumed
+        self.hello_records = reader.records
+        self.reader = None
+        self._routed(hello)
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """A PROXY v1/v2 header from a load balancer precedes the hello: returns the bytes
+        after it, or b"" when it is incomplete or refused."""
+        buf = self.received + data
+        try:
+            header = parse_proxy_header(buf)
+        except ProxyProtocolError as exc:
+            log.debug("%s: %s", self._client(), exc)
+            self.refuse("bad_proxy_header")
+            return b""
+        if header is PROXY_NEED_DATA:
+            self.received = buf
+            return b""
+        self.received = b""
+        if header.source is not None:
+            self.client_ip = client_key(header.source[0])
+            self.client_port = header.source[1]
+        self._enter(State.HELLO)
+        if not self._admit():
+            return b""
+        return buf[header.length_consumed:]
+
+    def _routed(self, hello: ClientHello) -> None:
+        """A complete hello: route it, then resolve (or use the cache) and connect."""
+        self.hello = hello
+        self.hello_seconds = clock() - self.started
         if hello.sni is None:
             self.refuse("no_sni", alert=True)
             return
-        route = self.server.routes.match(hello.sni)
+        route = self.ctx.routes.match(hello.sni)
         if route is None:
+            log.debug("%s: no route for %s", self._client(), hello.sni)
             self.refuse("no_route", alert=True)
             return
         self.route = route
-        self.state = "resolving"
-        self.client_transport.pause_reading()
-        self.task = self.server.loop.create_task(self.open_upstream())
+        self.route_stats = rs = self.ctx.stats.route(route.name)
+        rs.observe_hello(self.hello_bytes, self.hello_records, self.hello_reads, self.hello_seconds,
+                         hello.pq_group, hello.ech)
+        host = route.upstream_for(hello.sni)
+        addresses = self.ctx.resolver.cached(host)
+        if addresses is not None:
+            self._enter(State.CONNECTING)
+            self._connect_to(addresses)
+            return
+        self._enter(State.RESOLVING)
+        self.task = self.ctx.spawn(self._resolve(host))
 
-    def on_handshake_timeout(self) -> None:
-        if self.state == "hello":
-            self.refuse("handshake_timeout", alert=False)
-
-    def refuse(self, reason: str, alert: bool) -> None:
-        """Close a connection that never reaches an upstream, counting why."""
-        self.server.stats.reject(reason)
-        self.close_reason = reason
-        self.state = "closed"
-        if self.timer is not None:
-            self.timer.cancel()
-        t = self.client_transport
-        if alert and self.server.config.server.refuse_alert and not t.is_closing():
-            t.write(UNRECOGNIZED_NAME_ALERT)
-            t.close()
-        else:
-            t.abort()
+    async def _resolve(self, host: str) -> None:
+        try:
+            addresses = await self.ctx.resolver.resolve(host)
+        except ResolveError as exc:
+            if self.state is State.RESOLVING:
+                log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
+                self.refuse("resolve_failed")
+            return
+        finally:
+            self.task = None
+        if self.state is State.RESOLVING:
+            self._enter(State.CONNECTING)
+            self._connect_to(addresses)
 
     # -- upstream --------------------------------------------------------------------------
 
-    async def open_upstream(self) -> None:
-        try:
-            await self._open_upstream()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug must cost one connection, logged, never a hung one
-            log.exception("%s: internal error while connecting", _addr(self.client_addr))
-            upstream = self.upstream
-            if upstream is not None and upstream.transport is not None and not upstream.lost:
-                upstream.transport.abort()
-            if self.state != "closed":
-                self.refuse("internal_error", alert=False)
+    def _connect_to(self, addresses: tuple[str, ...]) -> None:
+        self.addresses = addresses
+        self.attempt = 0
+        self._try_next()
 
-    async def _open_upstream(self) -> None:
-        server = self.server
+    def _try_next(self) -> None:
+        """Connect to the next address that is not our own listener; refuse when none is left."""
         route = self.route
-        host = route.upstream_for(self.sni)
-        try:
-            addresses = server.resolver.cached(host) or await server.resolver.resolve(host)
-        except ResolveError as exc:
-            log.warning("route %s: cannot resolve %s: %s", route.name, host, exc)
-            self.refuse("resolve_failed", alert=False)
-            return
-        self.state = "connecting"
-        loop = server.loop
-        client = Side(self, "client")
-        client.transport = self.client_transport
-        loops = 0
-        failures = []
-        for ip in addresses:
-            if server.is_loop(ip, route.port):
-                loops += 1
+        while self.attempt < len(self.addresses):
+            ip = self.addresses[self.attempt]
+            self.attempt += 1
+            if self.ctx.is_loop(ip, route.port):
+                self.loops += 1
                 continue
-            upstream = Side(self, "upstream")
-            upstream.peer, client.peer = client, upstream
-            started = loop.time()
             try:
-                async with asyncio.timeout(server.config.server.connect_timeout):
-                    await loop.create_connection(lambda: upstream, ip, route.port)  # noqa: B023 (awaited here)
-            except (OSError, TimeoutError) as exc:
-                failures.append(f"{ip}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timeout'}")
+                sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:  # out of descriptors: the next address would fare no better
+                self.failures.append(f"{ip}: {exc.strerror or exc}")
+                break
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = sock.connect_ex((ip, route.port))
+            except OSError as exc:
+                sock.close()
+                self.failures.append(f"{ip}: {exc.strerror or exc}")
                 continue
-            except asyncio.CancelledError:  # the client left while we connected
-                if upstream.transport is not None:
-                    upstream.transport.abort()
-                raise
-            if upstream.lost:  # connected, then closed before we could attach
-                failures.append(f"{ip}: closed at once")
+            if code not in (0, 115):  # EINPROGRESS
+                sock.close()
+                self.failures.append(f"{ip}: {os.strerror(code)}")
                 continue
-            self.attach(route, client, upstream, (ip, route.port), loop.time() - started)
+            fd = self.upstream_fd = sock.detach()
+            self.upstream_addr = format_address(ip, route.port)
+            self.connect_started = clock()
+            self.deadline = self.connect_started + self.ctx.connect_timeout
+            try:
+                self.ctx.events.add(fd, self)  # a finished connect reports OUT at once
+            except OSError:
+                self._drop_upstream()
+                self.failures.append(f"{ip}: cannot watch the socket")
+                continue
             return
-        if loops and loops == len(addresses):
-            log.error("route %s: %s resolves to this proxy's own listener; refusing a loop", route.name, host)
-            self.refuse("loop", alert=False)
+        if self.loops and self.loops == len(self.addresses):
+            log.error("route %s: %s resolves to this proxy's own listener; refusing a loop",
+                      route.name, route.upstream_for(self.hello.sni))
+            self.refuse("loop")
         else:
-            log.warning("route %s: cannot connect to %s port %d: %s", route.name, host, route.port, "; ".join(failures))
-            self.refuse("connect_failed", alert=False)
+            log.warning("route %s: cannot connect to %s port %d: %s", route.name,
+                        route.upstream_for(self.hello.sni), route.port, "; ".join(self.failures))
+            self.refuse("connect_failed")
 
-    def attach(self, route: Any, client: Side, upstream: Side, addr: tuple, connect_time: float) -> None:
-        """Upstream connected: forward the hello as received, then pump both ways."""
-        stats = self.server.stats
-        rs = stats.route(route.name)
+    def _connect_failed(self, why: str) -> None:
+        self.failures.append(f"{self.addresses[self.attempt - 1]}: {why}")
+        self._drop_upstream()
+        self._try_next()
+
+    def _drop_upstream(self) -> None:
+        self.ctx.events.close(self.upstream_fd)
+        self.upstream_fd = -1
+        self.upstream_addr = None
+
+    def _connected(self, events: int) -> None:
+        """The upstream accepted: forward the hello as received, then both ways."""
+        ctx = self.ctx
+        now = clock()
+        rs = self.route_stats
         rs.connections += 1
         rs.active += 1
-        rs.connect.observe(connect_time)
-        self.route_stats = rs
-        self.upstream_addr = addr
-        self.client, self.upstream = client, upstream
-        self.state = "pumping"
-        stats.live.add(self)
-        hello = bytes(self.reader.received)
-        self.reader = None
-        client.nbytes = len(hello)
-        # Zero-copy path: sniproxy.splice takes both sockets over from here, unless the
-        # upstream already spoke into uvloop's buffers (then the pump carries on).
-        if self.server.splice and start_splice(self, client, upstream, hello):
-            self.client_transport = None  # aborted by the takeover: let it go (~1 KiB each)
-            return
-        upstream.transport.write(hello)
-        if self.server.splice_later:
-            client.splice_at = upstream.splice_at = SPLICE_AFTER
-        t = self.client_transport
-        t.set_protocol(client)
-        client.connection_made(t)
-        t.resume_reading()
+        rs.connect.observe(now - self.connect_started)
+        self._enter(State.FORWARDING)
+        self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, head=self.received,
+                       readable=self.client_readable, eof_pending=self.client_eof)
+        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, eof_pending=bool(events & RDHUP))
+        self.received = b""
+        self.failures = []
+        self.idle_since = now
+        ctx.stats.live.add(self)
+        self._run(self.up)
+        if self.state is State.FORWARDING:
+            self._run(self.down)
 
-    def move_to_splice(self) -> None:
-        """Hand a busy pumping pair over to splice(2), at a moment when neither transport
-        holds unsent bytes, so nothing is lost or reordered. If this is not such a moment,
-        ask again after the next SPLICE_RETRY bytes."""
-        client, upstream = self.client, self.upstream
-        if self.state != "pumping" or self.client_transport is None:
-            return  # closed, or moved already
-        if client.eof or upstream.eof or client.lost or upstream.lost:
+    # -- forwarding ------------------------------------------------------------------------
+
+    def _run(self, flow: Flow) -> None:
+        result = flow.run()
+        if result is Result.WAIT:
             return
-        if not upstream.transport.get_write_buffer_size() and start_splice(self, client, upstream, b""):
-            self.client_transport = None
-            log.debug("%s: moved to splice after %d bytes", _addr(self.client_addr), self.to_upstream + self.to_client)
+        if result is Result.EOF:
+            if self.up.done and self.down.done:
+                self._close("done")
+        elif result is Result.MORE:
+            self.ctx.events.post(lambda: self._resume(flow))
+        elif result is Result.SRC_FAILED:
+            self._reset("client" if flow is self.up else "upstream", flow)
+        elif flow is self.up:  # DST_FAILED
+            self._reset("upstream", self.down)
+        else:
+            self._reset("client", self.up)
+
+    def _resume(self, flow: Flow) -> None:
+        if self.state is State.FORWARDING:
+            self._run(flow)
+
+    def _reset(self, side: str, sent_by: Flow) -> None:
+        """A reset (or a failed write) on ``side``, whose bytes ``sent_by`` carries: pass it on
+        to the other side as a reset. Once that side's FIN has been passed on, though, it had
+        finished: a reset then only refuses late bytes (a TLS close_notify after the server
+        closed), and the pair ends as done, without a reset."""
+        if sent_by.done:
+            self._close("done")
             return
-        client.splice_at = client.nbytes + SPLICE_RETRY
-        upstream.splice_at = upstream.nbytes + SPLICE_RETRY
+        if log.isEnabledFor(logging.DEBUG):
+            why = self.up.error or self.down.error
+            log.debug("%s: %s reset (%s)", self._client(), side, why or "EPOLLERR")
+        self._close(f"{side}_reset", reset_client=side == "upstream", reset_upstream=side == "client")
 
     # -- close -----------------------------------------------------------------------------
 
-    def client_lost(self, exc: Exception | None) -> None:
-        """The client socket closed while still in HelloProtocol (before pumping)."""
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-        if self.close_reason is None:
-            self.close_reason = "client_closed"
-        self.state = "closed"
-        self.finish()
-
-    def side_lost(self, side: Side, exc: Exception | None) -> None:
-        if self.close_reason is None:
-            if exc is not None:
-                self.close_reason = f"{side.name}_reset"
-            elif side.peer.lost:
-                self.close_reason = "done"
-        if side.lost and side.peer.lost:
-            self.state = "closed"
-            self.finish()
+    def refuse(self, reason: str, alert: bool = False) -> None:
+        """Close a connection that never reaches FORWARDING, counting why."""
+        self.ctx.stats.reject(reason)
+        if alert and self.ctx.refuse_alert:
+            try:
+                os.write(self.client_fd, UNRECOGNIZED_NAME_ALERT)
+            except OSError:
+                pass
+        self._close(reason)
 
     def abort(self, reason: str) -> None:
-        """Idle timeout or end of drain: close both sockets now."""
-        if self.close_reason is None:
-            self.close_reason = reason
-        if self.state == "pumping":
-            for side in (self.client, self.upstream):
-                if not side.lost:
-                    side.transport.abort()
-        elif self.state != "closed":
-            self.refuse(reason, alert=False)
+        """The sweep's deadlines and the end of drain: close now."""
+        if self.state is State.FORWARDING:
+            self._close(reason)
+        elif self.state is not State.CLOSED:
+            self.refuse(reason)
 
-    def finish(self) -> None:
-        server = self.server
-        server.connections.discard(self)
-        if self.counted is not None:
-            server.client_limits.release(self.counted)
-            self.counted = None
-        duration = server.loop.time() - self.started
-        rs = self.route_stats
-        if rs is not None and self in server.stats.live:
-            server.stats.live.discard(self)
+    def expire(self, now: float) -> None:
+        """Called by the sweep: act on a deadline that has passed."""
+        state = self.state
+        if state in _HANDSHAKE:
+            if now >= self.deadline:
+                self.refuse("handshake_timeout")
+        elif state is State.CONNECTING:
+            if now >= self.deadline:
+                self._connect_failed("timeout")
+        elif state is State.FORWARDING:
+            total = self.up.nbytes + self.down.nbytes
+            if total != self.idle_mark:
+                self.idle_mark = total
+                self.idle_since = now
+            elif now - self.idle_since >= self.ctx.idle_timeout:
+                self._close("idle")
+
+    def _close(self, reason: str, reset_client: bool = False, reset_upstream: bool = False) -> None:
+        if self.state is State.CLOSED:
+            return
+        forwarding = self.state is State.FORWARDING
+        self.state = State.CLOSED
+        self.close_reason = reason
+        ctx = self.ctx
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if reset_client:
+            close_with_reset(self.client_fd)
+        ctx.events.close(self.client_fd)
+        if self.upstream_fd >= 0:
+            if reset_upstream:
+                close_with_reset(self.upstream_fd)
+            ctx.events.close(self.upstream_fd)
+        if self.holds_slot:
+            ctx.limits.release(self.client_ip)
+            self.holds_slot = False
+        duration = clock() - self.started
+        if forwarding:
+            self.up.release()
+            self.down.release()
+            ctx.stats.live.discard(self)
+            rs = self.route_stats
             rs.active -= 1
-            rs.to_upstream += self.client.nbytes
-            rs.to_client += self.upstream.nbytes
+            rs.to_upstream += self.up.nbytes
+            rs.to_client += self.down.nbytes
             rs.duration.observe(duration)
-        if server.access_log is not None:
-            route = self.route
-            server.access_log.write(format_line(
-                time.time(), _addr(self.client_addr), self.listener.name, self.sni,
-                route.name if route is not None else None, _addr(self.upstream_addr),
-                self.to_upstream, self.to_client, duration, self.close_reason,
-            ))
-        server.connection_closed()
+        if ctx.access_log is not None:
+            ctx.access_log.write(self._log_line(duration))
+        self.on_closed(self)
 
+    def _log_line(self, duration: float) -> str:
+        hello = self.hello
+        route = self.route
+        return format_line(
+            time.time(), self._client(), self.listener.name, hello, route.name if route else None,
+            self.upstream_addr if self.up is not None else None, self.to_upstream, self.to_client,
+            duration, self.close_reason, self.hello_bytes, self.hello_records, self.hello_reads,
+            self.hello_seconds,
+        )
 
-class HelloProtocol(asyncio.Protocol):
-    """Serves a freshly accepted client socket until its ClientHello is complete."""
-
-    __slots__ = ("server", "listener", "conn")
-
-    def __init__(self, server: Server, listener: ListenerInfo):
-        self.server = server
-        self.listener = listener
-        self.conn: Connection | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self.server
-        conn = self.conn = Connection(server, self.listener, transport)  # type: ignore[arg-type]
-        server.connections.add(conn)
-        if len(server.connections) > server.config.server.max_connections:
-            conn.refuse("limit", alert=False)
-            return
-        # Behind a load balancer the real client is known only after the PROXY header.
-        if conn.proxy_buf is None and not conn.admit():
-            return
-        conn.timer = server.loop.call_later(server.config.server.handshake_timeout, conn.on_handshake_timeout)
-
-    def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.state == "hello":
-            if conn.proxy_buf is None:
-                conn.on_hello_data(data)
-            else:
-                conn.on_proxy_data(data)
-
-    def eof_received(self) -> bool:
-        if self.conn.state == "hello":
-            log.debug("%s: closed before a complete ClientHello", _addr(self.conn.client_addr))
-        return False  # a client that half-closes before we connected has nothing left to say
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.client_lost(exc)
+    def _client(self) -> str | None:
+        return format_address(self.client_ip, self.client_port) if self.client_ip else None

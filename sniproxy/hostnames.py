@@ -23,3 +23,10 @@ def normalize_host(name: str) -> str | None:
     if labels[-1].isdigit():  # IPv4 literals and bare numbers; IPv6 fails the label check
         return None
     return name
+
+
+def format_address(host: str | None, port: int | None) -> str | None:
+    """host:port, IPv6 in brackets: how logs, metrics and messages name an endpoint."""
+    if host is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

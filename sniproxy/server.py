@@ -1,7 +1,9 @@
-"""The server's lifecycle, top to bottom: startup -> serve -> shutdown.
+"""One process's proxy: its listeners, the engine's event set, the live connections, and
+the context new connections get. The ``Lifecycle`` drives it (as a single process, or as a
+worker under a supervisor).
 
-Signal handlers only set flags; ``run`` reacts. Shared state lives here: the live connections,
-the route table and resolver that new connections use, and the stats.
+Shared state lives here and nowhere else: the set of live connections, the listeners, and
+``ctx``, which a reload replaces in one assignment.
 """
 
 from __future__ import annotations
@@ -9,57 +11,110 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from .accesslog import AccessLog
-from .allow import ClientLimits
+from .allow import Allowlist, ClientLimits
 from .config import Config, Listen
+from .connection import Connection, Context, ListenerInfo, clock
 from .errors import ConfigError, SniproxyError
-from .listener import ListenerInfo, bind, is_wildcard, listen_name, serve
-from .metrics import make_registry, start_http
+from .events import EventSet
+from .listener import Listener, bind, is_wildcard, listen_name
 from .resolver import Resolver
 from .routes import RouteTable
-from .splice import splice_enabled
+from .splice import splice_after
 from .stats import Stats
-from .systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("sniproxy")
 
+#: Deadlines (handshake, connect, idle) are checked this often, at most.
+SWEEP_INTERVAL = 1.0
+#: Changed settings that a reload of one process cannot apply.
+RESTART_ONLY = (("server", "workers"), ("server", "user"), ("server", "group"), ("metrics", None), ("log", None))
 
-def splice_modes(mode: str) -> tuple[bool, bool]:
-    """(splice right after the hello, splice once a connection carries SPLICE_AFTER)."""
-    available = splice_enabled(mode)
-    return (available and mode == "on", available and mode == "auto")
+
+def restart_only_changes(old: Config, new: Config, keys: Iterable[tuple[str, str | None]] = RESTART_ONLY) -> list[str]:
+    """The restart-only settings ``new`` changes: "[server] workers", "[metrics]"..."""
+    changed = []
+    for section, key in keys:
+        a, b = getattr(old, section), getattr(new, section)
+        if key is not None:
+            a, b = getattr(a, key), getattr(b, key)
+        if a != b:
+            changed.append(f"[{section}] {key}" if key else f"[{section}]")
+    return changed
 
 
 class Server:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None = None,
-                 notifier: Notifier | None = None):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None,
+                 load_config: Callable[[], Config] | None = None, reopen: Callable[[], None] | None = None):
         self.config = config
         self.loop = loop
         self.access_log = access_log
-        self.notifier = notifier or Notifier({})
+        self.load_config = load_config
+        self._reopen = reopen
+        self.events = EventSet(loop)
         self.stats = Stats()
-        self.routes = RouteTable(config.routes)
-        self.resolver = Resolver(config.resolver, self.stats)
-        self.client_limits = ClientLimits(config.server.max_connections_per_client)
-        self.splice, self.splice_later = splice_modes(config.server.splice)
-        self.connections: set = set()
-        self.listeners: dict[tuple[str, int], tuple[asyncio.AbstractServer, ListenerInfo]] = {}
-        self.metrics_server: asyncio.AbstractServer | None = None
-        self.on_usr1: Callable[[], None] | None = None
-        self.serve_metrics = True  # a worker leaves /metrics to its supervisor
-        self.reuse_port = False  # workers bind listeners added on reload side by side
-        self.channel = None  # a worker's link to its supervisor
-        self._status_mark = (0.0, 0)
+        self.connections: set[Connection] = set()
+        self.listeners: dict[tuple[str, int], tuple[Listener, ListenerInfo]] = {}
+        self.sockets: dict[tuple[str, int], socket.socket] = {}  # inherited, not yet listening
+        self._client_counts: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._local: dict[str, bool] = {}
         self._loops: dict[tuple[str, int], bool] = {}
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
         self._drained = asyncio.Event()
         self._sweeper: asyncio.TimerHandle | None = None
+        self.ctx = self._context(config, Resolver(config.resolver, self.stats))
+
+    def _context(self, config: Config, resolver: Resolver) -> Context:
+        s = config.server
+        return Context(
+            events=self.events,
+            routes=RouteTable(config.routes),
+            resolver=resolver,
+            limits=ClientLimits(s.max_connections_per_client, self._client_counts),
+            stats=self.stats,
+            access_log=self.access_log,
+            handshake_timeout=s.handshake_timeout,
+            connect_timeout=s.connect_timeout,
+            idle_timeout=s.idle_timeout,
+            splice_after=splice_after(s.splice),
+            refuse_alert=s.refuse_alert,
+            is_loop=self.is_loop,
+            spawn=self._spawn,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- accept ----------------------------------------------------------------------------
+
+    def _accepted(self, key: tuple[str, int], fd: int, peer: tuple) -> None:
+        info = self.listeners[key][1]
+        conn = Connection(self.ctx, info, fd, peer, self._closed)
+        self.connections.add(conn)
+        if len(self.connections) > self.config.server.max_connections:
+            conn.refuse("limit")
+            return
+        conn.start()
+
+    def _closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._drained.set()
+
+    def _listen(self, listen: Listen, sock: socket.socket) -> None:
+        key = listen.key
+        info = ListenerInfo(listen_name(listen), _allowlist(listen, self.config), listen.proxy_protocol)
+        listener = Listener(sock, info.name, self.events, lambda fd, peer: self._accepted(key, fd, peer),
+                            self.stats.accept_error)
+        self.listeners[key] = (listener, info)
+        log.info("listening on %s%s", info.name, " (PROXY protocol)" if info.proxy_protocol else "")
 
     # -- loop refusal ----------------------------------------------------------------------
 
@@ -98,39 +153,98 @@ class Server:
                 self._local[ip] = known
         return known
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- the Service the lifecycle drives ----------------------------------------------------
 
-    async def start(self, sockets: dict[tuple[str, int], socket.socket] | None = None) -> None:
-        """Serve every [[listen]] entry, on an inherited socket where one is given."""
-        sockets = dict(sockets or {})
+    async def start(self) -> None:
+        """Serve every [[listen]] entry, on an inherited socket where one was given."""
         for listen in self.config.listen:
-            sock = sockets.pop(listen.key, None) or bind(listen, reuse_port=self.reuse_port)
-            await self._serve(listen, sock)
-        m = self.config.metrics
-        if m.enabled and self.serve_metrics:
-            registry = make_registry(self.stats.snapshot)
-            self.metrics_server = await start_http(registry, m.address, m.port)
-            log.info("metrics on http://%s/metrics", listen_name(Listen(m.address, m.port)))
+            sock = self.sockets.pop(listen.key, None) or bind(listen)
+            self._listen(listen, sock)
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
         self._schedule_sweep()
-        interval = watchdog_interval()
-        if interval is not None:
-            self._watchdog(interval)
 
-    async def _serve(self, listen: Listen, sock: socket.socket) -> None:
-        info = ListenerInfo(listen, self.config.server.allow)
-        self.listeners[listen.key] = (await serve(self, info, sock), info)
-        log.info("listening on %s%s", info.name, " (PROXY protocol)" if info.proxy_protocol else "")
-
-    def install_signal_handlers(self) -> None:
-        self.loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        self.loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        self.loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        self.loop.add_signal_handler(signal.SIGUSR1, self._usr1)
-
-    def _usr1(self) -> None:
+    async def reload(self) -> bool:
+        """Re-read the config: new routes, resolver, limits, timeouts and splice policy for
+        new connections (running ones keep their context), listeners added and removed."""
         try:
-            if self.on_usr1 is not None:
-                self.on_usr1()
+            new = self.load_config()
+            splice_after(new.server.splice)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        added = [entry for entry in new.listen if entry.key not in self.listeners]
+        sockets = {}
+        try:
+            for listen in added:
+                sockets[listen.key] = bind(listen)
+        except (OSError, SniproxyError) as exc:
+            for sock in sockets.values():
+                sock.close()
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        for setting in restart_only_changes(self.config, new):
+            log.warning("reload: %s changed; that takes effect on restart", setting)
+        wanted = {entry.key: entry for entry in new.listen}
+        for key in [k for k in self.listeners if k not in wanted]:
+            listener, info = self.listeners.pop(key)
+            listener.close()
+            log.info("stopped listening on %s", info.name)
+        old = self.config
+        self.config = new
+        for key, (_, info) in self.listeners.items():
+            info.allow = _allowlist(wanted[key], new)
+            info.proxy_protocol = wanted[key].proxy_protocol
+        for listen in added:
+            self._listen(listen, sockets[listen.key])
+        self._loops.clear()
+        resolver = self.ctx.resolver if new.resolver == old.resolver else Resolver(new.resolver, self.stats)
+        self.ctx = self._context(new, resolver)
+        self._schedule_sweep()
+        log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))
+        return True
+
+    def stop_accepting(self) -> None:
+        for listener, _ in self.listeners.values():
+            listener.close()
+        n = len(self.connections)
+        log.info("stopping: listeners closed, draining %d connections for up to %gs", n,
+                 self.config.server.drain_timeout)
+
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        if self.connections:
+            self._drained.clear()
+            waiter = self.loop.create_task(self._drained.wait())
+            rush = self.loop.create_task(hurry.wait())
+            done, _ = await asyncio.wait({waiter, rush}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            rush.cancel()
+            if self.connections:
+                why = "second stop signal" if rush in done else "drain timeout"
+                log.info("%s: closing %d connections", why, len(self.connections))
+                for conn in list(self.connections):
+                    conn.abort("drain")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    async def collect(self) -> bool:
+        return True  # this very loop is answering
+
+    def snapshot(self) -> dict:
+        return self.stats.snapshot()
+
+    def status(self) -> str:
+        return f"{len(self.connections)} connections"
+
+    def reopen_logs(self) -> None:
+        try:
+            if self._reopen is not None:
+                self._reopen()
             if self.access_log is not None:
                 self.access_log.reopen()
         except OSError as exc:  # e.g. the new file's directory is not writable for us
@@ -138,144 +252,25 @@ class Server:
             return
         log.info("log files reopened")
 
-    def _watchdog(self, interval: float) -> None:
-        """Ping systemd from the event loop itself, so a stuck loop stops the pings."""
-        self.notifier.watchdog()
-        self.notifier.status(self.status_line())
-        self.loop.call_later(interval, self._watchdog, interval)
+    def collectors(self) -> Iterable[object]:
+        return ()
 
-    def status_line(self) -> str:
-        snap = self.stats.snapshot()
-        total = sum(r["to_upstream"] + r["to_client"] for r in snap["routes"].values())
-        now = self.loop.time()
-        then, before = self._status_mark
-        if now - then < 0.5:  # too close to the last sample for a meaningful rate
-            rate = 0.0
-        else:
-            self._status_mark = (now, total)
-            rate = (total - before) / (now - then) if then else 0.0
-        active = sum(r["active"] for r in snap["routes"].values())
-        return f"{active} connections, {rate / 1e6:.1f} MB/s"
-
-    async def run(self, reload_config: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM/SIGINT, reloading on SIGHUP, then drain."""
-        self.notifier.ready(status=self.status_line())
-        if self.channel is None:
-            log.info("ready")
-        while not self._stop.is_set():
-            stop = asyncio.ensure_future(self._stop.wait())
-            hup = asyncio.ensure_future(self._reload.wait())
-            await asyncio.wait({stop, hup}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            hup.cancel()
-            if self._reload.is_set():
-                self._reload.clear()
-                if reload_config is not None:
-                    self.notifier.reloading()
-                    try:
-                        ok = await self.reload(reload_config)
-                    except Exception:  # whatever went wrong, never skip the drain over it
-                        log.exception("reload failed, keeping the running config")
-                        ok = False
-                    self.notifier.ready(status=self.status_line())
-                    if self.channel is not None:
-                        self.channel.reloaded(ok)
-        self.notifier.stopping()
-        await self.shutdown()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def request_reload(self) -> None:
-        self._reload.set()
-
-    async def reload(self, reload_config: Callable[[], Config]) -> bool:
-        try:
-            new = reload_config()
-            splice = splice_modes(new.server.splice)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            return False
-        old = self.config
-        added = [entry for entry in new.listen if entry.key not in self.listeners]
-        sockets = {}
-        try:
-            for listen in added:
-                sockets[listen.key] = bind(listen, reuse_port=self.reuse_port)
-        except (OSError, SniproxyError) as exc:  # BindError: address in use, not ours, port < 1024
-            for sock in sockets.values():
-                sock.close()
-            log.error("reload failed, keeping the running config: %s", exc)
-            return False
-        wanted = {entry.key: entry for entry in new.listen}
-        for key in [k for k in self.listeners if k not in wanted]:
-            srv, info = self.listeners.pop(key)
-            srv.close()
-            log.info("stopped listening on %s", info.name)
-        for key, (_, info) in self.listeners.items():
-            info.update(wanted[key], new.server.allow)
-        self.config = new
-        for listen in added:
-            await self._serve(listen, sockets[listen.key])
-        self._loops.clear()
-        self.routes = RouteTable(new.routes)
-        self.client_limits.max_per_client = new.server.max_connections_per_client
-        self.splice, self.splice_later = splice  # new connections only
-        if new.resolver != old.resolver:
-            self.resolver = Resolver(new.resolver, self.stats)
-        log.info("reloaded %s: %d listeners, %d routes", new.source, len(new.listen), len(new.routes))
-        return True
-
-    async def shutdown(self) -> None:
-        for srv, _ in self.listeners.values():
-            srv.close()
-        n = len(self.connections)
-        drain = self.config.server.drain_timeout
-        log.info("stopping: listeners closed, draining %d connections for up to %.0fs", n, drain)
-        if self.connections:
-            try:
-                async with asyncio.timeout(drain):
-                    await self._drained.wait()
-            except TimeoutError:
-                log.info("drain timeout: closing %d connections", len(self.connections))
-                for conn in list(self.connections):
-                    conn.abort("drain")
-                try:  # let connection_lost callbacks run, so every connection is logged
-                    async with asyncio.timeout(1.0):
-                        await self._drained.wait()
-                except TimeoutError:
-                    pass
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        if self.access_log is not None:
-            self.access_log.flush()
-        if self.channel is not None:
-            await self.channel.final()
-        log.info("stopped")
-
-    def connection_closed(self) -> None:
-        if not self.connections and self._stop.is_set():
-            self._drained.set()
-
-    # -- idle timeout ----------------------------------------------------------------------
+    # -- deadlines ---------------------------------------------------------------------------
 
     def _schedule_sweep(self) -> None:
-        interval = min(1.0, self.config.server.idle_timeout / 4)
-        self._sweeper = self.loop.call_later(interval, self._sweep)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        s = self.config.server
+        interval = min(SWEEP_INTERVAL, s.idle_timeout / 4, s.handshake_timeout / 4, s.connect_timeout / 4)
+        self._sweeper = self.loop.call_later(interval, self._sweep, interval)
 
-    def _sweep(self) -> None:
-        """Close pairs with no bytes either way for idle_timeout. Reads the byte counters the
-        pump keeps anyway, so the data path pays nothing for idle tracking."""
-        now = self.loop.time()
-        idle = self.config.server.idle_timeout
-        for conn in list(self.stats.live):
-            total = conn.to_upstream + conn.to_client
-            if total != conn.idle_mark:
-                conn.idle_mark = total
-                conn.idle_since = now
-            elif now - conn.idle_since >= idle:
-                conn.abort("idle")
-        self._schedule_sweep()
+    def _sweep(self, interval: float) -> None:
+        """Act on passed deadlines: handshake, connect and idle, for every connection."""
+        now = clock()
+        for conn in list(self.connections):
+            conn.expire(now)
+        self._sweeper = self.loop.call_later(interval, self._sweep, interval)
 
+
+def _allowlist(listen: Listen, config: Config) -> Allowlist:
+    return Allowlist(listen.allow if listen.allow is not None else config.server.allow)

@@ -12,6 +12,13 @@ from typing import Any, Protocol
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+#: ClientHello sizes: classic hellos are ~500 B, post-quantum ones ~1.8-2 KB (past one
+#: 1500-byte segment), and a record holds at most 16 KiB.
+HELLO_BYTES_BUCKETS = (256.0, 512.0, 1024.0, 1500.0, 2048.0, 4096.0, 16384.0, 65536.0)
+HELLO_RECORDS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 8.0)
+HELLO_READS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 8.0, 16.0)
+#: From accept to a complete hello.
+HELLO_SECONDS_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
 class Histogram:
@@ -36,7 +43,8 @@ class LiveConnection(Protocol):
 
 
 class RouteStats:
-    __slots__ = ("name", "connections", "active", "to_upstream", "to_client", "connect", "duration")
+    __slots__ = ("name", "connections", "active", "to_upstream", "to_client", "connect", "duration",
+                 "hello_bytes", "hello_records", "hello_reads", "hello_seconds", "hello_pq", "hello_ech")
 
     def __init__(self, name: str):
         self.name = name
@@ -46,6 +54,24 @@ class RouteStats:
         self.to_client = 0
         self.connect = Histogram(CONNECT_BUCKETS)
         self.duration = Histogram(DURATION_BUCKETS)
+        self.hello_bytes = Histogram(HELLO_BYTES_BUCKETS)
+        self.hello_records = Histogram(HELLO_RECORDS_BUCKETS)
+        self.hello_reads = Histogram(HELLO_READS_BUCKETS)
+        self.hello_seconds = Histogram(HELLO_SECONDS_BUCKETS)
+        self.hello_pq: dict[str, int] = {}  # group name -> hellos offering its key share
+        self.hello_ech = 0
+
+    def observe_hello(self, size: int, records: int, reads: int, seconds: float, pq_group: str | None,
+                      ech: bool) -> None:
+        """What a routed ClientHello looked like on the wire, and how long it took to arrive."""
+        self.hello_bytes.observe(size)
+        self.hello_records.observe(records)
+        self.hello_reads.observe(reads)
+        self.hello_seconds.observe(seconds)
+        if pq_group is not None:
+            self.hello_pq[pq_group] = self.hello_pq.get(pq_group, 0) + 1
+        if ech:
+            self.hello_ech += 1
 
 
 class Stats:
@@ -54,6 +80,7 @@ class Stats:
         self.rejected: dict[str, int] = {}
         self.dns: dict[str, int] = {}
         self.dns_cache_hits = 0
+        self.accept_errors: dict[str, int] = {}  # errno name -> failed accept(2) calls
         self.live: set[Any] = set()
         """Connections with a route, whose running byte counts a scrape adds in."""
 
@@ -69,6 +96,9 @@ class Stats:
     def dns_result(self, result: str) -> None:
         self.dns[result] = self.dns.get(result, 0) + 1
 
+    def accept_error(self, name: str) -> None:
+        self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
+
     def snapshot(self) -> dict:
         routes = {
             name: {
@@ -78,6 +108,12 @@ class Stats:
                 "to_client": rs.to_client,
                 "connect": rs.connect.counts + [rs.connect.total],
                 "duration": rs.duration.counts + [rs.duration.total],
+                "hello_bytes": rs.hello_bytes.counts + [rs.hello_bytes.total],
+                "hello_records": rs.hello_records.counts + [rs.hello_records.total],
+                "hello_reads": rs.hello_reads.counts + [rs.hello_reads.total],
+                "hello_seconds": rs.hello_seconds.counts + [rs.hello_seconds.total],
+                "hello_pq": dict(rs.hello_pq),
+                "hello_ech": rs.hello_ech,
             }
             for name, rs in self.routes.items()
         }
@@ -90,25 +126,30 @@ class Stats:
             "rejected": dict(self.rejected),
             "dns": dict(self.dns),
             "dns_cache_hits": self.dns_cache_hits,
+            "accept_errors": dict(self.accept_errors),
         }
+
+
+def empty_snapshot() -> dict:
+    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "accept_errors": {}}
+
+
+def _add(acc: Any, value: Any) -> Any:
+    """Sum two snapshot values of the same shape: numbers, bucket lists, or dicts of numbers."""
+    if isinstance(value, list):
+        return [a + b for a, b in zip(acc, value, strict=True)] if acc is not None else list(value)
+    if isinstance(value, dict):
+        out = dict(acc) if acc is not None else {}
+        for k, v in value.items():
+            out[k] = _add(out.get(k), v)
+        return out
+    return value if acc is None else acc + value
 
 
 def merge(snapshots: Iterable[dict]) -> dict:
     """Sum snapshots of several processes, key by key."""
-    out: dict = {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0}
+    out = empty_snapshot()
     for snap in snapshots:
-        for name, r in snap["routes"].items():
-            acc = out["routes"].get(name)
-            if acc is None:
-                out["routes"][name] = {k: (list(v) if isinstance(v, list) else v) for k, v in r.items()}
-                continue
-            for k, v in r.items():
-                if isinstance(v, list):
-                    acc[k] = [a + b for a, b in zip(acc[k], v)]
-                else:
-                    acc[k] += v
-        for key in ("rejected", "dns"):
-            for k, v in snap[key].items():
-                out[key][k] = out[key].get(k, 0) + v
-        out["dns_cache_hits"] += snap["dns_cache_hits"]
+        for key, value in snap.items():
+            out[key] = _add(out.get(key), value)
     return out

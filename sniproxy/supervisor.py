@@ -1,18 +1,25 @@
-"""Several worker processes sharing the listeners, behind one supervisor.
+"""Several worker processes sharing the listeners, behind one supervisor (nginx's model).
 
-The supervisor binds (or adopts from systemd) the listening sockets, drops privileges, and
-starts ``workers`` copies of ``sniproxy run`` that inherit those sockets and a private
-channel each. It never touches a connection. It owns the one metrics endpoint: at scrape
-time it asks every worker for its stats snapshot over its channel and sums the answers, so
-the per-chunk path in the workers stays lock-free and no scrape sees a partial worker.
+The supervisor binds (or adopts from systemd) the listening sockets and starts ``workers``
+copies of ``sniproxy run`` that inherit them, each with a private channel. It never
+touches a connection.
 
-Signals: SIGTERM/SIGINT/SIGHUP/SIGUSR1 are passed on to every worker, which drain, reload or
-reopen exactly as a single process does. A worker that dies is logged and restarted.
+- **Reload and upgrade.** SIGHUP starts a new generation of workers on the new, validated
+  config (and on whatever code is installed now), waits until every one is ready, then tells
+  the old generation to stop accepting and drain. The old and new workers accept from the
+  same sockets, so no connection is refused while they change over. A generation that does
+  not become ready in ``READY_TIMEOUT`` is stopped, and the old one keeps serving.
+- **Metrics.** The supervisor serves the one metrics endpoint. A scrape asks every worker
+  for its counters; concurrent scrapes share one collection, and a worker that did not
+  answer in ``SNAPSHOT_TIMEOUT`` is not waited for again until it answers (its last
+  counters stand in, and ``sniproxy_workers_unresponsive`` says so).
+- **Failures.** A worker that dies is logged and restarted with back-off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -21,47 +28,74 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .config import Config, Listen
-from .errors import ConfigError
-from .listener import listen_name
-from .metrics import make_registry, start_http
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .config import Config
+from .errors import ConfigError, SniproxyError
+from .listener import bind
 from .splice import splice_enabled
-from .stats import merge
-from .systemd import Notifier, watchdog_interval
+from .stats import empty_snapshot, merge
 
 log = logging.getLogger("sniproxy.supervisor")
 
-#: How long a scrape waits for every worker's snapshot.
+#: How long a collection waits for a worker's counters.
 SNAPSHOT_TIMEOUT = 2.0
+#: How long a new worker may take to start listening.
+READY_TIMEOUT = 30.0
+#: How long old workers may take to close their listeners once told to.
+CLOSE_TIMEOUT = 5.0
+#: After drain_timeout, how long workers get to exit before they are killed.
+EXIT_GRACE = 5.0
 #: Restart back-off for a worker that keeps dying: doubles from 0.5 s, at most this.
 MAX_BACKOFF = 30.0
 
 
-def _empty_snapshot() -> dict:
-    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0}
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # an old generation's, or every one's after SIGTERM
+    EXITED = "exited"
 
 
 class Worker:
-    def __init__(self, index: int):
+    def __init__(self, index: int, generation: int):
         self.index = index
+        self.generation = generation
+        self.state = WorkerState.STARTING
         self.proc: subprocess.Popen | None = None
-        self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.snapshot: dict = _empty_snapshot()
+        self.snapshot: dict = empty_snapshot()
         self.started = 0.0
         self.backoff = 0.5
-        self.lock = asyncio.Lock()
-        self.updated = asyncio.Event()
-        self.reloaded = asyncio.Event()
-        self.reload_ok = True
+        self.ready = asyncio.Event()
+        self.closed = asyncio.Event()  # its listeners are closed
+        self.exited = asyncio.Event()
+        self.answered = asyncio.Event()
+        self.asked = False  # a snapshot request is outstanding
+        self.lagging = False  # did not answer in time; not waited for until it does
         self.watcher: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
+
+    def send(self, message: bytes) -> bool:
+        if self.writer is None or self.writer.is_closing():
+            return False
+        self.writer.write(message)
+        return True
+
+    def kill(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
 
 
 class Supervisor:
-    def __init__(self, config: Config, sockets: dict[tuple[str, int], socket.socket],
-                 worker_argv: list[str], load_config: Callable[[], tuple[Config, bytes]], config_text: bytes):
+    def __init__(self, config: Config, config_text: bytes, sockets: dict[tuple[str, int], socket.socket],
+                 worker_argv: list[str], load_config: Callable[[], tuple[Config, bytes]],
+                 reopen: Callable[[], None] | None = None):
         self.config = config
         self.config_text = config_text
         """The last config that passed validation, as the workers get it: a worker started
@@ -69,20 +103,23 @@ class Supervisor:
         self.sockets = sockets
         self.worker_argv = worker_argv
         self.load_config = load_config
+        self._reopen = reopen
         self.loop = asyncio.get_running_loop()
-        self.notifier = Notifier()
-        self.workers = [Worker(i) for i in range(config.server.workers)]
-        self.retired = _empty_snapshot()  # counters of workers that have exited
+        self.generation = 0
+        self.workers: list[Worker] = []  # the current generation
+        self.old: list[Worker] = []  # earlier generations, draining
+        self.retired = empty_snapshot()  # counters of workers that have exited
+        self.restarts = 0
         self.stopping = False
         self._stop = asyncio.Event()
+        self._collecting: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.on_usr1: Callable[[], None] | None = None
 
     # -- workers ---------------------------------------------------------------------------
 
-    async def spawn(self, w: Worker) -> None:
+    def _spawn(self, w: Worker, config_text: bytes, sockets: dict) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [s.fileno() for s in self.sockets.values()]
+        fds = [s.fileno() for s in sockets.values()]
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         argv = [sys.executable, "-m", "sniproxy", *self.worker_argv,
                 "--worker-channel", str(child.fileno()), "--worker-fds", ",".join(map(str, fds)),
@@ -90,11 +127,9 @@ class Supervisor:
         w.proc = subprocess.Popen(argv, pass_fds=[child.fileno(), *fds], env=env)
         child.close()
         w.started = time.monotonic()
-        w.snapshot = _empty_snapshot()
-        w.reader, w.writer = await asyncio.open_connection(sock=parent, limit=16 << 20)
-        w.writer.write(b"config %d\n" % len(self.config_text) + self.config_text)
-        log.info("worker %d started (pid %d)", w.index, w.proc.pid)
-        w.watcher = self._keep(self.watch(w))
+        parent.sendall(b"config %d\n" % len(config_text) + config_text)
+        w.watcher = self._keep(self._watch(w, parent, config_text, sockets))
+        log.info("worker %d started (pid %d, generation %d)", w.index, w.proc.pid, w.generation)
 
     def _keep(self, coro) -> asyncio.Task:
         task = self.loop.create_task(coro)
@@ -102,163 +137,260 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def watch(self, w: Worker) -> None:
-        """Read the worker's channel until it closes; then account for it and restart it."""
+    async def _watch(self, w: Worker, sock: socket.socket, config_text: bytes, sockets: dict) -> None:
+        """Read a worker's channel until it closes; then account for it, and restart it if
+        it died while serving."""
         proc = w.proc
         try:
-            while line := await w.reader.readline():
+            reader, w.writer = await asyncio.open_connection(sock=sock, limit=16 << 20)
+            while line := await reader.readline():
                 message = json.loads(line)
-                if "reloaded" in message:
-                    w.reload_ok = bool(message["reloaded"])
-                    w.reloaded.set()
-                else:
-                    w.snapshot = message
-                    w.updated.set()
+                if "snapshot" in message:
+                    w.snapshot = message["snapshot"]
+                    w.asked = False
+                    if w.lagging:
+                        w.lagging = False
+                        log.info("%s answers again", w.name)
+                    w.answered.set()
+                elif message.get("accepting") is False:
+                    w.closed.set()
+                elif message.get("ready"):
+                    if w.state is WorkerState.STARTING:
+                        w.state = WorkerState.READY
+                    w.ready.set()
         except (ConnectionError, ValueError):
             pass
         code = await self.loop.run_in_executor(None, proc.wait)
-        self.retire(w)
-        if self.stopping:
-            log.info("worker %d (pid %d) exited with %s", w.index, proc.pid, _describe(code))
+        was = w.state
+        self._retire(w)
+        if self.stopping or was is not WorkerState.READY or w not in self.workers:
+            log.info("%s exited with %s", w.name, _describe(code))
             return
         lived = time.monotonic() - w.started
         w.backoff = 0.5 if lived > 60 else min(w.backoff * 2, MAX_BACKOFF)
-        log.error("worker %d (pid %d) died (%s); restarting in %.1fs", w.index, proc.pid, _describe(code), w.backoff)
+        log.error("%s died (%s); restarting in %.1fs", w.name, _describe(code), w.backoff)
         try:  # a stop during the back-off ends it at once
             async with asyncio.timeout(w.backoff):
                 await self._stop.wait()
         except TimeoutError:
             pass
-        if not self.stopping:
-            await self.spawn(w)
+        if self.stopping or w not in self.workers:
+            return
+        fresh = Worker(w.index, w.generation)
+        fresh.backoff = w.backoff
+        self.workers[self.workers.index(w)] = fresh
+        self.restarts += 1
+        self._spawn(fresh, config_text, sockets)
 
-    def retire(self, w: Worker) -> None:
+    def _retire(self, w: Worker) -> None:
         """Keep a gone worker's counters so totals never go backwards; its gauges go to 0."""
-        snap = w.snapshot
-        for r in snap["routes"].values():
+        for r in w.snapshot["routes"].values():
             r["active"] = 0
-        self.retired = merge([self.retired, snap])
-        w.snapshot = _empty_snapshot()
+        self.retired = merge([self.retired, w.snapshot])
+        w.snapshot = empty_snapshot()
+        w.state = WorkerState.EXITED
+        w.answered.set()
+        w.ready.set()
+        w.closed.set()
+        w.exited.set()
         if w.writer is not None:
             w.writer.close()
             w.writer = None
+        if w in self.old:
+            self.old.remove(w)
 
-    async def refresh(self) -> bool:
-        """Ask every live worker for a fresh snapshot; True if all answered in time."""
-        async def ask(w: Worker) -> bool:
-            if w.writer is None or w.proc is None or w.proc.poll() is not None:
-                return False
-            async with w.lock:  # one request in flight per worker: answers arrive in order
-                try:
-                    w.updated.clear()
-                    w.writer.write(b"snapshot\n")
-                    async with asyncio.timeout(SNAPSHOT_TIMEOUT):
-                        await w.writer.drain()
-                        await w.updated.wait()
-                    return True
-                except (ConnectionError, TimeoutError):
-                    return False
+    async def _start_generation(self, config_text: bytes, sockets: dict, count: int) -> list[Worker] | None:
+        """Start ``count`` workers and wait until all are ready; None (and none left) if not."""
+        self.generation += 1
+        fresh = [Worker(i, self.generation) for i in range(count)]
+        for w in fresh:
+            self._spawn(w, config_text, sockets)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await asyncio.gather(*(w.ready.wait() for w in fresh))
+        except TimeoutError:
+            pass
+        failed = [w for w in fresh if w.state is not WorkerState.READY]
+        if not failed:
+            return fresh
+        for w in failed:
+            why = "exited" if w.state is WorkerState.EXITED else f"was not ready within {READY_TIMEOUT:g}s"
+            log.error("generation %d: %s %s", self.generation, w.name, why)
+        for w in fresh:
+            w.state = WorkerState.DRAINING
+            w.kill(signal.SIGTERM)
+        await _wait_exits(fresh, EXIT_GRACE)
+        return None
 
-        results = await asyncio.gather(*(ask(w) for w in self.workers))
-        return all(results)
+    # -- the Service the lifecycle drives ----------------------------------------------------
 
-    def snapshot(self) -> dict:
-        return merge([self.retired, *(w.snapshot for w in self.workers)])
+    async def start(self) -> None:
+        workers = await self._start_generation(self.config_text, self.sockets, self.config.server.workers)
+        if workers is None:
+            raise SniproxyError("workers did not start (see the lines above)")
+        self.workers = workers
 
-    def signal_workers(self, sig: int) -> None:
-        for w in self.workers:
-            if w.proc is not None and w.proc.poll() is None:
-                w.proc.send_signal(sig)
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._stop.set)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(self.reload()))
-        self.loop.add_signal_handler(signal.SIGUSR1, self.usr1)
-        metrics_server = None
-        m = self.config.metrics
-        if m.enabled:
-            registry = make_registry(self.snapshot)
-            metrics_server = await start_http(registry, m.address, m.port, before_scrape=self.refresh)
-            log.info("metrics on http://%s/metrics (sum of %d workers)", listen_name(Listen(m.address, m.port)),
-                     len(self.workers))
-        for w in self.workers:
-            await self.spawn(w)
-        async with asyncio.timeout(30):
-            while not await self.refresh():
-                await asyncio.sleep(0.05)
-        log.info("ready: %d workers serving", len(self.workers))
-        self.notifier.ready(status=self.status())
-        interval = watchdog_interval()
-        if interval is not None:
-            self._keep(self.watchdog(interval))
-        await self._stop.wait()
-
-        self.stopping = True
-        self.notifier.stopping()
-        log.info("stopping: asking %d workers to drain", len(self.workers))
-        for sock in self.sockets.values():
-            sock.close()  # the workers hold their own copies until they stop listening
-        self.signal_workers(signal.SIGTERM)
-        # Each watcher returns once its worker has exited and been retired.
-        await asyncio.gather(*(w.watcher for w in self.workers if w.watcher is not None), return_exceptions=True)
-        if metrics_server is not None:
-            metrics_server.close()
-        log.info("stopped")
-
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         try:
             new, text = self.load_config()
             splice_enabled(new.server.splice)  # checked here, before any worker sees it
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
-            return
-        self.notifier.reloading()
-        if new.server.workers != len(self.workers):
-            log.warning("[server] workers changed to %d: takes effect on restart", new.server.workers)
+            return False
         if new.metrics != self.config.metrics:
-            log.warning("[metrics] changed: takes effect on restart")
-        wanted = {entry.key for entry in new.listen}
-        for key in [k for k in self.sockets if k not in wanted]:
-            # Workers stop listening themselves; our copy must go too, or the kernel would
-            # keep queueing connections that nobody accepts.
-            self.sockets.pop(key).close()
-        self.config, self.config_text = new, text
-        live = [w for w in self.workers if w.writer is not None]
-        for w in live:
-            w.reloaded.clear()
-            w.writer.write(b"reload %d\n" % len(text) + text)
+            log.warning("reload: [metrics] changed; that takes effect on restart")
+        if new.log != self.config.log:
+            log.warning("reload: [log] changed; that takes effect on restart")
+        sockets = {}
         try:
-            async with asyncio.timeout(30):
-                await asyncio.gather(*(w.reloaded.wait() for w in live))
-            refused = [w.index for w in live if not w.reload_ok]
-            if refused:
-                log.error("reload: workers %s kept their running config (see their log lines)", refused)
-            else:
-                log.info("reloaded %s in %d workers", new.source, len(live))
+            for listen in new.listen:
+                sockets[listen.key] = self.sockets.get(listen.key) or bind(listen)
+        except SniproxyError as exc:
+            for key, sock in sockets.items():
+                if key not in self.sockets:
+                    sock.close()
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        started = time.monotonic()
+        workers = await self._start_generation(text, sockets, new.server.workers)
+        if workers is None:
+            for key, sock in sockets.items():
+                if key not in self.sockets:
+                    sock.close()
+            log.error("reload failed: the new workers did not become ready; the running ones keep serving")
+            return False
+        old, self.workers = self.workers, workers
+        for w in old:
+            if w.state is not WorkerState.EXITED:
+                w.state = WorkerState.DRAINING
+                self.old.append(w)
+                w.kill(signal.SIGTERM)
+        # Done when no old worker accepts any more: from then on every new connection gets
+        # the new config (systemd's reload returns at the READY=1 that follows).
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*(w.closed.wait() for w in old))
         except TimeoutError:
-            log.error("reload: not every worker confirmed within 30s")
-        self.notifier.ready(status=self.status())
+            log.error("reload: old workers %s did not close their listeners within %gs",
+                      [w.proc.pid for w in old if not w.closed.is_set()], CLOSE_TIMEOUT)
+        for key, sock in self.sockets.items():
+            if key not in sockets:
+                sock.close()  # old workers hold their own copies until they stop listening
+        self.sockets = sockets
+        self.config, self.config_text = new, text
+        log.info("reloaded %s: generation %d (%d workers) ready in %.2fs; %d old workers draining",
+                 new.source, self.generation, len(workers), time.monotonic() - started, len(self.old))
+        return True
 
-    def usr1(self) -> None:
-        if self.on_usr1 is not None:
-            self.on_usr1()
-        self.signal_workers(signal.SIGUSR1)
+    def stop_accepting(self) -> None:
+        self.stopping = True
+        self._stop.set()
+        for sock in self.sockets.values():
+            sock.close()
+        log.info("stopping: asking %d workers to drain", len(self.workers))
+        for w in self.workers:
+            w.state = WorkerState.DRAINING
+            w.kill(signal.SIGTERM)
 
-    async def watchdog(self, interval: float) -> None:
-        """Ping systemd only while every worker answers: a wedged worker stops the pings."""
-        while not self.stopping:
-            if await self.refresh():
-                self.notifier.watchdog()
-                self.notifier.status(self.status())
-            await asyncio.sleep(interval)
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        everyone = [*self.workers, *self.old]
+        hurried = self.loop.create_task(hurry.wait())
+        exits = self.loop.create_task(_wait_exits(everyone, timeout + EXIT_GRACE))
+        await asyncio.wait({hurried, exits}, return_when=asyncio.FIRST_COMPLETED)
+        if hurried.done() and not exits.done():
+            for w in everyone:
+                w.kill(signal.SIGTERM)  # a second SIGTERM: workers stop at once
+            await asyncio.wait({exits})
+        hurried.cancel()
+        for w in everyone:
+            if w.proc is not None and w.proc.poll() is None:
+                log.error("%s did not exit; killing it", w.name)
+                w.kill(signal.SIGKILL)
+        await _wait_exits(everyone, EXIT_GRACE)
+
+    async def collect(self) -> bool:
+        """Fresh counters from every worker; True if all answered. Concurrent callers (scrapes,
+        health checks, the watchdog) share one collection."""
+        if self._collecting is None:
+            self._collecting = self.loop.create_task(self._collect())
+            self._collecting.add_done_callback(self._collected)
+        return await asyncio.shield(self._collecting)
+
+    def _collected(self, task: asyncio.Task) -> None:
+        self._collecting = None
+        if not task.cancelled():
+            task.exception()
+
+    async def _collect(self) -> bool:
+        waiting = []
+        for w in (*self.workers, *self.old):
+            if w.state is WorkerState.EXITED or w.state is WorkerState.STARTING:
+                continue
+            if not w.asked:
+                w.answered.clear()
+                if not w.send(b"snapshot\n"):
+                    continue
+                w.asked = True
+            if not w.lagging:
+                waiting.append(w)
+        if waiting:
+            await asyncio.wait([self.loop.create_task(w.answered.wait()) for w in waiting], timeout=SNAPSHOT_TIMEOUT)
+        for w in waiting:
+            if w.asked and w.state is not WorkerState.EXITED:
+                w.lagging = True
+                log.error("%s did not answer within %gs: its counters are from its last answer, and it "
+                          "is not waited for until it answers again", w.name, SNAPSHOT_TIMEOUT)
+        return not any(w.lagging for w in (*self.workers, *self.old) if w.state is not WorkerState.EXITED)
+
+    def snapshot(self) -> dict:
+        return merge([self.retired, *(w.snapshot for w in (*self.workers, *self.old))])
 
     def status(self) -> str:
-        routes = self.snapshot()["routes"].values()
-        active = sum(r["active"] for r in routes)
+        active = sum(r["active"] for r in self.snapshot()["routes"].values())
         return f"{len(self.workers)} workers, {active} connections"
+
+    def reopen_logs(self) -> None:
+        try:
+            if self._reopen is not None:
+                self._reopen()
+        except OSError as exc:
+            log.error("cannot reopen log files (still writing to the old ones): %s", exc)
+        for w in (*self.workers, *self.old):
+            w.kill(signal.SIGUSR1)
+
+    def collectors(self) -> Iterable[object]:
+        return (SupervisorCollector(self),)
+
+
+class SupervisorCollector:
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterable:
+        sup = self.supervisor
+        states = GaugeMetricFamily("sniproxy_workers", "Worker processes, by state.", labels=["state"])
+        everyone = [*sup.workers, *sup.old]
+        for state in (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING):
+            states.add_metric([state.value], sum(1 for w in everyone if w.state is state))
+        lagging = GaugeMetricFamily("sniproxy_workers_unresponsive", "Workers that did not answer the last "
+                                    "collection in time: their counters are from their last answer.")
+        lagging.add_metric([], sum(1 for w in everyone if w.lagging and w.state is not WorkerState.EXITED))
+        restarts = CounterMetricFamily("sniproxy_worker_restarts", "Workers restarted after dying.")
+        restarts.add_metric([], sup.restarts)
+        generation = GaugeMetricFamily("sniproxy_worker_generation", "Generation of the serving workers "
+                                       "(1 at start, one more per successful reload).")
+        generation.add_metric([], sup.generation)
+        return [states, lagging, restarts, generation]
+
+
+async def _wait_exits(workers: Iterable[Worker], timeout: float) -> None:
+    waits = [w.exited.wait() for w in workers if not w.exited.is_set()]
+    if waits:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            pass
 
 
 def _describe(code: int) -> str:
@@ -269,6 +401,8 @@ def _describe(code: int) -> str:
             return f"signal {-code}"
     return f"exit status {code}"
 
+
+# -- the worker's side of the channel --------------------------------------------------------
 
 def read_initial_config(sock: socket.socket) -> bytes:
     """Worker side, before the event loop starts: the config the supervisor validated."""
@@ -289,13 +423,12 @@ def read_initial_config(sock: socket.socket) -> bytes:
 
 
 class WorkerChannel:
-    """Worker side: answer snapshot requests, take reloads; the channel's end means stop."""
+    """Worker side: answers snapshot requests and says when it is ready; the channel's end
+    means the supervisor is gone. It is the worker lifecycle's notifier."""
 
-    def __init__(self, sock: socket.socket, snapshot: Callable[[], dict], on_reload: Callable[[bytes], None],
-                 on_close: Callable[[], None]):
+    def __init__(self, sock: socket.socket, snapshot: Callable[[], dict], on_close: Callable[[], None]):
         self.sock = sock
         self.snapshot = snapshot
-        self.on_reload = on_reload
         self.on_close = on_close
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None
@@ -304,29 +437,44 @@ class WorkerChannel:
         reader, self.writer = await asyncio.open_connection(sock=self.sock)
         self.task = asyncio.get_running_loop().create_task(self._serve(reader))
 
-    def _send(self) -> None:
-        self.writer.write(json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n")
-
-    def reloaded(self, ok: bool) -> None:
-        self.writer.write(json.dumps({"reloaded": ok}).encode() + b"\n")
+    def _send(self, message: dict) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         try:
             while line := await reader.readline():
-                command, _, arg = line.strip().partition(b" ")
-                if command == b"snapshot":
-                    self._send()
-                elif command == b"reload":
-                    self.on_reload(await reader.readexactly(int(arg)))
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                if line.strip() == b"snapshot":
+                    self._send({"snapshot": self.snapshot()})
+        except (ConnectionError, ValueError):
             pass
         self.on_close()  # the supervisor is gone: drain and exit rather than run orphaned
+
+    # Notifier: what the lifecycle tells systemd, a worker tells its supervisor (readiness).
+    def ready(self, status: str | None = None) -> None:
+        self._send({"ready": True})
+
+    def reloading(self, status: str | None = None) -> None:
+        pass
+
+    def stopping(self, status: str | None = None) -> None:
+        pass
+
+    def draining(self, status: str) -> None:
+        self._send({"accepting": False})  # listeners closed: a reload may report done
+
+    def watchdog(self) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass
 
     async def final(self) -> None:
         """Send the last counters before exiting, so the supervisor's totals include them."""
         try:
-            self._send()
-            async with asyncio.timeout(2):
-                await self.writer.drain()
+            self._send({"snapshot": self.snapshot()})
+            if self.writer is not None:
+                async with asyncio.timeout(2):
+                    await self.writer.drain()
         except (ConnectionError, TimeoutError, RuntimeError):
             pass

@@ -169,6 +169,10 @@ class Notifier:
         """Shutdown started (draining)."""
         return self.send("STOPPING=1", status)
 
+    def draining(self, status: str) -> bool:
+        """Listeners closed; running connections are finishing."""
+        return self.send(None, f"draining: {status}")
+
     def watchdog(self) -> bool:
         """Still alive: call every watchdog_interval() seconds from the event loop."""
         return self.send("WATCHDOG=1")

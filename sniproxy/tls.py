@@ -28,6 +28,19 @@ class HandshakeType(IntEnum):
 class ExtensionType(IntEnum):
     SERVER_NAME = 0
     APPLICATION_LAYER_PROTOCOL_NEGOTIATION = 16
+    KEY_SHARE = 51
+    ENCRYPTED_CLIENT_HELLO = 0xFE0D
+
+
+#: Post-quantum hybrid key-exchange groups a hello may offer a key share for (IANA TLS
+#: Supported Groups), named as the hello-diagnostics metrics label them.
+PQ_GROUPS = {
+    0x11EB: "SecP256r1MLKEM768",
+    0x11EC: "X25519MLKEM768",
+    0x11ED: "SecP384r1MLKEM1024",
+    0x6399: "X25519Kyber768Draft00",
+    0x639A: "SecP256r1Kyber768Draft00",
+}
 
 
 class NameType(IntEnum):
@@ -64,6 +77,22 @@ class ClientHello:
     extensions: tuple[int, ...]
     """Extension types in the order sent (GREASE values included)."""
     legacy_version: int
+    key_shares: tuple[int, ...] = ()
+    """Groups of the key shares offered, in order (GREASE values included)."""
+
+    @property
+    def pq_group(self) -> str | None:
+        """The first post-quantum hybrid group with a key share offered, by name."""
+        for group in self.key_shares:
+            name = PQ_GROUPS.get(group)
+            if name is not None:
+                return name
+        return None
+
+    @property
+    def ech(self) -> bool:
+        """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
+        return ExtensionType.ENCRYPTED_CLIENT_HELLO in self.extensions
 
 
 #: A proxy sees the same few names all day: remember how each raw SNI normalises.
@@ -114,9 +143,23 @@ def pull_alpn(buf: Buffer) -> tuple[str, ...]:
     return tuple(protocols)
 
 
+def pull_key_share(buf: Buffer) -> tuple[int, ...]:
+    """KeyShareClientHello (RFC 8446 section 4.2.8): the groups, keys skipped."""
+    groups = []
+    with buf.pull_block(2):
+        while not buf.eof():
+            groups.append(buf.pull_uint16())
+            with buf.pull_block(2) as n:
+                if n == 0:
+                    raise BadHello("empty key_exchange in key_share")
+                buf.skip(n)
+    return tuple(groups)
+
+
 _EXTENSION_PARSERS = {
     ExtensionType.SERVER_NAME: ("sni", pull_server_name),
     ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION: ("alpn", pull_alpn),
+    ExtensionType.KEY_SHARE: ("key_shares", pull_key_share),
 }
 
 
@@ -137,7 +180,7 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
         if n == 0:
             raise BadHello("no compression methods")
         buf.skip(n)
-    found: dict[str, object] = {"sni": None, "alpn": ()}
+    found: dict[str, object] = {"sni": None, "alpn": (), "key_shares": ()}
     types: list[int] = []
     if not buf.eof():  # extensions may be absent before TLS 1.3
         with buf.pull_block(2):
@@ -169,12 +212,16 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
         alpn=found["alpn"],  # type: ignore[arg-type]
         extensions=tuple(types),
         legacy_version=legacy_version,
+        key_shares=found["key_shares"],  # type: ignore[arg-type]
     )
 
 
 def parse_client_hello(message: bytes | memoryview) -> ClientHello:
     """Parse a ClientHello handshake body (without its 4-byte handshake header)."""
-    buf = Buffer(bytes(message))
+    return _parse_body(Buffer(bytes(message)))
+
+
+def _parse_body(buf: Buffer) -> ClientHello:
     try:
         hello = pull_client_hello(buf)
     except WireError as exc:
@@ -182,6 +229,22 @@ def parse_client_hello(message: bytes | memoryview) -> ClientHello:
     if not buf.eof():
         raise BadHello("trailing bytes after extensions")
     return hello
+
+
+def parse_single_record(data: bytes) -> ClientHello | None:
+    """The common case, read in one go: ``data`` is exactly one handshake record holding
+    exactly one whole ClientHello. Parsed in place, with the same checks and errors as
+    ``HelloReader`` (whose framing checks all pass here by construction). None means
+    "not that case": feed the bytes to a ``HelloReader`` instead."""
+    if len(data) < RECORD_HEADER + 4 or data[0] != ContentType.HANDSHAKE or data[1] != 3 or data[2] > 4:
+        return None
+    length = (data[3] << 8) | data[4]
+    if length + RECORD_HEADER != len(data) or length > MAX_RECORD or data[5] != HandshakeType.CLIENT_HELLO:
+        return None
+    body = (data[6] << 16) | (data[7] << 8) | data[8]
+    if body + 4 != length or body > MAX_HELLO:
+        return None
+    return _parse_body(Buffer(data, RECORD_HEADER + 4))
 
 
 class HelloReader:
@@ -192,11 +255,18 @@ class HelloReader:
     their headers arrive, so a hostile length is refused before its bytes are.
     """
 
-    __slots__ = ("received", "_pos", "_message", "_length")
+    __slots__ = ("received", "records", "_pos", "_message", "_length")
+
+    @property
+    def consumed(self) -> int:
+        """Bytes of the complete records read so far: the hello's size once it is complete."""
+        return self._pos
 
     def __init__(self) -> None:
         self.received = bytearray()
         """Every byte fed so far, to be forwarded unchanged."""
+        self.records = 0
+        """Complete TLS records the hello has taken so far."""
         self._pos = 0  # offset of the next record header in ``received``
         self._message = bytearray()
         self._length = -1  # handshake body length, once known
@@ -230,6 +300,7 @@ class HelloReader:
                     self._check_header(received[pos + RECORD_HEADER : pos + RECORD_HEADER + 4])
                 return NEED_DATA
             self._pos = end
+            self.records += 1
             message = self._message
             message += received[pos + RECORD_HEADER : end]
             if self._length < 0 and len(message) >= 4:

@@ -69,6 +69,13 @@ def test_names_types_and_help(stats):
         "sniproxy_connections_rejected": "counter",
         "sniproxy_upstream_connect_seconds": "histogram",
         "sniproxy_connection_duration_seconds": "histogram",
+        "sniproxy_hello_size_bytes": "histogram",
+        "sniproxy_hello_records": "histogram",
+        "sniproxy_hello_reads": "histogram",
+        "sniproxy_hello_seconds": "histogram",
+        "sniproxy_hello_pq": "counter",
+        "sniproxy_hello_ech": "counter",
+        "sniproxy_accept_errors": "counter",
         "sniproxy_dns_queries": "counter",
         "sniproxy_dns_cache_hits": "counter",
     }
@@ -146,9 +153,31 @@ def test_merged_snapshots(stats):
     check_histogram(f["sniproxy_upstream_connect_seconds"], "ecr-api", CONNECT_BUCKETS, CONNECT_TIMES + (0.003,))
 
 
+def test_hello_diagnostics_per_route(stats):
+    api = stats.route("ecr-api")
+    api.observe_hello(517, 1, 1, 0.0002, None, False)
+    api.observe_hello(1739, 1, 2, 0.004, "X25519MLKEM768", True)
+    api.observe_hello(2067, 3, 5, 0.02, "X25519MLKEM768", True)
+    stats.accept_error("EMFILE")
+    stats.accept_error("EMFILE")
+    f = scrape(stats.snapshot)
+    from sniproxy.stats import HELLO_BYTES_BUCKETS, HELLO_READS_BUCKETS, HELLO_RECORDS_BUCKETS, HELLO_SECONDS_BUCKETS
+
+    check_histogram(f["sniproxy_hello_size_bytes"], "ecr-api", HELLO_BYTES_BUCKETS, (517, 1739, 2067))
+    check_histogram(f["sniproxy_hello_records"], "ecr-api", HELLO_RECORDS_BUCKETS, (1, 1, 3))
+    check_histogram(f["sniproxy_hello_reads"], "ecr-api", HELLO_READS_BUCKETS, (1, 2, 5))
+    check_histogram(f["sniproxy_hello_seconds"], "ecr-api", HELLO_SECONDS_BUCKETS, (0.0002, 0.004, 0.02))
+    assert samples(f["sniproxy_hello_pq"]) == {key(route="ecr-api", group="X25519MLKEM768"): 2}
+    assert samples(f["sniproxy_hello_ech"]) == {key(route="ecr-api"): 2, key(route="ecr-dkr"): 0}
+    assert samples(f["sniproxy_accept_errors"]) == {key(errno="EMFILE"): 2}
+    merged = scrape(lambda: merge([stats.snapshot(), stats.snapshot()]))
+    assert samples(merged["sniproxy_hello_pq"]) == {key(route="ecr-api", group="X25519MLKEM768"): 4}
+    assert samples(merged["sniproxy_accept_errors"]) == {key(errno="EMFILE"): 4}
+
+
 def test_empty_stats_still_expose_every_family():
     f = scrape(Stats().snapshot)
-    assert len(f) == 8
+    assert len(f) == 15
     assert samples(f["sniproxy_dns_cache_hits"]) == {key(): 0}
     assert all(not fam.samples for name, fam in f.items() if name != "sniproxy_dns_cache_hits")
 

@@ -108,7 +108,7 @@ def bulk_roundtrip(port: int, size: int) -> int:
 
 def test_bulk_64mib_each_way_is_byte_exact(dns_server, upstream, start_proxy):
     port = free_port()
-    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)))
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port)), "--log-level", "debug")
     n = bulk_roundtrip(port, 64 * 1024 * 1024)
     line = proxy.log.wait_for(r'"close":"done"')
     assert f'"bytes_to_upstream":{n}' in line and f'"bytes_to_client":{n}' in line

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, recv_all
+from tests.helpers import free_port, recv_all, recv_exactly
 from tests.integration.conftest import NAME, make_hello, proxy_config
 from tests.integration.test_proxy import connect, route
 
@@ -65,15 +65,34 @@ def test_a_dead_worker_is_restarted_and_its_counts_kept(two_workers):
     wait_until(lambda: proxy.sample("sniproxy_connections_total", route="echo") == 11)
 
 
-def test_sighup_reaches_every_worker(two_workers, tmp_path):
+def test_sighup_replaces_the_workers_with_a_new_generation(two_workers, tmp_path):
+    """A reload starts new workers on the new config, and only once they are ready tells
+    the old ones to drain: a connection held across the reload finishes on its old worker."""
     proxy, port = two_workers
+    held = connect(port)
+    hello = make_hello(NAME)
+    held.sendall(hello)
+    assert recv_exactly(held, len(hello)) == hello
+    old = set(proxy.pids()[1:])
     other = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
     proxy.path.write_text(proxy.path.read_text().replace(f'sni = "{NAME}"', f'sni = ["{NAME}", "{other}"]'))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
-    proxy.log.wait_for(r"supervisor: reloaded .* in 2 workers", start=mark)
-    for index in (0, 1):
-        proxy.log.wait_for(rf"worker={index}: reloaded", start=mark)
+    proxy.log.wait_for(r"supervisor: reloaded .*: generation 2 \(2 workers\) ready in", start=mark)
+    for _ in range(4):  # the new route serves, whichever new worker accepts
+        s = connect(port)
+        other_hello = make_hello(other)
+        s.sendall(other_hello)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == other_hello
+        s.close()
+    # The old generation drains: the held connection still works, then its worker exits.
+    held.sendall(b"after the reload")
+    assert recv_exactly(held, 16) == b"after the reload"
+    held.close()
+    wait_until(lambda: not old & set(proxy.pids()), timeout=15)
+    assert len(proxy.pids()) == 3
+    assert proxy.sample("sniproxy_worker_generation") == 2
 
 
 def test_sigterm_drains_every_worker_then_exits_zero(two_workers):
