@@ -20,6 +20,7 @@ import tomllib
 from sniproxy import config as config_mod
 from sniproxy.config import Config
 from sniproxy.errors import ConfigError
+from sniproxy.tools.findings import BLOCK, OK, WARN, Finding, findings_table
 from sniproxy.tools.hosts import hosts_lines
 
 SERVICES = ("ecr.api", "ecr.dkr", "s3")
@@ -33,8 +34,6 @@ METRICS = (config_mod.default(config_mod.MetricsConfig, "address"), config_mod.d
 _REGIONAL = re.compile(r"^(\*\.)?vpce-[0-9a-f]+-[0-9a-z]+\.")
 _ACCOUNT = re.compile(r"^[0-9]{12}$")
 
-BLOCK, WARN, OK = "block", "warn", "ok"
-_MARK = {BLOCK: "[BLOCK]", WARN: "[WARN ]", OK: "[ OK  ]"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +92,6 @@ class Site:
     """The route table governing the proxy's subnet (or the main table)."""
     accounts: tuple[str, ...]
     listen: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    level: str
-    subject: str
-    message: str
-    fix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,16 +314,6 @@ def parse(text: str, source: str = "sniproxy discover") -> Config:
 def hosts_block(config: Config) -> str:
     """The /etc/hosts lines for the builders, pointing the ECR names at the first listener."""
     return "\n".join(hosts_lines(config, config.listen[0].address)) + "\n"
-
-
-def findings_table(findings: tuple[Finding, ...]) -> str:
-    width = max((len(f.subject) for f in findings), default=0)
-    lines = []
-    for finding in findings:
-        lines.append(f"{_MARK[finding.level]} {finding.subject:<{width}}  {finding.message}")
-        if finding.fix:
-            lines.append(f"{'':7} {'':<{width}}  fix: {finding.fix}")
-    return "\n".join(lines) + "\n"
 
 
 # --- command line ----------------------------------------------------------------------------
