@@ -44,7 +44,8 @@ FILLERS = ("0", "9", "z")
 _ACCOUNT = re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])")
 _S3_ARN = re.compile(r"^arn:[^:]*:s3:::([^/]*)(?:/(.*))?$", re.DOTALL)
 _ECR_ARN = re.compile(r"^arn:[^:]*:ecr:[^:]*:([^:]*):repository/(.*)$", re.DOTALL)
-_ECR_ACCOUNT = re.compile(r"^arn:[^:]*:ecr:[^:]*:([^:]*):")
+_ECR_ACCOUNT = re.compile(r"^arn:[^:]*:ecr:[^:]*:([^:]*)")
+_DIGITS = re.compile(r"[0-9]{1,11}")
 
 OPEN, CLOSED, UNJUDGED, MALFORMED = "open", "closed", "unjudged", "malformed"
 _VERBS = {(True, True): "lets builders push to and pull from", (True, False): "lets builders push to",
@@ -56,7 +57,8 @@ class Verdict:
     exposure: str
     """OPEN (reaches beyond the promise), CLOSED, UNJUDGED ("cannot judge") or MALFORMED."""
     reason: str = ""
-    """Why, in one clause: the statement that opens it, or what could not be judged."""
+    """Why, in one clause: the statement that opens it, what could not be judged, or what is
+    wrong with the document."""
     denied: tuple[str, ...] = ()
     """What docker needs and the policy refuses, e.g. "ecr:PutImage on 123456789012"."""
     unjudged_needs: tuple[str, ...] = ()
@@ -109,6 +111,9 @@ def _accounts(statements: tuple[iam.Statement, ...], configured: tuple[str, ...]
                  if iam.KEY_MEANINGS.get(c.key.lower()) == "aws:resourceaccount" for v in c.values]
     for pattern in filter(iam.has_wildcard, patterns):
         named |= {a for a in _fills(pattern, 12) if a.isdigit()}
+    # Pieces of accounts under a wildcard anywhere ("*2109*"): try them at both ends.
+    for run in (run for text in _texts(statements) if iam.has_wildcard(text) for run in _DIGITS.findall(text)):
+        named |= {run.ljust(12, pad) for pad in "09"} | {run.rjust(12, pad) for pad in "09"}
     fresh = _fresh("000000000000", named | set(configured))
     return list(dict.fromkeys([*configured, *sorted(named), fresh]))
 
@@ -178,7 +183,7 @@ def _judge(document: str | None, probes_for, where_for) -> Verdict:
     try:
         statements = iam.parse(document)
     except iam.PolicyError as exc:
-        return Verdict(MALFORMED, f"cannot judge: {exc}")
+        return Verdict(MALFORMED, str(exc))
     probes = list(probes_for(statements))
     outcomes = [(p, iam.evaluate(statements, p.request)) for p in probes]
     needs: dict[str, list[bool | None]] = {}
@@ -195,7 +200,7 @@ def _judge(document: str | None, probes_for, where_for) -> Verdict:
         return Verdict(OPEN, reason, denied, unjudged_needs)
     unknown = [o for p, o in outcomes if not p.acceptable and o.allowed is None]
     if unknown:
-        return Verdict(UNJUDGED, f"cannot judge: {unknown[0].why}", denied, unjudged_needs)
+        return Verdict(UNJUDGED, unknown[0].why, denied, unjudged_needs)
     return Verdict(CLOSED, "", denied, unjudged_needs)
 
 
