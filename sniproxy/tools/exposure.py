@@ -35,7 +35,7 @@ OTHER_ECR_ACTIONS = ("ecr:DescribeImages", "ecr:ListImages", "ecr:DescribeReposi
                      "ecr:BatchDeleteImage", "ecr:CreateRepository", "ecr:DeleteRepository",
                      "ecr:SetRepositoryPolicy")
 OBJECT, BUCKET = "object", "bucket"
-S3_ACTIONS = {LAYER_ACTION: OBJECT, "s3:PutObject": OBJECT, "s3:DeleteObject": OBJECT,
+S3_ACTIONS = {"s3:PutObject": OBJECT, LAYER_ACTION: OBJECT, "s3:DeleteObject": OBJECT,
               "s3:GetObjectVersion": OBJECT, "s3:ListBucket": BUCKET, "s3:PutBucketPolicy": BUCKET}
 
 PROBE_NAME = "sniproxy-probe"
@@ -174,7 +174,8 @@ def _s3_probes(statements: tuple[iam.Statement, ...], region: str,
 
 
 def _summary(actions: list[str]) -> str:
-    actions = sorted(set(actions))
+    """The first few, in the order of the tables above: the ones that matter most come first."""
+    actions = list(dict.fromkeys(actions))
     shown = ", ".join(actions[:3])
     return shown + (f" and {len(actions) - 3} more" if len(actions) > 3 else "")
 

@@ -162,8 +162,10 @@ def dedicated_commands(site: Site, endpoint: Endpoint, tables: dict[str, RouteTa
               f"--service-name com.amazonaws.{region}.s3 --route-table-ids {{rtb}} --policy-document file://{shlex.quote(path)}")
     rtb_shared = ours is None or ours.main or any(s != site.subnet_id for s in ours.subnets)
     if not rtb_shared:
-        # The proxy's table is its own: move it from the shared endpoint to a new one.
-        return [f"aws ec2 modify-vpc-endpoint --region {region} --vpc-endpoint-id {endpoint.id} "
+        # The proxy's table is its own: move it from the shared endpoint to a new one. A route
+        # table takes one S3 gateway endpoint, so the old one goes first.
+        return ["# layer downloads pause between these two: run them together, between builds",
+                f"aws ec2 modify-vpc-endpoint --region {region} --vpc-endpoint-id {endpoint.id} "
                 f"--remove-route-table-ids {site.route_table_id}",
                 create.format(rtb=site.route_table_id)]
     subnet = site.subnet_id or "<the proxy's subnet>"
@@ -203,7 +205,8 @@ def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable], fi
     if not shared:
         return Finding(WARN, "s3", problem, "\n".join([_modify(site, endpoint, path), *files.first()]))
     fix = [
-        "; ".join(shared) + ": its policy applies to all of them, so tightening it would cut them off S3 too.",
+        "the endpoint is shared: " + "; ".join(shared) + ". Its policy applies to all of them: tightened, it "
+        "would cut them off every other bucket.",
         *files.first(),
         "Either give the proxy's subnet a route table and S3 gateway endpoint of its own (recommended):",
         *("  " + line for line in dedicated_commands(site, endpoint, tables, path)),

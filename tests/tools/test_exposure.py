@@ -157,8 +157,8 @@ def test_ecr_malformed_policy():
 def test_s3_default_gateway_policy_is_open():
     verdict = s3(DEFAULT_GATEWAY_POLICY)
     assert verdict == exposure.Verdict(
-        exposure.OPEN, 'statement 1 (Allow Action "*" on Resource "*") allows s3:DeleteObject, s3:GetObject, '
-                       "s3:GetObjectVersion and 3 more on other buckets")
+        exposure.OPEN, 'statement 1 (Allow Action "*" on Resource "*") allows s3:PutObject, s3:GetObject, '
+                       "s3:DeleteObject and 3 more on other buckets")
 
 
 def test_s3_generated_policy_is_closed():
@@ -173,7 +173,7 @@ def test_s3_wrong_bucket_is_open_and_denies_layers():
 
 
 @pytest.mark.parametrize("statement, reason_end", [
-    (allow(Action="s3:*", Resource=LAYERS), "allows s3:DeleteObject, s3:GetObjectVersion, s3:PutObject "
+    (allow(Action="s3:*", Resource=LAYERS), "allows s3:PutObject, s3:DeleteObject, s3:GetObjectVersion "
                                             "on prod-eu-west-2-starport-layer-bucket"),
     (allow(Action="s3:GetObject", Resource="arn:aws:s3:::prod-*-starport-layer-bucket/*"),
      "allows s3:GetObject on other buckets"),  # anyone can create prod-x-starport-layer-bucket
