@@ -31,7 +31,7 @@ LAYER_ACTION = "s3:GetObject"
 
 # Partition by region prefix; every other region is in "aws" (tests check this against botocore).
 PARTITIONS = {"cn-": "aws-cn", "us-gov-": "aws-us-gov", "us-iso-": "aws-iso", "us-isob-": "aws-iso-b",
-              "eu-isoe-": "aws-iso-e", "us-isof-": "aws-iso-f"}
+              "eu-isoe-": "aws-iso-e", "us-isof-": "aws-iso-f", "eusc-": "aws-eusc"}
 
 FILES = {"ecr": "ecr-endpoints.json", "s3": "s3-gateway.json"}
 DEFAULT_OUT = "sniproxy-policies"
