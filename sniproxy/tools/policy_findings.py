@@ -106,12 +106,16 @@ def _modify(site: Site, endpoint: Endpoint, path: str) -> str:
 def _problem(verdict: exposure.Verdict, what: str) -> str | None:
     """The message for a policy that does not keep the promise, or None when it does."""
     if verdict.exposure == exposure.OPEN:
-        return f"{what}: {verdict.reason}"
+        return f"{what}: {verdict.reason}{_also_denied(verdict)}"
     if verdict.exposure in (exposure.UNJUDGED, exposure.MALFORMED):
-        return f"cannot judge {what}: {verdict.reason}"
+        return f"cannot judge {what}: {verdict.reason}{_also_denied(verdict)}"
     if verdict.denied:
         return f"{what} denies what docker needs, so it fails through this endpoint: {', '.join(verdict.denied)}"
     return None
+
+
+def _also_denied(verdict: exposure.Verdict) -> str:
+    return f"; and it denies what docker needs: {', '.join(verdict.denied)}" if verdict.denied else ""
 
 
 def _unjudged_needs(verdict: exposure.Verdict) -> str:
@@ -195,7 +199,8 @@ def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable], fi
     kind = "gateway" if endpoint.type == "Gateway" else "interface endpoint"
     what = f"policy of {kind} {endpoint.id}"
     if verdict.exposure == exposure.OPEN:
-        problem = f"{what} allows more than {LAYER_ACTION} on {layer_arn(site.region)}: {verdict.reason}"
+        problem = (f"{what} allows more than {LAYER_ACTION} on {layer_arn(site.region)}: {verdict.reason}"
+                   + _also_denied(verdict))
     else:
         problem = _problem(verdict, what)
     if problem is None:

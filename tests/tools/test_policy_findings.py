@@ -81,6 +81,8 @@ def test_wrong_account_says_what_docker_loses():
     (finding,) = [f for f in policy_lines(plan) if f.level == "warn"]
     assert finding.subject == "ecr.dkr"
     assert finding.message.startswith('policy of vpce-0123abcd: statement 2 ("SniproxyPushPullRoutedRegistries")')
+    assert finding.message.endswith(f"; and it denies what docker needs: ecr:BatchCheckLayerAvailability on {ACCOUNT}, "
+                                    + ", ".join(f"{a} on {ACCOUNT}" for a in policy.REPOSITORY_ACTIONS[1:]))
     pull_only = json.dumps({"Statement": [
         {"Effect": "Allow", "Principal": "*", "Action": "ecr:GetAuthorizationToken", "Resource": "*"},
         {"Effect": "Allow", "Principal": "*", "Action": list(policy.PULL_ACTIONS),
@@ -103,7 +105,9 @@ def test_deny_with_a_condition_is_judged():
     assert api_finding.message == (f"policy of vpce-0aaa1111bbbb22223 keeps it to registries {ACCOUNT}; cannot judge "
                                    "whether it allows ecr:GetAuthorizationToken (docker login)")
     assert s3_finding.level == "warn"  # your own other buckets stay open, and ECR's bucket is not yours
-    assert "allows s3:PutObject, s3:GetObject, s3:DeleteObject and 3 more on other buckets" in s3_finding.message
+    assert s3_finding.message.endswith("allows s3:PutObject, s3:GetObject, s3:DeleteObject and 3 more on other buckets; "
+                                       "and it denies what docker needs: s3:GetObject on "
+                                       "arn:aws:s3:::prod-eu-west-2-starport-layer-bucket/*")
 
 
 def test_gateway_shared_by_three_route_tables():
