@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     hosts.add_argument("--address", help="the proxy address builders connect to")
     hosts.set_defaults(func=cmd_hosts)
 
-    from .tools import discover, doctor
+    from .tools import discover, doctor, policy
 
     d = sub.add_parser("discover", help="find the ECR/S3 VPC endpoints and write a config (read-only AWS calls)")
     discover.add_arguments(d)
@@ -280,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check DNS, TCP and TLS to every route's upstream, the listeners and metrics")
     doctor.add_arguments(dr)
     dr.set_defaults(func=doctor.main)
+    pol = sub.add_parser("policy", help="write the minimal VPC endpoint policies for the registries the config routes")
+    policy.add_arguments(pol)
+    pol.set_defaults(func=policy.main)
     return p
 
 

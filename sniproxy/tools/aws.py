@@ -285,6 +285,14 @@ class Aws:
             raise AwsError(f"subnet {subnet_id} not found in region {self.region}")
         return subnets[0]
 
+    def route_tables(self, ids: list[str]) -> list[dict]:
+        """These route tables (an S3 gateway endpoint's others), to see which subnets use them."""
+        with self._calling("ec2:DescribeRouteTables"):
+            pages = self.ec2.get_paginator("describe_route_tables").paginate(
+                Filters=[{"Name": "route-table-id", "Values": list(ids)}],
+            )
+            return [t for page in pages for t in page.get("RouteTables", [])]
+
     def route_table(self, vpc_id: str, subnet_id: str | None) -> dict:
         """The route table that governs `subnet_id`: its explicit association, else the
         VPC's main table (subnets without an association use it)."""

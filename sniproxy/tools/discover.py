@@ -20,7 +20,10 @@ import tomllib
 from sniproxy import config as config_mod
 from sniproxy.config import Config
 from sniproxy.errors import ConfigError
+from sniproxy.tools import policy
+from sniproxy.tools.findings import BLOCK, OK, WARN, Finding, findings_table
 from sniproxy.tools.hosts import hosts_lines
+from sniproxy.tools.policy_findings import PolicyFiles, RouteTable, ecr_finding, s3_finding
 
 SERVICES = ("ecr.api", "ecr.dkr", "s3")
 UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
@@ -33,8 +36,6 @@ METRICS = (config_mod.default(config_mod.MetricsConfig, "address"), config_mod.d
 _REGIONAL = re.compile(r"^(\*\.)?vpce-[0-9a-f]+-[0-9a-z]+\.")
 _ACCOUNT = re.compile(r"^[0-9]{12}$")
 
-BLOCK, WARN, OK = "block", "warn", "ok"
-_MARK = {BLOCK: "[BLOCK]", WARN: "[WARN ]", OK: "[ OK  ]"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Endpoint:
     """Private DNS answers only queries from Route 53 inbound resolver endpoints (S3)."""
     dns_names: tuple[str, ...]
     route_table_ids: tuple[str, ...]
+    policy: str | None = None
+    """The endpoint policy document, as the JSON text EC2 returns."""
 
     @property
     def available(self) -> bool:
@@ -96,14 +99,6 @@ class Site:
 
 
 @dataclasses.dataclass(frozen=True)
-class Finding:
-    level: str
-    subject: str
-    message: str
-    fix: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
     upstreams: dict[str, str]
     """[ecr.upstreams] overrides: "api"/"dkr"/"s3" -> vpce DNS name."""
@@ -140,6 +135,7 @@ def endpoints_from_api(raw: list[dict], region: str) -> list[Endpoint]:
             ),
             dns_names=tuple(e["DnsName"] for e in item.get("DnsEntries", []) if "DnsName" in e),
             route_table_ids=tuple(item.get("RouteTableIds", [])),
+            policy=item.get("PolicyDocument"),
         ))
     return endpoints
 
@@ -148,10 +144,6 @@ def _best(endpoints: list[Endpoint]) -> Endpoint | None:
     """Prefer an available endpoint, then one with private DNS on."""
     ranked = sorted(endpoints, key=lambda e: (not e.available, not e.private_dns, e.id))
     return ranked[0] if ranked else None
-
-
-def starport_bucket(region: str) -> str:
-    return f"prod-{region}-starport-layer-bucket"
 
 
 def _assess_ecr(site: Site, service: str, found: list[Endpoint],
@@ -185,9 +177,24 @@ def _assess_ecr(site: Site, service: str, found: list[Endpoint],
                    "override")
 
 
+def s3_gateway(route_table_id: str, found: list[Endpoint]) -> Endpoint | None:
+    """The S3 gateway endpoint on the proxy's route table, else the best other one: a VPC may
+    have several, each on its own route tables."""
+    gateways = [e for e in found if e.type == "Gateway"]
+    return _best([e for e in gateways if route_table_id in e.route_table_ids]) or _best(gateways)
+
+
+def _s3_in_use(site: Site, found: list[Endpoint]) -> Endpoint | None:
+    """The S3 endpoint the proxy's layer downloads go through, whose policy then applies."""
+    gateway = s3_gateway(site.route_table_id, found)
+    if gateway is not None and gateway.available and site.route_table_id in gateway.route_table_ids:
+        return gateway
+    return _best([e for e in found if e.type == "Interface" and e.available])
+
+
 def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> list[Finding]:
     rtb = site.route_table_id
-    gateway = _best([e for e in found if e.type == "Gateway"])
+    gateway = s3_gateway(site.route_table_id, found)
     interface = _best([e for e in found if e.type == "Interface" and e.available])
     full = f"com.amazonaws.{site.region}.s3"
     if gateway is not None and gateway.available and rtb in gateway.route_table_ids:
@@ -222,7 +229,7 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
         findings.append(Finding(BLOCK, "s3", f"S3 interface endpoint {interface.id} has no "
                                 "regional vpce DNS name", f"enable private DNS on {interface.id}"))
         return findings
-    upstreams["s3"] = starport_bucket(site.region) + "." + regional.removeprefix("*.")
+    upstreams["s3"] = policy.starport_bucket(site.region) + "." + regional.removeprefix("*.")
     why = ("answers only inbound resolver endpoints" if interface.private_dns
            else "has private DNS disabled")
     findings.append(Finding(WARN, "s3", f"S3 interface endpoint {interface.id} {why}; "
@@ -231,8 +238,26 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
     return findings
 
 
-def assess(site: Site, endpoints: list[Endpoint]) -> Plan:
-    """Findings for the site, and the upstream overrides the config needs."""
+def policy_findings(site: Site, endpoints: list[Endpoint], tables: dict[str, RouteTable] | None = None,
+                    files: PolicyFiles | None = None) -> dict[str, Finding]:
+    """Service -> the finding about the policy of the endpoint it goes through, if any."""
+    files = files or PolicyFiles()
+    out = {}
+    for service in ("ecr.api", "ecr.dkr"):
+        endpoint = _best([e for e in endpoints if e.service == service and e.type == "Interface"])
+        if endpoint is not None and endpoint.available:
+            out[service] = ecr_finding(site, endpoint, files)
+    s3 = _s3_in_use(site, [e for e in endpoints if e.service == "s3"])
+    if s3 is not None:
+        out["s3"] = s3_finding(site, s3, tables or {}, files)
+    return out
+
+
+def assess(site: Site, endpoints: list[Endpoint], tables: dict[str, RouteTable] | None = None,
+           files: PolicyFiles | None = None) -> Plan:
+    """Findings for the site, its endpoints and their policies, and the upstream overrides the
+    config needs. `tables` holds the route tables the S3 gateway endpoint is on."""
+    policies = policy_findings(site, endpoints, tables, files)
     upstreams: dict[str, str] = {}
     findings = []
     if site.subnet_id is None:
@@ -242,7 +267,9 @@ def assess(site: Site, endpoints: list[Endpoint]) -> Plan:
     for service in ("ecr.api", "ecr.dkr"):
         findings.append(_assess_ecr(site, service,
                                     [e for e in endpoints if e.service == service], upstreams))
+        findings += [policies[service]] if service in policies else []
     findings.extend(_assess_s3(site, [e for e in endpoints if e.service == "s3"], upstreams))
+    findings += [policies["s3"]] if "s3" in policies else []
     return Plan(upstreams=upstreams, findings=tuple(findings))
 
 
@@ -325,16 +352,6 @@ def hosts_block(config: Config) -> str:
     return "\n".join(hosts_lines(config, config.listen[0].address)) + "\n"
 
 
-def findings_table(findings: tuple[Finding, ...]) -> str:
-    width = max((len(f.subject) for f in findings), default=0)
-    lines = []
-    for finding in findings:
-        lines.append(f"{_MARK[finding.level]} {finding.subject:<{width}}  {finding.message}")
-        if finding.fix:
-            lines.append(f"{'':7} {'':<{width}}  fix: {finding.fix}")
-    return "\n".join(lines) + "\n"
-
-
 # --- command line ----------------------------------------------------------------------------
 
 class UsageError(Exception):
@@ -363,6 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="[server] allow: a builder network; repeat for several")
     parser.add_argument("--write", metavar="FILE", help="write the config to FILE (the old file "
                         "is kept as FILE.bak) instead of standard output")
+    parser.add_argument("--policies", metavar="DIR", help="also write the minimal endpoint policies "
+                        "into DIR, for the fix commands (as `sniproxy policy` does)")
 
 
 def _service(args: argparse.Namespace) -> Service:
@@ -380,20 +399,27 @@ def _service(args: argparse.Namespace) -> Service:
     return Service(args.metrics_address, args.drain_delay, tuple(args.allow))
 
 
-def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint]]:
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where the proxy runs, as far as flags and instance metadata tell."""
+
+    client: object
+    """The `aws.Aws` client for the region."""
+    region: str
+    vpc_id: str
+    subnet_id: str | None
+    interfaces: tuple
+    """This instance's `aws.Interface`s in that VPC (none when not run on it)."""
+
+
+def locate(args: argparse.Namespace, connect, region: str | None = None) -> Location:
+    """Region (`region`, else --region, metadata, the AWS config), VPC and subnet (--vpc-id,
+    --subnet-id, else metadata), and a client for them. `discover` and `doctor --aws` share it."""
     from sniproxy.tools import aws
 
-    for account in args.account:
-        if not _ACCOUNT.match(account):
-            raise UsageError(f"--account {account!r}: an account ID has 12 digits")
-    for address in args.listen:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise UsageError(f"--listen {address!r}: not an IP address") from None
     session = aws.session(args.profile)
     metadata = aws.Imds(aws.imds_endpoint(args.profile)).fetch()
-    region = args.region or (metadata and metadata.region) or session.region_name
+    region = region or args.region or (metadata and metadata.region) or session.region_name
     if not region:
         raise UsageError("no region: pass --region (instance metadata is unavailable and the "
                          "AWS config names none)")
@@ -413,19 +439,45 @@ def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint]]:
     if not vpc_id:
         raise UsageError("no VPC: pass --vpc-id or --subnet-id (instance metadata is "
                          "unavailable)")
-    local = [i for i in (metadata.interfaces if metadata else ()) if i.vpc_id == vpc_id]
+    local = tuple(i for i in (metadata.interfaces if metadata else ()) if i.vpc_id == vpc_id)
     subnet_id = args.subnet_id or (local[0].subnet_id if local else None)
-    listen = tuple(args.listen) or tuple(ip for i in local for ip in i.local_ipv4s)
+    return Location(client, region, vpc_id, subnet_id, local)
+
+
+def survey(where: Location) -> tuple[str, list[Endpoint], dict[str, RouteTable]]:
+    """The proxy subnet's route table id, the VPC's ECR/S3 endpoints, and the route tables the
+    S3 gateway endpoint of that table is on (its policy covers all of them)."""
+    route_table = where.client.route_table(where.vpc_id, where.subnet_id)
+    rtb = route_table["RouteTableId"]
+    endpoints = endpoints_from_api(where.client.vpc_endpoints(where.vpc_id), where.region)
+    tables = {rtb: RouteTable.from_api(route_table)}
+    gateway = s3_gateway(rtb, [e for e in endpoints if e.service == "s3"])
+    others = [t for t in (gateway.route_table_ids if gateway else ()) if t != rtb]
+    if rtb in (gateway.route_table_ids if gateway else ()) and others:
+        tables.update((t["RouteTableId"], RouteTable.from_api(t)) for t in where.client.route_tables(others))
+    return rtb, endpoints, tables
+
+
+def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, RouteTable]]:
+    for account in args.account:
+        if not _ACCOUNT.match(account):
+            raise UsageError(f"--account {account!r}: an account ID has 12 digits")
+    for address in args.listen:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise UsageError(f"--listen {address!r}: not an IP address") from None
+    where = locate(args, connect)
+    listen = tuple(args.listen) or tuple(ip for i in where.interfaces for ip in i.local_ipv4s)
     if not listen:
         raise UsageError(f"no listen address: pass --listen IP (instance metadata shows no "
-                         f"private IPs in {vpc_id})")
-    accounts = tuple(dict.fromkeys(args.account)) or (client.account(),)
-    route_table = client.route_table(vpc_id, subnet_id)
-    endpoints = endpoints_from_api(client.vpc_endpoints(vpc_id), region)
-    site = Site(region=region, vpc_id=vpc_id, vpc_cidr=local[0].vpc_cidr if local else None,
-                subnet_id=subnet_id, route_table_id=route_table["RouteTableId"],
-                accounts=accounts, listen=listen)
-    return site, endpoints
+                         f"private IPs in {where.vpc_id})")
+    accounts = tuple(dict.fromkeys(args.account)) or (where.client.account(),)
+    rtb, endpoints, tables = survey(where)
+    site = Site(region=where.region, vpc_id=where.vpc_id,
+                vpc_cidr=where.interfaces[0].vpc_cidr if where.interfaces else None,
+                subnet_id=where.subnet_id, route_table_id=rtb, accounts=accounts, listen=listen)
+    return site, endpoints, tables
 
 
 def write_file(path: str, text: str) -> str | None:
@@ -456,11 +508,19 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
 
     try:
         service = _service(args)
-        site, endpoints = _gather(args, connect)
+        site, endpoints, tables = _gather(args, connect)
     except (UsageError, aws.AwsError) as exc:
         print(f"discover: error: {exc}", file=sys.stderr)
         return 2
-    plan = assess(site, endpoints)
+    files = PolicyFiles(config=args.write or "FILE")
+    if args.policies:
+        try:
+            policy.write(args.policies, site.region, site.accounts)
+        except OSError as exc:
+            print(f"discover: error: cannot write {args.policies}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        files = PolicyFiles(args.policies, written=True)
+    plan = assess(site, endpoints, tables, files)
     text = render_toml(site, plan, service)
     try:
         config = parse(text, args.write or "sniproxy discover")

@@ -31,6 +31,8 @@ from sniproxy import config as config_mod
 from sniproxy.config import Config, ResolverConfig
 from sniproxy.errors import ConfigError
 from sniproxy.routes import Route, is_wildcard
+from sniproxy.tools.findings import BLOCK, OK
+from sniproxy.tools.findings import WARN as FINDING_WARN
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 _MARK = {PASS: "PASS", WARN: "WARN", FAIL: "FAIL", SKIP: "SKIP"}
@@ -44,7 +46,7 @@ _ECR_NAME = re.compile(r"(^|\.)(api\.ecr|dkr\.ecr|ecr)(-fips)?\.[a-z0-9-]+\.amaz
 class Check:
     status: str
     check: str
-    """"dns", "tcp", "tls", "listen" or "metrics"."""
+    """"dns", "tcp", "tls", "listen", "metrics" or "policy"."""
     group: str
     """The name under test, or "listeners" / "metrics"."""
     target: str
@@ -335,6 +337,40 @@ def check_metrics(config: Config, running: bool) -> Check:
     return dataclasses.replace(free, check="metrics")
 
 
+# --- endpoint policies (--aws) ----------------------------------------------------------------
+
+POLICY_GROUP = "endpoint policies"
+_STATUS = {OK: PASS, FINDING_WARN: WARN, BLOCK: FAIL}
+
+
+def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[Check]:
+    """What `discover` says about the ECR/S3 endpoints' policies, for the registries this config
+    routes: read-only AWS calls, with the credentials of the environment or --profile."""
+    from sniproxy.tools import aws, discover, policy
+    from sniproxy.tools.policy_findings import PolicyFiles
+
+    try:
+        region, accounts = policy.pick_region(config, args.region)
+    except ConfigError as exc:
+        return [Check(FAIL, "policy", POLICY_GROUP, config.source, exc.message)]
+    try:
+        where = discover.locate(args, connect, region)
+        rtb, endpoints, tables = discover.survey(where)
+    except (discover.UsageError, aws.AwsError) as exc:
+        return [Check(FAIL, "policy", POLICY_GROUP, region, str(exc))]
+    site = discover.Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
+                         route_table_id=rtb, accounts=accounts, listen=())
+    files = PolicyFiles(config=config.source)
+    policies = discover.policy_findings(site, endpoints, tables, files)
+    plan = discover.assess(site, endpoints, tables, files)
+    findings = []
+    for service in discover.SERVICES:
+        # The policy of the endpoint in use; without one, why there is none (missing, pending...).
+        findings += [policies[service]] if service in policies else \
+            [f for f in plan.findings if f.subject == service and f.level == BLOCK]
+    return [Check(_STATUS[f.level], "policy", POLICY_GROUP, f.subject, f.message, f.fix) for f in findings]
+
+
 # --- command line ----------------------------------------------------------------------------
 
 def run_checks(config: Config, cafile: str | None) -> list[Check]:
@@ -362,7 +398,9 @@ def render_table(checks: list[Check]) -> str:
             lines.append(group)
         lines.append(f"  {_MARK[c.status]}  {c.check:<7} {c.target}  {c.detail}")
         if c.hint and c.status in (FAIL, WARN):
-            lines.append(f"  {'':4}  {'':<7} hint: {c.hint}")
+            first, *rest = c.hint.splitlines()
+            lines.append(f"  {'':4}  {'':<7} hint: {first}")
+            lines += [f"  {'':4}  {'':<7}       {line}" for line in rest]
     counts = summary(checks)
     lines.append(f"{counts[PASS]} passed, {counts[WARN]} warnings, {counts[FAIL]} failed, "
                  f"{counts[SKIP]} skipped")
@@ -375,10 +413,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cafile", help="verify upstream certificates against this CA bundle "
                         "instead of the system store")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    aws_flags = parser.add_argument_group("endpoint policies (read-only AWS calls, as sniproxy discover makes)")
+    aws_flags.add_argument("--aws", action="store_true", help="also judge the ECR/S3 VPC endpoints' policies "
+                           "against the registries the config routes")
+    aws_flags.add_argument("--profile", help="AWS profile (default: the environment, or the instance profile)")
+    aws_flags.add_argument("--region", help="region of the endpoints, when the config routes registries in several")
+    aws_flags.add_argument("--vpc-id", help="VPC of the proxy (default: instance metadata)")
+    aws_flags.add_argument("--subnet-id", help="subnet of the proxy (default: instance metadata)")
 
 
-def main(args: argparse.Namespace) -> int:
-    """0: every check passed (warnings allowed); 1: a check failed; 2: unusable input."""
+def main(args: argparse.Namespace, *, connect=None) -> int:
+    """0: every check passed (warnings allowed); 1: a check failed; 2: unusable input.
+
+    `connect(session, region)` builds the `aws.Aws` client for --aws; tests pass Stubbers."""
     try:
         config = config_mod.load(args.config)
     except ConfigError as exc:
@@ -392,6 +439,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"doctor: error: --cafile {args.cafile}: {reason}", file=sys.stderr)
             return 2
     checks = run_checks(config, args.cafile)
+    if args.aws:
+        checks += aws_checks(config, args, connect)
     failed = any(c.status == FAIL for c in checks)
     if args.json:
         json.dump({"ok": not failed, "config": config.source, "summary": summary(checks),

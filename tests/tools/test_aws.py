@@ -23,12 +23,17 @@ RTB_SUBNET = "rtb-0aaaabbbbccccdddd"
 RTB_MAIN = "rtb-0111122223333444f"
 ACCOUNT = "123456789012"
 CREATED = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.UTC)
+# The policies EC2 attaches when none is given, byte for byte as DescribeVpcEndpoints returns them.
+DEFAULT_INTERFACE_POLICY = '{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*"}]}'
+DEFAULT_GATEWAY_POLICY = ('{"Version":"2008-10-17","Statement":[{"Effect":"Allow","Principal":"*",'
+                          '"Action":"*","Resource":"*"}]}')
 
 
 # --- real-shaped describe_vpc_endpoints items ------------------------------------------------
 
 def interface_endpoint(service: str, vpce: str, suffix: str, *, private_dns: bool = True,
-                       state: str = "available", inbound_only: bool = False) -> dict:
+                       state: str = "available", inbound_only: bool = False,
+                       policy: str = DEFAULT_INTERFACE_POLICY) -> dict:
     """An Interface endpoint as EC2 returns it: regional and zonal vpce names, plus the
     private names when private DNS is on. `service` is "ecr.dkr", "ecr.api" or "s3"."""
     label = {"ecr.dkr": "dkr.ecr", "ecr.api": "api.ecr", "s3": "s3"}[service]
@@ -54,8 +59,7 @@ def interface_endpoint(service: str, vpce: str, suffix: str, *, private_dns: boo
         "VpcId": VPC,
         "ServiceName": f"com.amazonaws.{REGION}.{service}",
         "State": state,
-        "PolicyDocument": '{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*",'
-                          '"Resource":"*"}]}',
+        "PolicyDocument": policy,
         "RouteTableIds": [],
         "SubnetIds": [SUBNET, "subnet-0123456789abcdef0"],
         "Groups": [{"GroupId": "sg-0abcdef0123456789", "GroupName": "ecr-endpoints"}],
@@ -72,15 +76,15 @@ def interface_endpoint(service: str, vpce: str, suffix: str, *, private_dns: boo
     }
 
 
-def gateway_endpoint(vpce: str, route_tables: list[str], state: str = "available") -> dict:
+def gateway_endpoint(vpce: str, route_tables: list[str], state: str = "available",
+                     policy: str = DEFAULT_GATEWAY_POLICY) -> dict:
     return {
         "VpcEndpointId": vpce,
         "VpcEndpointType": "Gateway",
         "VpcId": VPC,
         "ServiceName": f"com.amazonaws.{REGION}.s3",
         "State": state,
-        "PolicyDocument": '{"Version":"2008-10-17","Statement":[{"Effect":"Allow",'
-                          '"Principal":"*","Action":"*","Resource":"*"}]}',
+        "PolicyDocument": policy,
         "RouteTableIds": route_tables,
         "SubnetIds": [],
         "Groups": [],
@@ -101,21 +105,36 @@ def other_endpoint(vpce: str, service: str) -> dict:
     return item
 
 
-def route_table(rtb: str, *, subnet: str | None = None, main: bool = False) -> dict:
-    association = {"Main": main, "RouteTableAssociationId": "rtbassoc-0c0c0c0c0c0c0c0c0",
-                   "RouteTableId": rtb, "AssociationState": {"State": "associated"}}
-    if subnet:
-        association["SubnetId"] = subnet
-    return {
-        "Associations": [association],
-        "PropagatingVgws": [],
-        "RouteTableId": rtb,
-        "Routes": [
-            {"DestinationCidrBlock": "10.20.0.0/16", "GatewayId": "local",
-             "Origin": "CreateRouteTable", "State": "active"},
-            {"DestinationPrefixListId": "pl-7ca54015", "GatewayId": "vpce-0s3gw000000000000",
+def route_table(rtb: str, *, subnet: str | None = None, main: bool = False,
+                subnets: tuple[str, ...] = (), on_prem: bool = False) -> dict:
+    """A route table as EC2 returns it. `subnet` and `subnets` are explicitly associated;
+    `on_prem` adds the routes back to the builders: a transit gateway route and a propagating VGW."""
+    associations = []
+    if main:
+        associations.append({"Main": True, "RouteTableAssociationId": f"rtbassoc-0main{rtb[-12:]}",
+                             "RouteTableId": rtb, "AssociationState": {"State": "associated"}})
+    for i, sub in enumerate(([subnet] if subnet else []) + list(subnets)):
+        associations.append({"Main": False, "RouteTableAssociationId": f"rtbassoc-0{i}{sub[-15:]}",
+                             "RouteTableId": rtb, "SubnetId": sub,
+                             "AssociationState": {"State": "associated"}})
+    routes = [
+        {"DestinationCidrBlock": "10.20.0.0/16", "GatewayId": "local",
+         "Origin": "CreateRouteTable", "State": "active"},
+        {"DestinationPrefixListId": "pl-7ca54015", "GatewayId": "vpce-0s3gw000000000000",
+         "Origin": "CreateRoute", "State": "active"},
+    ]
+    if on_prem:
+        routes += [
+            {"DestinationCidrBlock": "10.8.0.0/16", "TransitGatewayId": "tgw-0123456789abcdef0",
              "Origin": "CreateRoute", "State": "active"},
-        ],
+            {"DestinationCidrBlock": "172.16.0.0/12", "GatewayId": "vgw-0fedcba987654321f",
+             "Origin": "EnableVgwRoutePropagation", "State": "active"},
+        ]
+    return {
+        "Associations": associations,
+        "PropagatingVgws": [{"GatewayId": "vgw-0fedcba987654321f"}] if on_prem else [],
+        "RouteTableId": rtb,
+        "Routes": routes,
         "Tags": [],
         "VpcId": VPC,
         "OwnerId": ACCOUNT,
@@ -308,6 +327,16 @@ def test_route_table_of_subnet(clean_env):
                          {"RouteTables": [route_table(RTB_SUBNET, subnet=SUBNET)]},
                          {"Filters": SUBNET_FILTER})
         assert client.route_table(VPC, SUBNET)["RouteTableId"] == RTB_SUBNET
+
+
+def test_route_tables_by_id(clean_env):
+    ids = ["rtb-0bbbbbbbbbbbbbbbb", "rtb-0cccccccccccccccc"]
+    with stubbed() as (client, ec2, _):
+        ec2.add_response("describe_route_tables",
+                         {"RouteTables": [route_table(ids[0], subnets=("subnet-0b1",)),
+                                          route_table(ids[1], main=True)]},
+                         {"Filters": [{"Name": "route-table-id", "Values": ids}]})
+        assert [t["RouteTableId"] for t in client.route_tables(ids)] == ids
 
 
 def test_route_table_falls_back_to_main(clean_env):

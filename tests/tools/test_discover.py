@@ -4,15 +4,20 @@ and `main` end to end against a loopback IMDS server and Stubbed EC2/STS clients
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import tomllib
 
 import pytest
 from botocore.stub import Stubber
 
 from sniproxy import config as config_mod
-from sniproxy.tools import aws, discover
+from sniproxy.tools import aws, discover, policy
 from tests.tools.test_aws import (
     ACCOUNT,
+    DEFAULT_GATEWAY_POLICY,
+    DEFAULT_INTERFACE_POLICY,
     MAIN_FILTER,
     REGION,
     RTB_MAIN,
@@ -36,18 +41,26 @@ assert clean_env  # a fixture, used by name below
 
 DKR_REGIONAL = "vpce-0123abcd-uz5j3lr2.dkr.ecr.eu-west-2.vpce.amazonaws.com"
 GATEWAY = "vpce-0s3gw000000000000"
+SHOW = os.environ.get("SNIPROXY_SHOW_FINDINGS") == "1"  # print the findings tables, for the docs
+# The policies `sniproxy policy` writes for this site: what a well-kept VPC has attached.
+ECR_POLICY = json.dumps(policy.ecr_document(REGION, (ACCOUNT,)))
+S3_POLICY = json.dumps(policy.s3_document(REGION))
 
 
 def api(**kw):
-    return interface_endpoint("ecr.api", "vpce-0aaa1111bbbb22223", "k2x9q7ma", **kw)
+    return interface_endpoint("ecr.api", "vpce-0aaa1111bbbb22223", "k2x9q7ma", **{"policy": ECR_POLICY, **kw})
 
 
 def dkr(**kw):
-    return interface_endpoint("ecr.dkr", "vpce-0123abcd", "uz5j3lr2", **kw)
+    return interface_endpoint("ecr.dkr", "vpce-0123abcd", "uz5j3lr2", **{"policy": ECR_POLICY, **kw})
 
 
 def s3_interface(**kw):
-    return interface_endpoint("s3", "vpce-0e5e5e5e5e5e5e5e5", "3fq8c1vh", **kw)
+    return interface_endpoint("s3", "vpce-0e5e5e5e5e5e5e5e5", "3fq8c1vh", **{"policy": S3_POLICY, **kw})
+
+
+def gateway(route_tables, **kw):
+    return gateway_endpoint(GATEWAY, route_tables, **{"policy": S3_POLICY, **kw})
 
 
 def site(**kw) -> discover.Site:
@@ -71,11 +84,15 @@ def levels(plan: discover.Plan) -> dict[str, list[str]]:
 # --- pure assessment -------------------------------------------------------------------------
 
 def test_healthy_vpc_needs_no_overrides():
-    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET, RTB_MAIN]),
+    plan = plan_for([api(), dkr(), gateway([RTB_SUBNET, RTB_MAIN]),
                      other_endpoint("vpce-0sts", "sts")])
     assert plan.upstreams == {}
     assert not plan.blocking
-    assert levels(plan) == {"ecr.api": ["ok"], "ecr.dkr": ["ok"], "s3": ["ok"]}
+    assert levels(plan) == {"ecr.api": ["ok", "ok"], "ecr.dkr": ["ok", "ok"], "s3": ["ok", "ok"]}
+    assert [f.message for f in plan.findings if f.message.startswith("policy")] == [
+        f"policy of vpce-0aaa1111bbbb22223 keeps it to registries {ACCOUNT}",
+        f"policy of vpce-0123abcd keeps it to registries {ACCOUNT}",
+        f"policy of gateway {GATEWAY} allows only layer downloads from ECR's bucket"]
 
 
 def test_endpoints_from_api_keeps_only_ecr_and_s3_of_the_region():
@@ -87,17 +104,17 @@ def test_endpoints_from_api_keeps_only_ecr_and_s3_of_the_region():
 
 
 def test_private_dns_off_sets_the_regional_vpce_name_not_a_zonal_one():
-    plan = plan_for([api(), dkr(private_dns=False), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    plan = plan_for([api(), dkr(private_dns=False), gateway([RTB_SUBNET])])
     assert plan.upstreams == {"dkr": DKR_REGIONAL}
     assert not plan.blocking
-    (finding,) = [f for f in plan.findings if f.subject == "ecr.dkr"]
+    finding, _policy = [f for f in plan.findings if f.subject == "ecr.dkr"]
     assert finding.level == "warn"
     assert finding.message == ("private DNS disabled on ecr.dkr (vpce-0123abcd): ECR requires it "
                                "for docker pulls; upstream set to the vpce name")
 
 
 def test_missing_dkr_endpoint_blocks():
-    plan = plan_for([api(), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+    plan = plan_for([api(), gateway([RTB_SUBNET])])
     assert plan.blocking
     (finding,) = [f for f in plan.findings if f.level == "block"]
     assert finding.message == (f"no ecr.dkr endpoint in {VPC}: image traffic would leave "
@@ -107,19 +124,19 @@ def test_missing_dkr_endpoint_blocks():
 
 def test_endpoint_not_available_blocks():
     plan = plan_for([api(state="pendingAcceptance"), dkr(),
-                     gateway_endpoint(GATEWAY, [RTB_SUBNET])])
+                     gateway([RTB_SUBNET])])
     assert levels(plan)["ecr.api"] == ["block"]
     assert "is pendingacceptance" in plan.findings[0].message
 
 
 def test_an_available_duplicate_wins_over_a_failed_one():
     failed = interface_endpoint("ecr.dkr", "vpce-0dead", "aaaa1111", state="failed")
-    plan = plan_for([api(), failed, dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET])])
-    assert levels(plan)["ecr.dkr"] == ["ok"]
+    plan = plan_for([api(), failed, dkr(), gateway([RTB_SUBNET])])
+    assert levels(plan)["ecr.dkr"] == ["ok", "ok"]
 
 
 def test_gateway_not_on_the_proxy_route_table_blocks():
-    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN])])
+    plan = plan_for([api(), dkr(), gateway([RTB_MAIN])])
     assert plan.blocking
     (finding,) = [f for f in plan.findings if f.subject == "s3"]
     assert finding.message == (f"S3 gateway endpoint {GATEWAY} not associated with "
@@ -135,12 +152,12 @@ def test_no_s3_endpoint_blocks():
 
 
 def test_s3_interface_without_private_dns_is_dialled_by_its_vpce_name():
-    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN]),
+    plan = plan_for([api(), dkr(), gateway([RTB_MAIN]),
                      s3_interface(private_dns=False)])
     assert not plan.blocking
     assert plan.upstreams == {"s3": "prod-eu-west-2-starport-layer-bucket.vpce-0e5e5e5e5e5e5e5e5"
                                      "-3fq8c1vh.s3.eu-west-2.vpce.amazonaws.com"}
-    assert levels(plan)["s3"] == ["warn", "warn"]
+    assert levels(plan)["s3"] == ["warn", "warn", "ok"]  # the interface's policy is judged
 
 
 def test_s3_interface_with_inbound_only_private_dns_still_needs_the_vpce_name():
@@ -150,17 +167,18 @@ def test_s3_interface_with_inbound_only_private_dns_still_needs_the_vpce_name():
 
 def test_s3_interface_with_private_dns_needs_nothing():
     plan = plan_for([api(), dkr(), s3_interface()])
-    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok"]
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok", "ok"]
 
 
 def test_associated_gateway_is_preferred_over_an_interface():
-    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_SUBNET]),
+    plan = plan_for([api(), dkr(), gateway([RTB_SUBNET]),
                      s3_interface(private_dns=False)])
-    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok"]
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok", "ok"]
+    assert f"gateway {GATEWAY}" in plan.findings[-1].message
 
 
 def test_unknown_subnet_is_a_warning():
-    plan = plan_for([api(), dkr(), gateway_endpoint(GATEWAY, [RTB_MAIN])], subnet_id=None,
+    plan = plan_for([api(), dkr(), gateway([RTB_MAIN])], subnet_id=None,
                     route_table_id=RTB_MAIN)
     assert levels(plan)["subnet"] == ["warn"]
     assert not plan.blocking
@@ -238,12 +256,13 @@ def test_hosts_block_points_ecr_names_at_the_first_listener():
 
 
 def test_findings_table_shows_marks_and_fixes():
-    table = discover.findings_table(plan_for([api(), gateway_endpoint(GATEWAY, [RTB_MAIN])])
+    table = discover.findings_table(plan_for([api(), gateway([RTB_MAIN])])
                                     .findings)
     lines = table.splitlines()
     assert lines[0].startswith("[ OK  ] ecr.api  vpce-0aaa1111bbbb22223 available")
-    assert lines[1].startswith("[BLOCK] ecr.dkr  no ecr.dkr endpoint")
-    assert lines[2].strip().startswith("fix: create an interface endpoint")
+    assert lines[1].startswith("[ OK  ] ecr.api  policy of vpce-0aaa1111bbbb22223 keeps it")
+    assert lines[2].startswith("[BLOCK] ecr.dkr  no ecr.dkr endpoint")
+    assert lines[3].strip().startswith("fix: create an interface endpoint")
 
 
 # --- main, end to end ------------------------------------------------------------------------
@@ -285,7 +304,7 @@ HEALTHY = [
     ("describe_vpc_endpoints", "add_response",
      {"VpcEndpoints": [api()], "NextToken": "cGFnZTI="}, {"Filters": VPC_FILTER}),
     ("describe_vpc_endpoints", "add_response",
-     {"VpcEndpoints": [dkr(private_dns=False), gateway_endpoint(GATEWAY, [RTB_SUBNET])]},
+     {"VpcEndpoints": [dkr(private_dns=False), gateway([RTB_SUBNET])]},
      {"Filters": VPC_FILTER, "NextToken": "cGFnZTI="}),
 ]
 CALLER = [("get_caller_identity", "add_response", identity(), {})]
@@ -430,3 +449,100 @@ def test_main_ignores_metadata_of_another_region(fake_credentials, monkeypatch, 
         code = discover.main(namespace(region=REGION), connect=stub_connect([]))
     assert code == 2
     assert "no VPC: pass --vpc-id" in one_line_error(capsys)
+
+
+# --- main: endpoint policies ------------------------------------------------------------------
+
+RTB_B, RTB_C = "rtb-0bbbbbbbbbbbbbbbb", "rtb-0cccccccccccccccc"
+
+
+def default_policy_calls(gateway_tables: list[str]) -> list:
+    """A VPC whose endpoints all keep AWS's default full-access policy; the S3 gateway endpoint
+    is on the proxy's route table and on `gateway_tables` besides."""
+    calls = [
+        ("describe_route_tables", "add_response",
+         {"RouteTables": [route_table(RTB_SUBNET, subnet=SUBNET, on_prem=True)]}, {"Filters": SUBNET_FILTER}),
+        ("describe_vpc_endpoints", "add_response",
+         {"VpcEndpoints": [api(policy=DEFAULT_INTERFACE_POLICY), dkr(policy=DEFAULT_INTERFACE_POLICY),
+                           gateway([RTB_SUBNET, *gateway_tables], policy=DEFAULT_GATEWAY_POLICY)]},
+         {"Filters": VPC_FILTER}),
+    ]
+    if gateway_tables:
+        calls.append(("describe_route_tables", "add_response",
+                      {"RouteTables": [route_table(RTB_B, subnets=("subnet-0b1b1b1b1b1b1b1b1", "subnet-0b2b2b2b2b2b2b2b2")),
+                                       route_table(RTB_C, main=True)]},
+                      {"Filters": [{"Name": "route-table-id", "Values": gateway_tables}]}))
+    return calls
+
+
+def run_discover(capsys, calls, **flags) -> tuple[int, str]:
+    stubs: list = []
+    args = dict(region=REGION, vpc_id=VPC, subnet_id=None, listen=["10.20.1.10"], account=[ACCOUNT])
+    args.update(flags)
+    code = discover.main(namespace(**args), connect=stub_connect(calls, stubs=stubs))
+    for stub in stubs:
+        stub.assert_no_pending_responses()
+    printed = capsys.readouterr()
+    return code, printed.err if not flags.get("write") else printed.out
+
+
+@pytest.fixture
+def on_the_instance(fake_credentials, monkeypatch):
+    with imds_server(instance_data()) as (_, url):
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)
+        yield
+
+
+def test_main_default_policies(on_the_instance, capsys):
+    code, report = run_discover(capsys, default_policy_calls([]), vpc_id=None)
+    assert code == 0, report  # warnings: the proxy works, the endpoints just do not enforce the routes
+    findings = report[report.index("Findings for"):report.index("/etc/hosts block")]
+    assert "[WARN ] ecr.api  policy of vpce-0aaa1111bbbb22223: statement 1" in findings
+    assert "[WARN ] ecr.dkr  policy of vpce-0123abcd: statement 1" in findings
+    assert f"[WARN ] s3       policy of gateway {GATEWAY} allows more than s3:GetObject" in findings
+    assert ("fix: aws ec2 modify-vpc-endpoint --region eu-west-2 --vpc-endpoint-id vpce-0123abcd "
+            "--policy-document file://sniproxy-policies/ecr-endpoints.json") in findings
+    assert "first write the policies: sniproxy policy --config FILE --out sniproxy-policies" in findings
+    if SHOW:
+        print(findings, file=sys.__stdout__)
+
+
+def test_main_gateway_shared_by_three_route_tables_writes_policies(on_the_instance, capsys, tmp_path):
+    out = tmp_path / "policies"
+    code, report = run_discover(capsys, default_policy_calls([RTB_B, RTB_C]), vpc_id=None, policies=str(out))
+    assert code == 0, report
+    assert json.loads((out / "s3-gateway.json").read_text()) == policy.s3_document(REGION)
+    assert json.loads((out / "ecr-endpoints.json").read_text()) == policy.ecr_document(REGION, (ACCOUNT,))
+    findings = report[report.index("Findings for"):report.index("/etc/hosts block")]
+    assert (f"fix: the endpoint is shared: {GATEWAY} is also on {RTB_B} (subnet-0b1b1b1b1b1b1b1b1, subnet-0b2b2b2b2b2b2b2b2), {RTB_C} "
+            "(the main route table: every subnet without its own)") in findings
+    assert f"--remove-route-table-ids {RTB_SUBNET}" in findings
+    assert f"--policy-document file://{out}/s3-gateway.json" in findings
+    assert "first write the policies" not in findings
+    if SHOW:
+        print(findings, file=sys.__stdout__)
+
+
+def test_main_access_denied_on_the_gateway_route_tables_is_one_line(fake_credentials, capsys):
+    calls = default_policy_calls([RTB_B])[:2] + [
+        ("describe_route_tables", "add_client_error", "UnauthorizedOperation",
+         "You are not authorized to perform this operation.", 403)]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, subnet_id=SUBNET, listen=["10.20.1.50"],
+                                   account=[ACCOUNT]),
+                         connect=stub_connect([("describe_subnets", "add_response", {"Subnets": [subnet_item()]},
+                                                {"SubnetIds": [SUBNET]})] + calls))
+    assert code == 2
+    assert one_line_error(capsys) == ("discover: error: access denied: the IAM policy lacks ec2:DescribeRouteTables "
+                                      "(see the README's policy for discover)")
+
+
+def test_main_unwritable_policies_directory_is_one_line(fake_credentials, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    calls = [("describe_route_tables", "add_response", {"RouteTables": [route_table(RTB_MAIN, main=True)]},
+              {"Filters": MAIN_FILTER}),
+             ("describe_vpc_endpoints", "add_response", {"VpcEndpoints": []}, {"Filters": VPC_FILTER})]
+    code = discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"], account=[ACCOUNT],
+                                   policies=str(blocker / "policies")), connect=stub_connect(calls))
+    assert code == 2
+    assert one_line_error(capsys).startswith(f"discover: error: cannot write {blocker}/policies: ")

@@ -26,6 +26,19 @@ import pytest
 import trustme
 
 from sniproxy.tools import doctor
+from tests.tools.test_aws import (
+    RTB_SUBNET,
+    SUBNET,
+    SUBNET_FILTER,
+    VPC,
+    VPC_FILTER,
+    clean_env,
+    route_table,
+    subnet_item,
+)
+from tests.tools.test_discover import fake_credentials
+
+assert clean_env and fake_credentials  # fixtures, used by name below
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNS_ADDRESS = "127.0.5.53"
@@ -171,7 +184,7 @@ def write_config(site, routes: list[tuple[str, str, int]], *, listen_port: int |
 
 
 def run(path: str, cafile: str | None, capsys, as_json: bool = False):
-    code = doctor.main(argparse.Namespace(config=path, cafile=cafile, json=as_json))
+    code = doctor.main(argparse.Namespace(config=path, cafile=cafile, json=as_json, aws=False))
     printed = capsys.readouterr()
     return code, printed.out, printed.err
 
@@ -398,3 +411,85 @@ def test_listener_served_by_running_sniproxy_and_metrics_answer(site, ca, capsys
     assert listen["status"] == "pass" and listen["detail"] == f"served by sniproxy (pid {proc.pid})"
     metrics = [c for c in report["checks"] if c["check"] == "metrics"][0]
     assert metrics["status"] == "pass" and metrics["data"]["families"] > 0
+
+
+# --- --aws: the endpoint policies, through Stubbed EC2 ---------------------------------------
+
+def aws_args(path: str, **kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    doctor.add_arguments(parser)
+    return parser.parse_args(["--config", path, "--aws", *kw.pop("argv", [])])
+
+
+def ecr_config(tmp_path, accounts='["123456789012"]') -> str:
+    path = tmp_path / "sniproxy.toml"
+    path.write_text('[[listen]]\naddress = "10.20.1.10"\n[resolver]\nnameservers = ["169.254.169.253"]\n'
+                    f'[ecr]\nregion = "eu-west-2"\naccounts = {accounts}\n')
+    return str(path)
+
+
+def test_aws_reports_the_policy_findings_next_to_the_other_checks(fake_credentials, tmp_path, capsys, monkeypatch):
+    from tests.tools.test_discover import RTB_B, RTB_C, default_policy_calls, stub_connect
+
+    monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [
+        doctor.Check(doctor.PASS, "dns", "api.ecr.eu-west-2.amazonaws.com", "api.ecr.eu-west-2.amazonaws.com",
+                     "10.20.1.57 (TTL 60s)")])
+    path = ecr_config(tmp_path)
+    args = aws_args(path, argv=["--vpc-id", VPC, "--subnet-id", SUBNET])
+    calls = [("describe_subnets", "add_response", {"Subnets": [subnet_item()]}, {"SubnetIds": [SUBNET]}),
+             *default_policy_calls([RTB_B, RTB_C])]
+    code = doctor.main(args, connect=stub_connect(calls))
+    out = capsys.readouterr().out
+    assert code == 0, out  # policy warnings do not fail the doctor
+    lines = out.splitlines()
+    group = lines.index("endpoint policies")
+    assert lines[group + 1].startswith("  WARN  policy  ecr.api  policy of vpce-0aaa1111bbbb22223: statement 1")
+    assert lines[group + 2] == ("                hint: aws ec2 modify-vpc-endpoint --region eu-west-2 --vpc-endpoint-id "
+                                "vpce-0aaa1111bbbb22223 --policy-document file://sniproxy-policies/ecr-endpoints.json")
+    assert lines[group + 3] == f"                      first write the policies: sniproxy policy --config {path} --out sniproxy-policies"
+    assert "  WARN  policy  s3  policy of gateway vpce-0s3gw000000000000 allows more than s3:GetObject" in out
+    assert "                      Either give the proxy's subnet a route table and S3 gateway endpoint" in out
+    assert lines[-1] == "1 passed, 3 warnings, 0 failed, 0 skipped"
+
+
+def test_aws_missing_endpoint_and_restricted_policies(fake_credentials, tmp_path, capsys, monkeypatch):
+    from tests.tools.test_discover import api, gateway, stub_connect
+
+    monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [])
+    calls = [("describe_subnets", "add_response", {"Subnets": [subnet_item()]}, {"SubnetIds": [SUBNET]}),
+             ("describe_route_tables", "add_response", {"RouteTables": [route_table(RTB_SUBNET, subnet=SUBNET)]},
+              {"Filters": SUBNET_FILTER}),
+             ("describe_vpc_endpoints", "add_response", {"VpcEndpoints": [api(), gateway([RTB_SUBNET])]},
+              {"Filters": VPC_FILTER})]
+    code = doctor.main(aws_args(ecr_config(tmp_path), argv=["--subnet-id", SUBNET]), connect=stub_connect(calls))
+    checks = {line.split()[2]: line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  ") and "policy" in line.split()[1:2]}
+    assert checks == {"ecr.api": "PASS", "ecr.dkr": "FAIL", "s3": "PASS"}
+    assert code == 1
+
+
+@pytest.mark.parametrize("argv, calls, detail", [
+    ([], [], "no VPC: pass --vpc-id or --subnet-id (instance metadata is unavailable)"),
+    (["--vpc-id", VPC], [("describe_route_tables", "add_client_error", "UnauthorizedOperation",
+                          "You are not authorized to perform this operation.", 403)],
+     "access denied: the IAM policy lacks ec2:DescribeRouteTables (see the README's policy for discover)"),
+    (["--region", "eu-west-1", "--vpc-id", VPC], [], "routes no registry in eu-west-1"),
+], ids=["no-vpc", "access-denied", "wrong-region"])
+def test_aws_problems_are_one_failed_check(fake_credentials, tmp_path, capsys, monkeypatch, argv, calls, detail):
+    from tests.tools.test_discover import stub_connect
+
+    monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [])
+    code = doctor.main(aws_args(ecr_config(tmp_path), argv=argv), connect=stub_connect(calls))
+    out = capsys.readouterr().out
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if line.startswith("  FAIL")]
+    assert line.endswith(detail)
+
+
+def test_aws_without_credentials_is_one_failed_check(clean_env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [])
+    code = doctor.main(aws_args(ecr_config(tmp_path), argv=["--vpc-id", VPC]))
+    out = capsys.readouterr().out
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if line.startswith("  FAIL")]
+    assert line.startswith("  FAIL  policy  eu-west-2  no AWS credentials found: attach an instance profile")
