@@ -48,6 +48,9 @@ class ResolverConfig:
     """And at most this long, so endpoint changes are picked up."""
     stale_ttl: float = 86400.0
     """How long an expired answer may still be served while DNS is unreachable (RFC 8767)."""
+    stale_refresh: float = 30.0
+    """While DNS fails and a stale answer is served, look the name up again at most this
+    often, in the background (RFC 8767 suggests 30 s)."""
     negative_ttl: float = 5.0
     """How long NXDOMAIN and empty answers are cached."""
 
@@ -303,6 +306,7 @@ def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
         min_ttl=t.get("min_ttl", "seconds", lambda v: v >= 0),
         max_ttl=t.get("max_ttl", "seconds", _positive),
         stale_ttl=t.get("stale_ttl", "seconds", lambda v: v >= 0),
+        stale_refresh=t.get("stale_refresh", "seconds", _positive),
         negative_ttl=t.get("negative_ttl", "seconds", lambda v: v >= 0),
     )
     if r.min_ttl > r.max_ttl:

@@ -43,9 +43,9 @@ METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 
-#: Descriptors held back for the metrics listener, released one at a time when accept(2)
-#: finds the process out of them.
-RESERVE = 2
+#: Descriptors held back for the metrics listener: when accept(2) finds the process out of
+#: them, they are released for the request (its socket, and reading /proc for process_*).
+RESERVE = 4
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 16 * 1024
 
@@ -109,7 +109,10 @@ class StatsCollector:
             q.add_metric([result], n)
         hits = CounterMetricFamily("sniproxy_dns_cache_hits", "Upstream names answered from the cache.")
         hits.add_metric([], snap["dns_cache_hits"])
-        return [b, c, a, rej, *histograms, pq, ech, acc, q, hits]
+        stale = CounterMetricFamily("sniproxy_dns_stale_served", "Upstream names answered at once from a stale "
+                                    "entry, while DNS fails (RFC 8767).")
+        stale.add_metric([], snap["dns_stale_served"])
+        return [b, c, a, rej, *histograms, pq, ech, acc, q, hits, stale]
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -155,8 +158,10 @@ class ProcessTreeCollector:
                     fields = f.read().rsplit(b")", 1)[1].split()
                 open_fds = len(os.listdir(f"/proc/{pid}/fd"))
                 max_fds = _max_fds(pid)
-            except OSError:  # a worker that just exited
-                continue
+            except OSError as exc:
+                if exc.errno == errno.EMFILE:  # we could not open /proc: this process is at its limit
+                    ratio = 1.0
+                continue  # else a worker that just exited
             cpu += (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
             rss += int(fields[21]) * _PAGE
             fds += open_fds
@@ -233,11 +238,12 @@ class MetricsServer:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reserve:
-                    os.close(self._reserve.pop())  # make room for this one request
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
                     continue
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    return  # every reserve descriptor is serving a request; the kernel queues this one
+                if not self._reserve:
+                    return  # the reserve is serving a request; the kernel queues this one
+                while self._reserve:  # make room for this request
+                    os.close(self._reserve.pop())
                 continue
             conn.setblocking(False)
             task = self.loop.create_task(self._serve(conn))

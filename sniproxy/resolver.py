@@ -51,16 +51,32 @@ class Resolver:
         # binding, and an unreadable A type silently becomes GenericRdata).
         dns.asyncbackend.get_backend("asyncio")
         self._inflight: dict[str, asyncio.Future] = {}
+        self._failing: dict[str, float] = {}
+        """Names whose last lookup failed and got a stale answer -> when to look again."""
 
     def cached(self, name: str) -> tuple[str, ...] | None:
-        """Fresh addresses without awaiting, or None when a lookup is needed."""
+        """Addresses without awaiting, or None when a lookup is needed: a fresh entry, or,
+        once DNS has failed for the name, its stale entry (RFC 8767), with a background
+        lookup at most every ``stale_refresh`` seconds until DNS answers again."""
         if _is_ip(name):
             return (name,)
-        entry = self.cache.get(name, self.clock())
-        if entry is None or not entry.addresses:
+        now = self.clock()
+        entry = self.cache.get(name, now)
+        if entry is not None and entry.addresses:
+            self.stats.dns_cache_hits += 1
+            return entry.addresses
+        retry = self._failing.get(name)
+        if retry is None:
             return None
-        self.stats.dns_cache_hits += 1
-        return entry.addresses
+        stale = self.cache.stale(name, now)
+        if stale is None:  # past stale_ttl: nothing left to serve
+            del self._failing[name]
+            return None
+        if now >= retry and name not in self._inflight:
+            self._failing[name] = now + self.config.stale_refresh
+            self._start(name)
+        self.stats.dns_stale_served += 1
+        return stale.addresses
 
     async def resolve(self, name: str) -> tuple[str, ...]:
         """IPv4 addresses first, then IPv6. Raises ResolveError."""
@@ -72,14 +88,16 @@ class Resolver:
                 self.stats.dns_cache_hits += 1
                 return entry.addresses
             raise ResolveError(f"{name}: no addresses (cached)")
-        task = self._inflight.get(name)
-        if task is None:
-            # One lookup per name however many connections wait on it; a task of its own, so a
-            # waiter that gives up (client gone) does not cancel it for the others.
-            task = asyncio.get_running_loop().create_task(self._lookup(name))
-            self._inflight[name] = task
-            task.add_done_callback(self._lookup_done)
+        task = self._inflight.get(name) or self._start(name)
         return await asyncio.shield(task)
+
+    def _start(self, name: str) -> asyncio.Future:
+        # One lookup per name however many connections wait on it; a task of its own, so a
+        # waiter that gives up (client gone) does not cancel it for the others.
+        task = asyncio.get_running_loop().create_task(self._lookup(name))
+        self._inflight[name] = task
+        task.add_done_callback(self._lookup_done)
+        return task
 
     def _lookup_done(self, task: asyncio.Task) -> None:
         for name, t in list(self._inflight.items()):
@@ -107,15 +125,21 @@ class Resolver:
                 ttls.append(answer.rrset.ttl)
         if addresses:
             self.stats.dns_result("ok")
+            if self._failing.pop(name, None) is not None:
+                log.warning("DNS answers again for %s", name)
             return self.cache.put(name, tuple(addresses), min(ttls), now).addresses
         if nxdomain or failure is None:
             self.stats.dns_result("nxdomain" if nxdomain else "nodata")
+            self._failing.pop(name, None)
             self.cache.put(name, (), 0, now)
             raise ResolveError(f"{name}: {'NXDOMAIN' if nxdomain else 'no A or AAAA records'}")
         stale = self.cache.stale(name, now)
         if stale is not None:
             self.stats.dns_result("stale")
-            log.warning("DNS unreachable for %s (%s); serving stale answer", name, _describe(failure))
+            if name not in self._failing:
+                log.warning("DNS unreachable for %s (%s); serving its stale answer, and looking it up "
+                            "again every %gs", name, _describe(failure), self.config.stale_refresh)
+            self._failing[name] = now + self.config.stale_refresh
             return stale.addresses
         self.stats.dns_result("error")
         raise ResolveError(f"{name}: {_describe(failure)}")

@@ -80,6 +80,7 @@ class Stats:
         self.rejected: dict[str, int] = {}
         self.dns: dict[str, int] = {}
         self.dns_cache_hits = 0
+        self.dns_stale_served = 0  # answers given from a stale entry, without waiting for DNS
         self.accept_errors: dict[str, int] = {}  # errno name -> failed accept(2) calls
         self.live: set[Any] = set()
         """Connections with a route, whose running byte counts a scrape adds in."""
@@ -126,12 +127,13 @@ class Stats:
             "rejected": dict(self.rejected),
             "dns": dict(self.dns),
             "dns_cache_hits": self.dns_cache_hits,
+            "dns_stale_served": self.dns_stale_served,
             "accept_errors": dict(self.accept_errors),
         }
 
 
 def empty_snapshot() -> dict:
-    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "accept_errors": {}}
+    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "dns_stale_served": 0, "accept_errors": {}}
 
 
 def _add(acc: Any, value: Any) -> Any:

@@ -78,6 +78,7 @@ def test_names_types_and_help(stats):
         "sniproxy_accept_errors": "counter",
         "sniproxy_dns_queries": "counter",
         "sniproxy_dns_cache_hits": "counter",
+        "sniproxy_dns_stale_served": "counter",
     }
     assert all(f.documentation for f in families.values())
     # counters are exposed with the _total suffix the context names
@@ -177,9 +178,10 @@ def test_hello_diagnostics_per_route(stats):
 
 def test_empty_stats_still_expose_every_family():
     f = scrape(Stats().snapshot)
-    assert len(f) == 15
-    assert samples(f["sniproxy_dns_cache_hits"]) == {key(): 0}
-    assert all(not fam.samples for name, fam in f.items() if name != "sniproxy_dns_cache_hits")
+    assert len(f) == 16
+    unlabelled = ("sniproxy_dns_cache_hits", "sniproxy_dns_stale_served")
+    assert all(samples(f[name]) == {key(): 0} for name in unlabelled)
+    assert all(not fam.samples for name, fam in f.items() if name not in unlabelled)
 
 
 def test_label_values_are_escaped():

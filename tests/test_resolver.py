@@ -116,3 +116,36 @@ def test_ip_literal_upstreams_need_no_lookup(dns_server):
     assert r.cached("10.1.2.3") == ("10.1.2.3",)
     assert run(r.resolve("2001:db8::5")) == ("2001:db8::5",)
     assert dns_server.queries == []
+
+
+def test_after_a_failed_lookup_stale_answers_come_at_once_and_refreshes_are_rate_limited(dns_server):
+    """RFC 8767: once DNS has failed for a name and its stale answer was served, later
+    connections get that answer without waiting for the resolver's timeout; a background
+    lookup runs at most every stale_refresh seconds, and its success ends the stale period."""
+
+    async def main():
+        dns_server.add("d.example.com", "10.0.0.7", ttl=30)
+        r, clock, stats = make(dns_server, stale_ttl=3600, stale_refresh=30)
+        await r.resolve("d.example.com")
+        dns_server.silent = True
+        clock.now += 31
+        assert r.cached("d.example.com") is None  # expired, DNS not known to fail yet: look it up
+        assert await r.resolve("d.example.com") == ("10.0.0.7",)  # waits for the timeout, once
+        asked = dns_server.count("d.example.com")
+        for _ in range(50):
+            assert r.cached("d.example.com") == ("10.0.0.7",)  # at once, no query
+        assert dns_server.count("d.example.com") == asked
+        assert stats.dns_stale_served == 50
+        clock.now += 30  # stale_refresh later: one background lookup, still answered at once
+        assert r.cached("d.example.com") == ("10.0.0.7",)
+        assert r.cached("d.example.com") == ("10.0.0.7",)
+        await asyncio.sleep(0.8)  # the background lookup times out (0.5 s) meanwhile
+        assert dns_server.count("d.example.com") == asked + 2  # one A and one AAAA, not two pairs
+        dns_server.silent = False
+        dns_server.records["d.example.com"] = [("A", "10.0.0.8", 30)]
+        clock.now += 30
+        assert r.cached("d.example.com") == ("10.0.0.7",)  # the refresh starts; stale meanwhile
+        await asyncio.sleep(0.3)
+        assert r.cached("d.example.com") == ("10.0.0.8",)  # fresh again
+
+    run(main())

@@ -50,7 +50,8 @@ def test_counters():
 
 
 def test_empty_snapshot():
-    assert Stats().snapshot() == {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "accept_errors": {}}
+    assert Stats().snapshot() == {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "dns_stale_served": 0,
+                                     "accept_errors": {}}
 
 
 def make_stats() -> tuple[Stats, RouteStats, RouteStats]:
