@@ -26,7 +26,7 @@ from .accesslog import AccessLog, format_line
 from .allow import Allowlist, ClientLimits, client_key
 from .errors import HelloError
 from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
-from .forward import CHUNK, Flow, Result
+from .forward import Flow, Result
 from .hostnames import format_address
 from .proxyproto import NEED_DATA as PROXY_NEED_DATA
 from .proxyproto import ProxyProtocolError
@@ -42,8 +42,6 @@ log = logging.getLogger("sniproxy.connection")
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).
 clock = time.monotonic
 _readv = os.readv
-_read_buffer = bytearray(CHUNK)
-_read_views = [memoryview(_read_buffer)]
 
 
 class State(enum.Enum):
@@ -236,8 +234,9 @@ class Connection:
     # -- hello -----------------------------------------------------------------------------
 
     def _read_client(self) -> None:
+        scratch = self.ctx.events.scratch
         try:
-            n = _readv(self.client_fd, _read_views)
+            n = _readv(self.client_fd, scratch.views)
         except BlockingIOError:
             return
         except OSError:
@@ -248,7 +247,7 @@ class Connection:
             self._close("client_closed")
             return
         self.hello_reads += 1
-        data = bytes(_read_buffer[:n])
+        data = bytes(scratch.buffer[:n])
         if self.state is State.PROXY_HEADER:
             data = self._proxy_header(data)
             if not data:
@@ -424,7 +423,7 @@ class Connection:
     # -- forwarding ------------------------------------------------------------------------
 
     def _run(self, flow: Flow) -> None:
-        result = flow.run()
+        result = flow.run(self.ctx.events.scratch)
         if result is Result.WAIT:
             return
         if result is Result.EOF:

@@ -37,6 +37,8 @@ SOCKET_EVENTS = IN | OUT | RDHUP | select.EPOLLET
 LISTENER_EVENTS = IN
 #: Events taken from the kernel per batch.
 MAX_EVENTS = 256
+#: The scratch buffer every read of this event set goes through: the most one read takes.
+SCRATCH = 256 * 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -46,11 +48,24 @@ class Handler(Protocol):
     def on_event(self, fd: int, events: int) -> None: ...
 
 
+class Scratch:
+    """The buffer every read goes through, reused by each and copied out of before the next.
+    One per event set, so one per event loop and thread."""
+
+    __slots__ = ("buffer", "view", "views")
+
+    def __init__(self, size: int = SCRATCH):
+        self.buffer = bytearray(size)
+        self.view = memoryview(self.buffer)
+        self.views = [self.view]  # os.readv's argument, built once
+
+
 class EventSet:
     """fd -> handler, dispatched in batches from one epoll set watched by the event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.scratch = Scratch()
         self.epoll = select.epoll()
         self.handlers: dict[int, Handler] = {}
         self._dispatching = False

@@ -1,7 +1,7 @@
 """One direction of a proxied pair: bytes read from ``src`` are written to ``dst``.
 
-Copy small, splice big, on the same descriptors: a direction copies through one shared
-buffer (``readv``/``write``) and moves to splice(2) through a pooled pipe once it has
+Copy small, splice big, on the same descriptors: a direction copies through the event
+set's scratch buffer (``readv``/``write``) and moves to splice(2) through a pooled pipe once it has
 carried ``splice_at`` bytes. Both modes keep one backpressure rule: ``src`` is read only
 while nothing is held for ``dst``. What is held is either the unsent tail of one read (at
 most ``CHUNK`` bytes, in user space) or the bytes of one pipe (in the kernel), never both.
@@ -21,19 +21,16 @@ import logging
 import os
 import time
 
-from .events import shutdown_write
+from .events import SCRATCH, Scratch, shutdown_write
 from .splice import FLAGS, Pipe, pool
 
 log = logging.getLogger("sniproxy.forward")
 
 #: Bytes per read when copying, and the most a direction holds in user space.
-CHUNK = 256 * 1024
+CHUNK = SCRATCH
 #: Reads (or splices) per call: a busy direction yields to the others after this many.
 ROUNDS = 8
 
-_buffer = bytearray(CHUNK)
-_view = memoryview(_buffer)
-_views = [_view]
 _splice = getattr(os, "splice", None)
 _readv = os.readv
 _write = os.write
@@ -73,7 +70,8 @@ class Flow:
         self.done = False
         self.error: OSError | None = None
 
-    def run(self) -> Result:
+    def run(self, scratch: Scratch) -> Result:
+        """Move what can be moved now. ``scratch``'s buffer holds each read until written."""
         if self.done:  # src's FIN was passed on: later events (EPOLLIN on EOF) mean nothing here
             return Result.WAIT
         rounds = ROUNDS
@@ -124,13 +122,13 @@ class Flow:
             if self.mode is Mode.SPLICE and (self.pipe is not None or self._take_pipe()):
                 result = self._splice_in()
             else:
-                result = self._copy()
+                result = self._copy(scratch)
             if result is not None:
                 return result
 
-    def _copy(self) -> Result | None:
+    def _copy(self, scratch: Scratch) -> Result | None:
         try:
-            n = _readv(self.src, _views)
+            n = _readv(self.src, scratch.views)
         except BlockingIOError:
             self.readable = False
             return Result.WAIT
@@ -143,14 +141,14 @@ class Flow:
             self.readable = False  # a short read drained the socket; the next edge says more
         self.nbytes += n
         try:
-            sent = _write(self.dst, _view[:n])
+            sent = _write(self.dst, scratch.view[:n])
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self.error = exc
             return Result.DST_FAILED
         if sent < n:
-            self.pending = memoryview(_buffer[sent:n])  # a copy: the shared buffer moves on
+            self.pending = memoryview(scratch.buffer[sent:n])  # a copy: the scratch buffer moves on
             self.writable = False
             return Result.WAIT
         return None

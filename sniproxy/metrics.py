@@ -112,6 +112,76 @@ class StatsCollector:
         return [b, c, a, rej, *histograms, pq, ech, acc, q, hits]
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _max_fds(pid: int) -> int:
+    with open(f"/proc/{pid}/limits", "rb") as f:
+        for line in f:
+            if line.startswith(b"Max open files"):
+                return int(line.split()[3])
+    return 0
+
+
+class ProcessTreeCollector:
+    """The standard ``process_*`` metrics, over this process and its workers.
+
+    CPU, memory and open descriptors are summed over the tree: one scrape address describes
+    one service, and its cost is the sum. Descriptor limits are per process, though, so the
+    limit is reported as one process's (they are all the same), and ``sniproxy_fd_usage_ratio``
+    gives the highest open/limit ratio of any process: that is what runs out first."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]):
+        self.pids = pids
+        self.boot = _boot_time()
+
+    def collect(self) -> Iterable:
+        cpu = rss = fds = 0.0
+        start = 0.0
+        limit = 0
+        ratio = 0.0
+        for i, pid in enumerate(self.pids()):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+                max_fds = _max_fds(pid)
+            except OSError:  # a worker that just exited
+                continue
+            cpu += (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+            rss += int(fields[21]) * _PAGE
+            fds += open_fds
+            if i == 0:
+                start = self.boot + int(fields[19]) / _TICKS
+                limit = max_fds
+            if max_fds:
+                ratio = max(ratio, open_fds / max_fds)
+        families = []
+        for name, kind, text, value in (
+            ("process_cpu_seconds", CounterMetricFamily, "User and system CPU time, summed over the process tree.", cpu),
+            ("process_resident_memory_bytes", GaugeMetricFamily, "Resident memory, summed over the process tree.", rss),
+            ("process_open_fds", GaugeMetricFamily, "Open file descriptors, summed over the process tree.", fds),
+            ("process_max_fds", GaugeMetricFamily, "RLIMIT_NOFILE of each process.", limit),
+            ("process_start_time_seconds", GaugeMetricFamily, "Start of the main process, in seconds since the epoch.",
+             start),
+            ("sniproxy_fd_usage_ratio", GaugeMetricFamily, "Highest share of its descriptor limit any process uses.",
+             ratio),
+        ):
+            family = kind(name, text)
+            family.add_metric([], value)
+            families.append(family)
+        return families
+
+
 def make_registry(snapshot: Callable[[], dict], *collectors: object) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(snapshot))

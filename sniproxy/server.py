@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from .connection import Connection, Context, ListenerInfo, clock
 from .errors import ConfigError, SniproxyError
 from .events import EventSet
 from .listener import Listener, bind, is_wildcard, listen_name
+from .metrics import ProcessTreeCollector
 from .resolver import Resolver
 from .routes import RouteTable
 from .splice import splice_after
@@ -253,7 +255,7 @@ class Server:
         log.info("log files reopened")
 
     def collectors(self) -> Iterable[object]:
-        return ()
+        return (ProcessTreeCollector(lambda: (os.getpid(),)),)
 
     # -- deadlines ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .config import Config
 from .errors import ConfigError, SniproxyError
 from .listener import bind
+from .metrics import ProcessTreeCollector
 from .splice import splice_enabled
 from .stats import empty_snapshot, merge
 
@@ -359,7 +360,12 @@ class Supervisor:
             w.kill(signal.SIGUSR1)
 
     def collectors(self) -> Iterable[object]:
-        return (SupervisorCollector(self),)
+        return (SupervisorCollector(self), ProcessTreeCollector(self.pids))
+
+    def pids(self) -> list[int]:
+        """This process first, then its live workers."""
+        return [os.getpid(), *(w.proc.pid for w in (*self.workers, *self.old)
+                               if w.proc is not None and w.state is not WorkerState.EXITED)]
 
 
 class SupervisorCollector:

@@ -193,3 +193,37 @@ def test_no_nan_or_negative_values(stats):
     for family in scrape(stats.snapshot).values():
         for s in family.samples:
             assert not math.isnan(s.value) and s.value >= 0, s
+
+
+def test_process_metrics_sum_the_tree_and_report_the_tightest_fd_ratio():
+    """Over this process and a child holding many descriptors: CPU, memory and fds add up;
+    the ratio is the child's (the tightest), not the sum over the sum."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry
+
+    from sniproxy.metrics import ProcessTreeCollector
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os,resource,sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256));"
+         " fds=[os.open(os.devnull, os.O_RDONLY) for _ in range(200)]; print('ok', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ProcessTreeCollector(lambda: (os.getpid(), child.pid, 999_999_999)))  # one pid is gone
+        f = {fam.name: fam for fam in text_string_to_metric_families(generate_latest(registry).decode())}
+        value = {name: fam.samples[0].value for name, fam in f.items()}
+        mine, theirs = len(os.listdir("/proc/self/fd")), len(os.listdir(f"/proc/{child.pid}/fd"))
+        assert theirs >= 200
+        assert abs(value["process_open_fds"] - (mine + theirs)) <= 2
+        assert value["sniproxy_fd_usage_ratio"] == pytest.approx(theirs / 256, abs=0.01)
+        assert value["process_resident_memory_bytes"] > 2 * 10_000_000  # two Python processes
+        assert value["process_cpu_seconds"] > 0
+        assert value["process_max_fds"] == __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0]
+        assert value["process_start_time_seconds"] > 1.7e9
+    finally:
+        child.kill()
+        child.wait()
