@@ -526,7 +526,8 @@ def test_files_lists_and_prints_the_shipped_files(capsys):
     assert main(["files"]) == 0
     listed = [Path(line) for line in capsys.readouterr().out.splitlines()]
     names = {p.name for p in listed}
-    assert {"sniproxy.service", "sniproxy.socket", "sniproxy.toml", "sniproxy.logrotate"} <= names
+    assert {"sniproxy.service", "sniproxy.socket", "sniproxy.toml", "sniproxy.logrotate", "sniproxy-alerts.yml",
+            "sniproxy-alerts.test.yml", "sniproxy-dashboard.json"} <= names
     assert all(p.is_absolute() and p.is_file() for p in listed)
     assert main(["files", "sniproxy.socket"]) == 0
     assert capsys.readouterr().out == (REPO / "systemd" / "sniproxy.socket").read_text()
