@@ -55,7 +55,7 @@ def _closest(region: str, known: set[str], cutoff: float = 0.8) -> list[str]:
     """The known regions most like ``region``, ties included (us-esat-1: us-east-1 or us-west-1)."""
     scores = {r: difflib.SequenceMatcher(None, region, r).ratio() for r in known}
     best = max(scores.values(), default=0.0)
-    return sorted(r for r, score in scores.items() if score == best and score >= cutoff) if best >= cutoff else []
+    return sorted(r for r, score in scores.items() if score == best) if best >= cutoff else []
 
 
 class Verdict(NamedTuple):

@@ -461,23 +461,6 @@ def test_check_warns_on_stderr_and_quiet_prints_nothing(tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
-@pytest.mark.parametrize("region, level", [("us-east-1", None), ("cn-northwest-1", None), ("us-gov-west-1", None),
-                                           ("eu-wst-2", "error"), ("xx-east-1", "error"), ("ap-southeest-1", "error"),
-                                           ("ap-east-9", "warning"), ("us-gov-north-1", "warning"),
-                                           ("cn-south-7", "warning")])
-def test_regions(region, level):
-    from sniproxy.regions import judge
-
-    assert judge(region).level == level
-
-
-def test_region_typo_suggests_the_nearest_regions():
-    from sniproxy.regions import judge
-
-    assert judge("us-esat-1").message.endswith("(did you mean us-east-1 or us-west-1?)")
-    assert "did you mean" not in judge("xx-east-1").message
-
-
 # -- logs, --version, files -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("journal, stamped", [("match", False), ("other", True), ("unset", True), ("garbage", True)])
