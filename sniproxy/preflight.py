@@ -135,17 +135,36 @@ class _Activated(NamedTuple):
     addresses: list[tuple[str, int]]
 
 
-def _activated(owners: list[int], environ: Mapping[str, str] = os.environ) -> _Activated | None:
+def _activated(owners: list[int], held_by_systemd: bool,
+               environ: Mapping[str, str] = os.environ) -> _Activated | None:
     """The running sniproxy's sockets from systemd, if it was socket-activated. It is the
-    service's MAINPID (systemd sets it for ExecReload=), or owns one of our addresses."""
+    service's MAINPID (systemd sets it for ExecReload=), or owns one of our addresses. Seen
+    from outside the unit (as root, by hand), pid 1 comes first as the holder: then any
+    sniproxy process may be the one."""
     candidates = [int(environ["MAINPID"])] if environ.get("MAINPID", "").isdigit() else []
     for pid in owners:
         candidates += [pid, _parent(pid)]
+    if held_by_systemd and not candidates:
+        candidates = _sniproxy_pids()
     for pid in dict.fromkeys(candidates):
         found = _inherited_addresses(pid)
         if found is not None:
             return found
     return None
+
+
+def _sniproxy_pids() -> list[int]:
+    from .tools.doctor import is_sniproxy
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+        except OSError:
+            continue
+        if is_sniproxy(argv) and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
 
 
 def _parent(pid: int) -> int:
@@ -202,7 +221,8 @@ def bind_problems(config: Config) -> list[str]:
     probes = [_probe(*entry.key) for entry in config.listen]
     m = config.metrics
     metrics = _probe(m.address, m.port) if m.enabled else None
-    running = _activated([p.pid for p in (*probes, metrics) if p is not None and p.state == "sniproxy"])
+    seen = [p for p in (*probes, metrics) if p is not None]
+    running = _activated([p.pid for p in seen if p.state == "sniproxy"], any(p.state == "systemd" for p in seen))
     problems = []
     for i, (entry, probe) in enumerate(zip(config.listen, probes)):
         name = listen_name(entry)
