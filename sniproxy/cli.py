@@ -1,15 +1,25 @@
-"""Command line: parse arguments, load config, hand over. Only this module picks the event loop."""
+"""Command line: parse arguments, load config, hand over. Only this module picks the event loop.
+
+`check` is `run` up to the point where it would serve, as `nginx -t` is: the config, the
+region, the accounts, the log files and every address it would bind, each problem one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import logging
+import os
 import socket
 import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
 
 from . import config as config_mod
+from . import preflight, regions
 from .errors import ConfigError, SniproxyError
+from .hostnames import format_address
 from .listener import listen_name
 from .tools.hosts import hosts_lines
 
@@ -27,17 +37,26 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 
 def _load_text(args: argparse.Namespace) -> tuple[config_mod.Config, bytes]:
-    """The config, and the file bytes it came from (empty for --region/--account)."""
+    """The config, and the file bytes it came from (empty for --region/--account). Used at
+    start and on every reload, so it checks only what the config says, never this host."""
     if getattr(args, "region", None) or getattr(args, "account", None):
         if args.config:
             raise ConfigError("", "give either --config or --region/--account, not both")
         if not (args.region and args.account):
             raise ConfigError("", "--region and --account go together")
-        return config_mod.embedded(args.region, args.account, ipv6=_has_ipv6()), b""
-    path = args.config or config_mod.DEFAULT_PATH
-    text = config_mod.read(path)
-    return config_mod.loads(text, path), text
+        config, text = config_mod.embedded(args.region, args.account, ipv6=_has_ipv6()), b""
+    else:
+        path = args.config or config_mod.DEFAULT_PATH
+        text = config_mod.read(path)
+        config = config_mod.loads(text, path)
+    if config.region is not None:
+        verdict = regions.judge(config.region)
+        if verdict.level == "error":
+            raise ConfigError("ecr.region", verdict.message)
+    return config, text
 
+
+# -- logging --------------------------------------------------------------------------------------
 
 class ReopeningFileHandler(logging.FileHandler):
     """A log file that logrotate can move away: SIGUSR1 reopens it under its name."""
@@ -53,6 +72,25 @@ class ReopeningFileHandler(logging.FileHandler):
             old.close()
 
 
+class _Stamped(logging.Formatter):
+    """UTC, ISO 8601 with milliseconds: the access log's time format."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
+def journal_stderr(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether stderr is journald's stream, which stamps every line itself: JOURNAL_STREAM
+    names its device and inode (systemd.exec(5)), and a redirected stderr no longer matches."""
+    try:
+        device, inode = (int(n) for n in environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def _handler(target: str, fmt: str) -> logging.Handler:
     if target == "stderr":
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
@@ -61,35 +99,45 @@ def _handler(target: str, fmt: str) -> logging.Handler:
             handler = ReopeningFileHandler(target, encoding="utf-8")
         except OSError as exc:
             raise SniproxyError(f"cannot open log file {target}: {exc.strerror}") from None
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_Stamped(fmt))
     return handler
 
 
-def setup_logging(log: config_mod.LogConfig, level: str | None = None, tag: str = "") -> list[logging.Handler]:
-    """Route the error log; returns the handlers to reopen on SIGUSR1. ``tag`` names a worker."""
+def setup_logging(log: config_mod.LogConfig, level: str | None = None, tag: str = "",
+                  environ: Mapping[str, str] = os.environ) -> list[logging.Handler]:
+    """Route the error log; returns the handlers to reopen on SIGUSR1. ``tag`` names a worker.
+    Lines carry a timestamp, except on journald's stream, which has its own."""
     root = logging.getLogger()
     root.handlers.clear()
     fmt = f"%(levelname)s %(name)s{tag}: %(message)s"
-    root.addHandler(_handler(log.error, "%(asctime)s " + fmt if log.error != "stderr" else fmt))
+    stamped = log.error != "stderr" or not journal_stderr(environ)
+    root.addHandler(_handler(log.error, "%(asctime)s " + fmt if stamped else fmt))
     root.setLevel((level or log.level).upper())
     return [h for h in root.handlers if isinstance(h, ReopeningFileHandler)]
 
 
+# -- socket activation ----------------------------------------------------------------------------
+
 def _inherited_sockets(config: config_mod.Config) -> dict:
-    """Sockets passed by systemd socket activation, matched to [[listen]] by bound address."""
-    from .systemd import listen_fds, match_listeners
+    """Sockets passed by systemd socket activation, matched to [[listen]] by bound address.
+
+    They must match exactly: a socket with no [[listen]] entry would be a black hole (systemd
+    keeps it open and the kernel keeps queueing connections nobody accepts), and a [[listen]]
+    entry with no socket loses what the socket unit gives (FreeBind=, connections queued
+    across restarts). Either is a deployment mistake, refused in one line that says the fix."""
+    from .systemd import activation_mismatch, listen_fds, match_listeners, unit_name
 
     fds = listen_fds()
     if not fds:
         return {}
     match = match_listeners([f.sock for f in fds], [entry.key for entry in config.listen])
-    for sock in match.extra:
-        logging.getLogger("sniproxy").warning(
-            "socket activation: %s is not a [[listen]] entry; closing it", _sockname(sock))
-        sock.close()
-    for key in match.missing:
-        logging.getLogger("sniproxy").warning(
-            "socket activation: [[listen]] %s was not passed by systemd; binding it here", listen_name(config_mod.Listen(*key)))
+    unit = unit_name([f.name for f in fds])
+    if match.extra or match.missing:
+        message = activation_mismatch(unit, [_sockname(s) for s in match.extra],
+                                      [format_address(*key) for key in match.missing])
+        for f in fds:
+            f.sock.close()
+        raise SniproxyError(message)
     logging.getLogger("sniproxy").info("socket activation: %d listeners from systemd", len(match.matched))
     return match.matched
 
@@ -97,7 +145,7 @@ def _inherited_sockets(config: config_mod.Config) -> dict:
 def _sockname(sock) -> str:
     try:
         host, port = sock.getsockname()[:2]
-        return listen_name(config_mod.Listen(host, port))
+        return format_address(host, port)
     except (OSError, ValueError):
         return f"fd {sock.fileno()}"
 
@@ -208,6 +256,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = _load(args)
     splice_enabled(config.server.splice)  # "on" where splice(2) does not work is an error
+    problems = [] if args.config_only else preflight.problems(config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 2
+    if args.quiet:
+        return 0
+    for warning in preflight.config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"config {config.source}: ok")
     print("listeners:")
     for listen in config.listen:
@@ -215,10 +272,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     r = config.resolver
     print(f"resolver: {', '.join(r.nameservers)} port {r.port} timeout {r.timeout:g}s")
     if config.metrics.enabled:
-        print(f"metrics: http://{listen_name(config_mod.Listen(config.metrics.address, config.metrics.port))}/metrics")
-    for listen in config_mod.open_listeners(config):
-        print(f"warning: listener {listen_name(listen)} is on a wildcard address with no allowlist: "
-              "any client that can reach it may use the proxy; set [server] allow or [[listen]] allow")
+        print(f"metrics: http://{format_address(config.metrics.address, config.metrics.port)}/metrics")
     print("routes:")
     for route in config.routes:
         target = route.upstream or "<sni>"
@@ -244,8 +298,63 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- files: the units, the example config, alerts and dashboard -----------------------------------
+
+#: Where the files live in a checkout; a wheel installs the same files as data, under
+#: <prefix>/share/sniproxy (see pyproject.toml).
+CHECKOUT_FILES = Path(__file__).resolve().parent.parent / "systemd"
+SHARE = "share/sniproxy/"
+
+
+def share_files() -> dict[str, Path]:
+    """name -> path of the shipped files: from this checkout when run from one, else as installed."""
+    if (CHECKOUT_FILES / "sniproxy.service").is_file():
+        return {p.name: p for p in sorted(CHECKOUT_FILES.iterdir()) if p.is_file()}
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("sniproxy")
+    except metadata.PackageNotFoundError:
+        return {}
+    found = {}
+    for f in dist.files or ():
+        text = str(f).replace("\\", "/")
+        if SHARE in text:
+            path = Path(str(dist.locate_file(f))).resolve()
+            found[path.name] = path
+    return dict(sorted(found.items()))
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    files = share_files()
+    if not files:
+        raise SniproxyError("no shipped files found: reinstall sniproxy from its wheel")
+    if args.name is None:
+        for path in files.values():
+            print(path)
+        return 0
+    if args.name not in files:
+        raise SniproxyError(f"no file {args.name!r}; there are: {', '.join(files)}")
+    sys.stdout.write(files[args.name].read_text())
+    return 0
+
+
+class _Version(argparse.Action):
+    """--version, read from the installed metadata only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .lifecycle import version
+
+        print(f"sniproxy {version()}")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sniproxy", description="TLS SNI pass-through proxy for Amazon ECR.")
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -263,14 +372,23 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate a config and print the listeners and routes")
+    check = sub.add_parser("check", help="validate a config, and that this host can run it (accounts, log files, "
+                           "addresses); print the listeners and routes")
     with_config(check)
+    check.add_argument("--quiet", "-q", action="store_true", help="print errors only (for ExecReload=)")
+    check.add_argument("--config-only", action="store_true", help="check the config alone, not this host: for a "
+                       "config meant for another machine")
     check.set_defaults(func=cmd_check)
 
     hosts = sub.add_parser("hosts", help="print the /etc/hosts lines builders need")
     with_config(hosts)
     hosts.add_argument("--address", help="the proxy address builders connect to")
     hosts.set_defaults(func=cmd_hosts)
+
+    files = sub.add_parser("files", help="list the shipped systemd units, example config, logrotate file, alerts "
+                           "and dashboard, or print one")
+    files.add_argument("name", nargs="?", help="the file to print, e.g. sniproxy.service")
+    files.set_defaults(func=cmd_files)
 
     from .tools import discover, doctor, policy
 
@@ -286,12 +404,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hint(exc: BaseException) -> str:
+    """A failed bind says what to do: the OSError it was raised from is its context."""
+    from .listener import BindError
+    from .metrics import MetricsBindError
+
+    cause = exc.__context__
+    if not isinstance(exc, BindError | MetricsBindError) or not isinstance(cause, OSError):
+        return ""
+    hint = preflight.BIND_HINTS.get(cause.errno or 0)
+    return f" ({hint})" if hint else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, SniproxyError) as exc:
-        print(exc if isinstance(exc, ConfigError) else f"sniproxy: {exc}", file=sys.stderr)
+        print(exc if isinstance(exc, ConfigError) else f"sniproxy: {exc}{_hint(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

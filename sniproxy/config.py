@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .ecr import ecr_routes
 from .errors import ConfigError
-from .hostnames import normalize_host
+from .hostnames import format_address, normalize_host
 from .routes import Route, is_wildcard
 
 DEFAULT_PATH = "/etc/sniproxy/sniproxy.toml"
@@ -110,13 +111,17 @@ class Config:
     routes: tuple[Route, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<embedded>"
+    region: str | None = None
+    """The [ecr] region as written, so the CLI can check it against botocore's regions."""
 
 
 class _Table:
     """One TOML table being read: typed getters that name the key path, and unknown-key checks.
 
     ``defaults`` is the dataclass the table becomes: a missing key takes its field's default,
-    so every default is written once, in the dataclass."""
+    so every default is written once, in the dataclass. A missing required key is reported by
+    ``done()``, after any unknown key: a misspelt key is what the operator needs to hear about,
+    not the "required" that the misspelling causes."""
 
     def __init__(self, data: Any, path: str, defaults: type | None = None):
         if not isinstance(data, dict):
@@ -124,6 +129,7 @@ class _Table:
         self.data = data
         self.path = path
         self.seen: set[str] = set()
+        self.missing: list[str] = []
         self.defaults = {f.name: f.default for f in dataclasses.fields(defaults)
                          if f.default is not dataclasses.MISSING} if defaults else {}
 
@@ -131,11 +137,13 @@ class _Table:
         return f"{self.path}.{name}" if self.path else name
 
     def get(self, name: str, kind: str, check: Callable[[Any], bool] | None = None, default: Any = None) -> Any:
-        """The value of ``name``, checked; when absent, ``default``, else the dataclass's."""
+        """The value of ``name``, checked; when absent, ``default``, else the dataclass's.
+        A missing required key reads as None until ``done()`` reports it."""
         self.seen.add(name)
         if name not in self.data:
             if default is _REQUIRED:
-                raise ConfigError(self.key(name), "required")
+                self.missing.append(name)
+                return None
             return self.defaults.get(name) if default is None else default
         value = self.data[name]
         convert, expected = _KINDS[kind]
@@ -155,10 +163,19 @@ class _Table:
             raise ConfigError(self.key(name), "expected an array of tables ([[" + name + "]])")
         return [_Table(item, f"{self.key(name)}[{i}]", defaults) for i, item in enumerate(items)]
 
-    def done(self) -> None:
+    def unknown(self, known: Iterable[str]) -> None:
+        """Refuse the first key not in ``known``, suggesting the closest known one."""
+        known = list(known)
         for name in self.data:
-            if name not in self.seen:
-                raise ConfigError(self.key(name), "unknown key")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ConfigError(self.key(name), f"unknown key (did you mean {close[0]}?)" if close else "unknown key")
+
+    def done(self) -> None:
+        """After every get(): unknown keys first, then missing required ones."""
+        self.unknown(self.seen)
+        if self.missing:
+            raise ConfigError(self.key(self.missing[0]), "required")
 
 
 _REQUIRED = object()
@@ -268,29 +285,40 @@ def system_nameservers(path: str = RESOLV_CONF) -> tuple[str, ...]:
     return tuple(servers)
 
 
-def _is_cidr(v: str) -> bool:
+def _network_problem(entry: str) -> str | None:
+    """Why an allowlist entry is not a network, in the operator's terms; None if it is one."""
+    address, slash, prefix = entry.partition("/")
     try:
-        ipaddress.ip_network(v)
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return False
-    return True
+        return f"{entry!r} is not an IP address or network"
+    if slash:
+        if not (prefix.isascii() and prefix.isdigit()) or int(prefix) > ip.max_prefixlen:
+            return f"{entry!r} has a bad prefix length: /0 to /{ip.max_prefixlen} for IPv{ip.version}"
+        try:
+            ipaddress.ip_network(entry)
+        except ValueError:
+            return f"{entry!r} has host bits set (did you mean {ipaddress.ip_network(entry, strict=False)}?)"
+    return None
 
 
-def _cidrs(t: _Table) -> Any:
-    return t.get("allow", "cidrs", lambda v: all(map(_is_cidr, v)))
+def _cidrs(t: _Table) -> tuple[str, ...] | None:
+    """An allow list; each bad entry is named by its index, with the reason."""
+    allow = t.get("allow", "cidrs")
+    for i, entry in enumerate(allow or ()):
+        problem = _network_problem(entry)
+        if problem is not None:
+            raise ConfigError(f"{t.key('allow')}[{i}]", problem)
+    return tuple(allow) if allow is not None else None
 
 
 def _listen(t: _Table) -> Listen:
     address = t.get("address", "ip", _is_ip, default=_REQUIRED)
     allow = _cidrs(t)
-    listen = Listen(
-        address=str(ipaddress.ip_address(address)),
-        port=t.get("port", "port", _port),
-        allow=tuple(allow) if allow is not None else None,
-        proxy_protocol=t.get("proxy_protocol", "bool"),
-    )
+    port = t.get("port", "port", _port)
+    proxy_protocol = t.get("proxy_protocol", "bool")
     t.done()
-    return listen
+    return Listen(address=str(ipaddress.ip_address(address)), port=port, allow=allow, proxy_protocol=proxy_protocol)
 
 
 def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
@@ -327,7 +355,7 @@ def _server(t: _Table) -> ServerConfig:
         max_connections=t.get("max_connections", "count", _positive),
         refuse_alert=t.get("refuse_alert", "bool"),
         max_connections_per_client=t.get("max_connections_per_client", "count", _positive),
-        allow=tuple(_cidrs(t)),
+        allow=_cidrs(t) or (),
         user=t.get("user", "str", lambda v: len(v) > 0),
         group=t.get("group", "str", lambda v: len(v) > 0),
     )
@@ -363,21 +391,16 @@ def _metrics(t: _Table) -> MetricsConfig:
 
 
 def _route(t: _Table) -> Route:
-    route = Route(
-        name=t.get("name", "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None, default=_REQUIRED),
-        patterns=tuple(
-            p.lower().rstrip(".")
-            for p in t.get("sni", "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v),
-                           default=_REQUIRED)
-        ),
-        upstream=t.get("upstream", "host", lambda v: normalize_host(v) is not None or _is_ip(v)),
-        port=t.get("port", "port", _port),
-    )
+    name = t.get("name", "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None, default=_REQUIRED)
+    patterns = t.get("sni", "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v),
+                     default=_REQUIRED)
+    upstream = t.get("upstream", "host", lambda v: normalize_host(v) is not None or _is_ip(v))
+    port = t.get("port", "port", _port)
     t.done()
-    return route
+    return Route(name=name, patterns=tuple(p.lower().rstrip(".") for p in patterns), upstream=upstream, port=port)
 
 
-def _ecr(t: _Table) -> list[Route]:
+def _ecr(t: _Table) -> tuple[str, list[Route]]:
     region = t.get("region", "region", lambda v: _REGION.match(v) is not None, default=_REQUIRED)
     accounts = t.get("accounts", "accounts", lambda v: len(v) > 0 and all(_ACCOUNT.match(a) for a in v), default=_REQUIRED)
     fips = t.get("fips", "bool", default=False)
@@ -390,47 +413,100 @@ def _ecr(t: _Table) -> list[Route]:
     }
     u.done()
     t.done()
-    return ecr_routes(region, tuple(accounts), fips, dualstack, port, {k: v for k, v in upstreams.items() if v})
+    routes = ecr_routes(region, tuple(accounts), fips, dualstack, port, {k: v for k, v in upstreams.items() if v})
+    return region, routes
+
+
+#: The top-level tables, each read by one function below.
+_TOP = ("listen", "resolver", "server", "metrics", "log", "route", "ecr")
 
 
 def from_dict(data: dict, source: str = "<embedded>", resolv_conf: str = RESOLV_CONF) -> Config:
     top = _Table(data, "")
+    top.unknown(_TOP)  # [[listn]] is a misspelling, not a missing [[listen]]
     listen = tuple(_listen(t) for t in top.tables("listen", Listen))
     if not listen:
         raise ConfigError("listen", "at least one [[listen]] table is required")
-    seen_listen: set[tuple[str, int]] = set()
     for i, entry in enumerate(listen):
-        if entry.key in seen_listen:
-            raise ConfigError(f"listen[{i}]", f"duplicate listener {entry.address} port {entry.port}")
-        seen_listen.add(entry.key)
+        for j, other in enumerate(listen[:i]):
+            if entry.key == other.key:
+                raise ConfigError(f"listen[{i}]", f"duplicate listener {format_address(*entry.key)}: listen[{j}] "
+                                                  "already listens there")
+            if _overlap(entry.key, other.key):
+                raise ConfigError(f"listen[{i}]", f"{format_address(*entry.key)} overlaps listen[{j}] "
+                                                  f"{format_address(*other.key)}: a wildcard address takes its "
+                                                  "port on every address")
     resolver = _resolver(top.table("resolver", ResolverConfig), resolv_conf)
     server = _server(top.table("server", ServerConfig))
-    metrics = _metrics(top.table("metrics", MetricsConfig))
+    metrics_table = top.table("metrics", MetricsConfig)
+    metrics = _metrics(metrics_table)
+    _metrics_apart(metrics, metrics_table, listen)
     log = _log(top.table("log", LogConfig))
     routes = [_route(t) for t in top.tables("route", Route)]
-    route_paths = [f"route[{i}]" for i in range(len(routes))]
+    region = None
+    generated: list[Route] = []
     if "ecr" in data:
-        generated = _ecr(top.table("ecr"))
-        routes += generated
-        route_paths += ["ecr"] * len(generated)
-    else:
-        top.seen.add("ecr")
-    top.done()
-    if not routes:
+        region, generated = _ecr(top.table("ecr"))
+    _routes_apart(routes, generated)
+    if not routes + generated:
         raise ConfigError("route", "at least one [[route]] or an [ecr] table is required")
-    names: set[str] = set()
-    patterns: dict[str, str] = {}
-    for path, route in zip(route_paths, routes):
+    return Config(listen=listen, resolver=resolver, server=server, metrics=metrics, routes=tuple(routes + generated),
+                  log=log, source=source, region=region)
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int], dual_stack: bool = False) -> bool:
+    """Would binding ``a`` fail because ``b`` is bound (both listening, SO_REUSEADDR)?
+
+    A wildcard takes its port on every address of its family. Listeners bind IPv6 with
+    IPV6_V6ONLY, so [::] leaves IPv4 alone; ``dual_stack`` says ``a`` is bound without it
+    (the metrics listener), so its [::] takes IPv4 too."""
+    if a[1] != b[1]:
+        return False
+    x, y = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
+    if x.version != y.version:
+        return dual_stack and x.version == 6 and x.is_unspecified
+    return x == y or x.is_unspecified or y.is_unspecified
+
+
+def _metrics_apart(metrics: MetricsConfig, t: _Table, listen: tuple[Listen, ...]) -> None:
+    """The metrics listener must not take a [[listen]] address, wildcards included. The error
+    names whichever side the operator wrote: [metrics] if it has address or port, else the listener."""
+    if not metrics.enabled:
+        return
+    here = (metrics.address, metrics.port)
+    for i, entry in enumerate(listen):
+        if _overlap(here, entry.key, dual_stack=True):
+            where = format_address(metrics.address, metrics.port)
+            if "port" in t.data or "address" in t.data:
+                key = t.key("port" if "port" in t.data else "address")
+                raise ConfigError(key, f"metrics on {where} would take listen[{i}]'s {format_address(*entry.key)}: "
+                                       "choose another [metrics] port or address")
+            raise ConfigError(f"listen[{i}]", f"{format_address(*entry.key)} takes the [metrics] default {where}: "
+                                              "choose another port, or set [metrics] port")
+
+
+def _routes_apart(routes: list[Route], generated: list[Route]) -> None:
+    """Route names and patterns are unique. A clash with what [ecr] generates is reported at the
+    [[route]] the operator wrote, since [ecr]'s routes have no line of their own."""
+    names: dict[str, int] = {}
+    patterns: dict[str, int] = {}
+    for i, route in enumerate(routes):
         if route.name in names:
-            raise ConfigError(f"{path}.name", f"duplicate route name {route.name!r}")
-        names.add(route.name)
+            raise ConfigError(f"route[{i}].name", f"duplicate route name {route.name!r}")
+        names[route.name] = i
         for p in route.patterns:
             if p in patterns:
-                raise ConfigError(f"{path}.sni", f"{p!r} is already routed by {patterns[p]!r}")
-            patterns[p] = route.name
-    return Config(
-        listen=listen, resolver=resolver, server=server, metrics=metrics, routes=tuple(routes), log=log, source=source
-    )
+                raise ConfigError(f"route[{i}].sni", f"{p!r} is already routed by {routes[patterns[p]].name!r}")
+            patterns[p] = i
+    for route in generated:
+        if route.name in names:
+            raise ConfigError(f"route[{names[route.name]}].name",
+                              f"{route.name!r} is a route name [ecr] generates: choose another")
+        for p in route.patterns:
+            if p in patterns:
+                raise ConfigError(f"route[{patterns[p]}].sni",
+                                  f"{p!r} is also routed by [ecr] (route {route.name!r}): remove it here, "
+                                  "or set [ecr.upstreams] to send [ecr]'s names elsewhere")
 
 
 def read(path: str) -> bytes:

@@ -109,6 +109,23 @@ def match_listeners(inherited: Iterable[socket.socket], wanted: Iterable[Address
     return result
 
 
+def unit_name(names: list[str]) -> str:
+    """systemd names each socket after its unit, unless FileDescriptorName= says otherwise."""
+    named = sorted({n for n in names if n and n != "unknown"})
+    return named[0] if len(named) == 1 else "the socket unit"
+
+
+def activation_mismatch(unit: str, extra: list[str], missing: list[str]) -> str:
+    """One line: which sockets and [[listen]] entries disagree, and the fix."""
+    parts = []
+    if extra:
+        parts.append(f"{unit} passes {', '.join(extra)}, which no [[listen]] names")
+    if missing:
+        parts.append(f"[[listen]] {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not passed by {unit}")
+    return ("socket activation: " + "; ".join(parts) + ": make ListenStream= match [[listen]] "
+            "(systemctl edit sniproxy.socket), then systemctl restart sniproxy")
+
+
 def watchdog_interval(environ: Mapping[str, str] = os.environ) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None if not asked for."""
     usec = environ.get("WATCHDOG_USEC")

@@ -5,6 +5,10 @@ through ``cli.main(argv)`` in-process, which runs the same code minus the interp
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sniproxy.config import system_nameservers
+from tests.helpers import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,12 +78,14 @@ FILES: dict[str, str | bytes] = {
 
 # name -> argv after "python -m sniproxy"; "{d}" is the temp directory
 ARGV = {
-    "check_good": ["check", "--config", "{d}/good.toml"],
+    # --config-only: the listeners are another host's addresses
+    "check_good": ["check", "--config-only", "--config", "{d}/good.toml"],
     "hosts_good": ["hosts", "--config", "{d}/good.toml", "--address", "10.9.9.9"],
     "hosts_default_address": ["hosts", "-c", "{d}/good.toml"],
     "hosts_wild_listeners": ["hosts", "--config", "{d}/wild.toml"],
     "hosts_bad_address": ["hosts", "--config", "{d}/good.toml", "--address", "proxy.example.com"],
-    "check_region": ["check", "--region", "us-east-1", "--account", "123456789012", "--account", "210987654321"],
+    "check_region": ["check", "--config-only", "--region", "us-east-1", "--account", "123456789012", "--account",
+                     "210987654321"],
     "region_without_account": ["check", "--region", "us-east-1"],
     "config_and_region": ["check", "--config", "{d}/good.toml", "--region", "us-east-1", "--account", "123456789012"],
     "bad_region": ["hosts", "--region", "mars-north-1", "--account", "123456789012", "--address", "10.0.0.1"],
@@ -235,7 +242,9 @@ def test_hosts(cli, mode, name, address):
 @pytest.mark.parametrize("mode, name", modes("check_region"))
 def test_check_region_and_accounts(cli, mode, name):
     r = cli(mode, name)
-    assert (r.returncode, r.stderr) == (0, "")
+    assert r.returncode == 0
+    assert [line.split(" is on ")[0] for line in r.stderr.splitlines()] == [
+        "warning: listener 0.0.0.0:443", "warning: listener [::]:443"]
     lines = r.stdout.splitlines()
     assert lines[0] == "config --region/--account: ok"
     assert lines[1:4] == ["listeners:", "  0.0.0.0:443", "  [::]:443"]
@@ -269,3 +278,242 @@ def test_bad_input_is_one_line(cli, mode, name, fragments):
                                                    huge_int=["server.idle_timeout"]))
 def test_bad_input_is_one_line_known_bugs(cli, mode, name, key):
     one_line_error(cli(mode, name), key)
+
+
+# -- startup failures: `check` finds each one first, and `run` reports it in one line ----------------
+
+BOTOCORE = __import__("botocore").__version__
+
+
+def _config(listen: str, extra: str = "", metrics_port: int | None = None) -> str:
+    """A config that passes everything but ``extra``; ``listen`` is "address:port"."""
+    address, port = listen.rsplit(":", 1)
+    metrics = f"[metrics]\nport = {metrics_port or free_port()}\n" if "[metrics]" not in extra else ""
+    body = f'[[listen]]\naddress = "{address}"\nport = {port}\n[resolver]\nnameservers = ["127.0.0.53"]\n{metrics}{extra}\n'
+    if "[ecr]" not in extra:
+        body += '[[route]]\nname = "r"\nsni = "a.example.com"\n'
+    return body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Case:
+    config: str
+    check: str  # the line `check` prints
+    run: str  # the line `run` prints
+    root_only_run: bool = False  # only root has to switch user, so only root fails
+
+
+@pytest.fixture(scope="module")
+def held() -> int:
+    """A port held by this (non-sniproxy) process."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, held) -> tuple[Path, dict[str, Case]]:
+    d = tmp_path_factory.mktemp("startup")
+    pid = os.getpid()
+    port = free_port()  # for the cases refused before any listener binds; the others get their own
+    # [log] level = "error": the root warning and info lines must not hide a second report of the failure
+    quiet = '[log]\nlevel = "error"\n'
+    table = {
+        "metrics_in_use": Case(
+            _config(f"127.0.0.1:{free_port()}", quiet, metrics_port=held),
+            f"sniproxy: cannot serve metrics on 127.0.0.1:{held}: in use by pid {pid} (",
+            f"sniproxy: cannot serve metrics on 127.0.0.1:{held}: Address already in use"),
+        "listener_in_use": Case(
+            _config(f"127.0.0.1:{held}", quiet),
+            f"sniproxy: cannot listen on 127.0.0.1:{held} (listen[0]): in use by pid {pid} (",
+            f"sniproxy: cannot listen on 127.0.0.1:{held}: Address already in use (sniproxy check names the process"),
+        "metrics_on_the_listener": Case(
+            _config(f"127.0.0.1:{port}", quiet + f"[metrics]\nport = {port}\n"),
+            f"config error: metrics.port: metrics on 127.0.0.1:{port} would take listen[0]'s 127.0.0.1:{port}",
+            f"config error: metrics.port: metrics on 127.0.0.1:{port} would take listen[0]'s 127.0.0.1:{port}"),
+        "error_log_directory_missing": Case(
+            _config(f"127.0.0.1:{free_port()}", quiet + f'error = "{d}/absent/error.log"\n'),
+            f"config error: log.error: {d}/absent/error.log: cannot create it: {d}/absent does not exist",
+            f"sniproxy: cannot open log file {d}/absent/error.log: No such file or directory"),
+        "access_log_is_a_directory": Case(
+            _config(f"127.0.0.1:{free_port()}", quiet + f'access = "{d}"\n'),
+            f"config error: log.access: {d}: is a directory",
+            f"sniproxy: cannot open access log {d}: Is a directory"),
+        "no_such_user": Case(
+            _config(f"127.0.0.1:{free_port()}", quiet + '[server]\nuser = "sniproxy-no-such-user"\n'),
+            "config error: server.user: user 'sniproxy-no-such-user' does not exist",
+            "sniproxy: user 'sniproxy-no-such-user' does not exist", root_only_run=True),
+        "no_such_group": Case(
+            _config(f"127.0.0.1:{free_port()}", quiet + '[server]\nuser = "nobody"\ngroup = "sniproxy-no-such-group"\n'),
+            "config error: server.group: group 'sniproxy-no-such-group' does not exist",
+            "sniproxy: group 'sniproxy-no-such-group' does not exist", root_only_run=True),
+        "region_typo": Case(
+            _config(f"127.0.0.1:{port}", quiet + '[ecr]\nregion = "eu-wst-2"\naccounts = ["123456789012"]\n'),
+            f"config error: ecr.region: 'eu-wst-2' is not a region botocore {BOTOCORE} knows (did you mean eu-west-2?)",
+            f"config error: ecr.region: 'eu-wst-2' is not a region botocore {BOTOCORE} knows (did you mean eu-west-2?)"),
+        "port_443_unprivileged": Case(
+            _config("127.0.0.1:443", quiet),
+            "sniproxy: cannot listen on 127.0.0.1:443 (listen[0]): Permission denied (ports below 1024 need root, "
+            "CAP_NET_BIND_SERVICE, or the socket unit: sniproxy files sniproxy.socket)",
+            "sniproxy: cannot listen on 127.0.0.1:443: Permission denied (ports below 1024 need root, "
+            "CAP_NET_BIND_SERVICE, or the socket unit: sniproxy files sniproxy.socket)"),
+    }
+    for name, case in table.items():
+        (d / f"{name}.toml").write_text(case.config)
+    return d, table
+
+
+def unprivileged() -> list[str]:
+    """A prefix that runs a command without the right to bind ports below 1024."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv not installed (Debian: util-linux)")
+    return [setpriv, "--bounding-set=-net_bind_service", "--"]
+
+
+def sniproxy(*argv: str, prefix: list[str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "sniproxy", *argv], env=clean_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+STARTUP = ["metrics_in_use", "listener_in_use", "metrics_on_the_listener", "error_log_directory_missing",
+           "access_log_is_a_directory", "no_such_user", "no_such_group", "region_typo", "port_443_unprivileged"]
+
+
+@pytest.mark.parametrize("name", STARTUP)
+def test_check_finds_each_startup_failure(cases, name, capsys):
+    d, table = cases
+    case = table[name]
+    if name == "port_443_unprivileged":
+        proc = sniproxy("check", "--quiet", "--config", str(d / f"{name}.toml"), prefix=unprivileged())
+        out, err = proc.communicate(timeout=60)
+        code = proc.returncode
+    else:
+        from sniproxy.cli import main
+
+        capsys.readouterr()
+        code = main(["check", "--quiet", "--config", str(d / f"{name}.toml")])
+        out, err = capsys.readouterr()
+    assert (code, out) == (2, ""), err
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(case.check), err
+
+
+@pytest.fixture(scope="module")
+def run_results(cases) -> dict[str, Run]:
+    """`sniproxy run` on every bad config at once (each would serve, were it not refused)."""
+    d, table = cases
+    procs = {name: sniproxy("run", "--config", str(d / f"{name}.toml"),
+                            prefix=unprivileged() if name == "port_443_unprivileged" else None) for name in STARTUP}
+    results = {}
+    try:
+        for name, proc in procs.items():
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += "\n<still running after 30 s: the bad config was not refused>"
+            results[name] = Run(proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.mark.parametrize("name", STARTUP)
+def test_run_reports_each_startup_failure_in_one_line(cases, run_results, name):
+    case = cases[1][name]
+    if case.root_only_run and os.geteuid() != 0:
+        pytest.skip("only root switches user, so only root fails on an unknown one")
+    r = run_results[name]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(case.run), r.stderr
+
+
+def test_check_warns_on_stderr_and_quiet_prints_nothing(tmp_path, capsys):
+    """A region newer than this botocore is a warning, not an error: check passes and says so."""
+    from sniproxy.cli import main
+
+    path = tmp_path / "new.toml"
+    path.write_text(_config(f"127.0.0.1:{free_port()}", '[ecr]\nregion = "ap-east-9"\naccounts = ["123456789012"]\n'))
+    capsys.readouterr()
+    assert main(["check", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"config {path}: ok\n")
+    assert err == (f"warning: ecr.region: 'ap-east-9' is not a region botocore {BOTOCORE} knows, but is named like a new "
+                   "one of partition aws: if it is new, upgrade botocore (pip install -U botocore); if not, check the "
+                   "spelling\n")
+    assert main(["check", "--quiet", "--config", str(path)]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+# -- logs, --version, files -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("journal, stamped", [("match", False), ("other", True), ("unset", True), ("garbage", True)])
+def test_stderr_lines_carry_a_timestamp_except_on_journald(tmp_path, monkeypatch, journal, stamped):
+    import logging
+
+    from sniproxy.cli import setup_logging
+    from sniproxy.config import LogConfig
+
+    stream = open(tmp_path / "stderr", "w+")
+    monkeypatch.setattr(sys, "stderr", stream)
+    st = os.fstat(stream.fileno())
+    environ = {"match": {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},  # systemd.exec(5)
+               "other": {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"},  # stderr was redirected
+               "unset": {}, "garbage": {"JOURNAL_STREAM": "x"}}[journal]
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(LogConfig(), environ=environ)
+        logging.getLogger("sniproxy").info("ready")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        root.handlers[:], root.level = saved
+    line = (tmp_path / "stderr").read_text()
+    if stamped:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO sniproxy: ready\n", line), line
+    else:
+        assert line == "INFO sniproxy: ready\n"
+
+
+def test_version(capsys):
+    from sniproxy.cli import main
+    from sniproxy.lifecycle import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"sniproxy {version()}\n"
+
+
+def test_files_lists_and_prints_the_shipped_files(capsys):
+    from sniproxy.cli import main
+
+    capsys.readouterr()
+    assert main(["files"]) == 0
+    listed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    names = {p.name for p in listed}
+    assert {"sniproxy.service", "sniproxy.socket", "sniproxy.toml", "sniproxy.logrotate", "sniproxy-alerts.yml",
+            "sniproxy-alerts.test.yml", "sniproxy-dashboard.json"} <= names
+    assert all(p.is_absolute() and p.is_file() for p in listed)
+    assert main(["files", "sniproxy.socket"]) == 0
+    assert capsys.readouterr().out == (REPO / "systemd" / "sniproxy.socket").read_text()
+    assert main(["files", "sniproxy.sock"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("sniproxy: no file 'sniproxy.sock'; there are: ") and len(err.splitlines()) == 1

@@ -299,8 +299,10 @@ BAD = [
     ("same_sni_one_route", route_with('name = "r"\nsni = ["a.example.com", "a.example.com"]'), "route[0].sni"),
     ("same_wildcard_twice", LISTEN + RESOLVER + '[[route]]\nname = "r"\nsni = "*.example.com"\n'
      '[[route]]\nname = "s"\nsni = "*.example.com"\n', "route[1].sni"),
-    ("sni_in_route_and_ecr", LISTEN + RESOLVER + '[[route]]\nname = "mine"\nsni = "api.ecr.us-east-1.amazonaws.com"\n' + ECR, "ecr.sni"),
-    ("route_named_like_ecr", LISTEN + RESOLVER + '[[route]]\nname = "ecr-dkr"\nsni = "x.example.com"\n' + ECR, "ecr.name"),
+    # a clash with what [ecr] generates names the [[route]] the operator wrote
+    ("sni_in_route_and_ecr", LISTEN + RESOLVER + '[[route]]\nname = "mine"\nsni = "api.ecr.us-east-1.amazonaws.com"\n' + ECR, "route[0].sni"),
+    ("route_named_like_ecr", LISTEN + RESOLVER + '[[route]]\nname = "ecr-dkr"\nsni = "x.example.com"\n' + ECR, "route[0].name"),
+    ("second_route_in_ecr", LISTEN + RESOLVER + ROUTE + '[[route]]\nname = "s3"\nsni = "prod-us-east-1-starport-layer-bucket.s3.amazonaws.com"\n' + ECR, "route[1].sni"),
     ("duplicate_listener", LISTEN + LISTEN + RESOLVER + ROUTE, "listen[1]"),
     ("duplicate_listener_spelled_apart", '[[listen]]\naddress = "::"\n[[listen]]\naddress = "0::0"\n' + RESOLVER + ROUTE, "listen[1]"),
 ]
@@ -318,8 +320,129 @@ def test_bad_config_names_the_key(load_text, text, path):
 
 
 def test_duplicate_sni_error_names_both_routes(load_text):
-    with pytest.raises(ConfigError, match="'api.ecr.us-east-1.amazonaws.com' is already routed by 'mine'"):
+    with pytest.raises(ConfigError, match="'a.example.com' is already routed by 'r'"):
+        load_text(LISTEN + RESOLVER + ROUTE + '[[route]]\nname = "s"\nsni = "a.example.com"\n')
+
+
+def test_a_clash_with_ecr_names_the_route_written_and_the_generated_one(load_text):
+    with pytest.raises(ConfigError) as exc:
         load_text(LISTEN + RESOLVER + '[[route]]\nname = "mine"\nsni = "api.ecr.us-east-1.amazonaws.com"\n' + ECR)
+    assert str(exc.value) == (
+        "config error: route[0].sni: 'api.ecr.us-east-1.amazonaws.com' is also routed by [ecr] (route 'ecr-api'): "
+        "remove it here, or set [ecr.upstreams] to send [ecr]'s names elsewhere")
+    with pytest.raises(ConfigError, match=r"route\[0\]\.name: 'ecr-dkr' is a route name \[ecr\] generates"):
+        load_text(LISTEN + RESOLVER + '[[route]]\nname = "ecr-dkr"\nsni = "x.example.com"\n' + ECR)
+
+
+# -- a misspelling is reported as unknown, before the "required" it causes ----------------------
+
+MISSPELT = [
+    ("listen_table", '[[listn]]\naddress = "127.0.0.1"\n' + RESOLVER + ROUTE, "listn", "listen"),
+    ("route_table", LISTEN + RESOLVER + '[[routes]]\nname = "r"\nsni = "a.example.com"\n', "routes", "route"),
+    ("ecr_table", LISTEN + RESOLVER + '[ecrr]\nregion = "us-east-1"\naccounts = ["123456789012"]\n', "ecrr", "ecr"),
+    ("listen_address", '[[listen]]\nadress = "127.0.0.1"\n' + RESOLVER + ROUTE, "listen[0].adress", "address"),
+    ("route_name", LISTEN + RESOLVER + '[[route]]\nnmae = "r"\nsni = "a.example.com"\n', "route[0].nmae", "name"),
+    ("route_sni", LISTEN + RESOLVER + '[[route]]\nname = "r"\nsin = "a.example.com"\n', "route[0].sin", "sni"),
+    ("ecr_region", ecr_with('regoin = "us-east-1"\naccounts = ["123456789012"]'), "ecr.regoin", "region"),
+    ("ecr_accounts", ecr_with('region = "us-east-1"\naccount = ["123456789012"]'), "ecr.account", "accounts"),
+]
+
+
+@pytest.mark.parametrize("text, path, meant", [m[1:] for m in MISSPELT], ids=[m[0] for m in MISSPELT])
+def test_misspelt_key_is_unknown_not_a_missing_required_one(load_text, text, path, meant):
+    with pytest.raises(ConfigError) as exc:
+        load_text(text)
+    assert str(exc.value) == f"config error: {path}: unknown key (did you mean {meant}?)"
+
+
+def test_unknown_key_with_nothing_close_has_no_suggestion(load_text):
+    with pytest.raises(ConfigError) as exc:
+        load_text("colour = 1\n" + LISTEN + RESOLVER + ROUTE)
+    assert str(exc.value) == "config error: colour: unknown key"
+
+
+# -- allow entries: the index and the reason ----------------------------------------------------------
+
+ALLOW = [
+    ("host_bits", 'allow = ["10.8.0.0/16", "10.0.1.5/24"]', "server.allow[1]",
+     "'10.0.1.5/24' has host bits set (did you mean 10.0.1.0/24?)"),
+    ("host_bits_v6", 'allow = ["2001:db8::1/32"]', "server.allow[0]",
+     "'2001:db8::1/32' has host bits set (did you mean 2001:db8::/32?)"),
+    ("prefix_too_long", 'allow = ["10.0.0.0/8", "10.0.0.0/8", "10.0.0.0/33"]', "server.allow[2]",
+     "'10.0.0.0/33' has a bad prefix length: /0 to /32 for IPv4"),
+    ("prefix_not_a_number", 'allow = ["2001:db8::/x"]', "server.allow[0]",
+     "'2001:db8::/x' has a bad prefix length: /0 to /128 for IPv6"),
+    ("prefix_empty", 'allow = ["10.0.0.0/"]', "server.allow[0]", "'10.0.0.0/' has a bad prefix length: /0 to /32 for IPv4"),
+    ("not_an_address", 'allow = ["10.0.0.300/8"]', "server.allow[0]", "'10.0.0.300/8' is not an IP address or network"),
+    ("a_name", 'allow = ["builders.corp.example"]', "server.allow[0]",
+     "'builders.corp.example' is not an IP address or network"),
+]
+
+
+@pytest.mark.parametrize("body, path, reason", [a[1:] for a in ALLOW], ids=[a[0] for a in ALLOW])
+def test_allow_entry_errors_carry_the_index_and_the_reason(load_text, body, path, reason):
+    with pytest.raises(ConfigError) as exc:
+        load_text(section("server", body))
+    assert str(exc.value) == f"config error: {path}: {reason}"
+
+
+def test_listener_allow_entries_are_named_too(load_text):
+    with pytest.raises(ConfigError) as exc:
+        load_text(LISTEN + '[[listen]]\naddress = "127.0.0.2"\nallow = ["10.0.0.0/8", "fe80::1/10"]\n' + RESOLVER + ROUTE)
+    assert str(exc.value) == "config error: listen[1].allow[1]: 'fe80::1/10' has host bits set (did you mean fe80::/10?)"
+
+
+def test_good_allow_entries(load_text):
+    config = load_text(section("server", 'allow = ["10.0.1.0/24", "10.0.0.7", "2001:db8::/32", "0.0.0.0/0"]'))
+    assert config.server.allow == ("10.0.1.0/24", "10.0.0.7", "2001:db8::/32", "0.0.0.0/0")
+
+
+# -- addresses that cannot all be bound ---------------------------------------------------------------
+
+def listeners(*entries: tuple[str, int]) -> str:
+    return "".join(f'[[listen]]\naddress = "{a}"\nport = {p}\n' for a, p in entries)
+
+
+COLLISIONS = [
+    ("metrics_on_a_listener", listeners(("127.0.0.1", 9000)) + RESOLVER + "[metrics]\nport = 9000\n" + ROUTE,
+     "metrics.port", "metrics on 127.0.0.1:9000 would take listen[0]'s 127.0.0.1:9000"),
+    ("metrics_under_a_wildcard_listener", listeners(("10.0.0.1", 443), ("0.0.0.0", 9000)) + RESOLVER
+     + '[metrics]\naddress = "127.0.0.1"\nport = 9000\n' + ROUTE, "metrics.port", "listen[1]'s 0.0.0.0:9000"),
+    ("wildcard_metrics_over_a_listener", listeners(("10.0.0.1", 443)) + RESOLVER
+     + '[metrics]\naddress = "0.0.0.0"\nport = 443\n' + ROUTE, "metrics.port", "listen[0]'s 10.0.0.1:443"),
+    ("metrics_address_only", listeners(("10.0.0.1", 9464)) + RESOLVER + '[metrics]\naddress = "10.0.0.1"\n' + ROUTE,
+     "metrics.address", "listen[0]'s 10.0.0.1:9464"),
+    # metrics binds [::] without IPV6_V6ONLY, so it takes IPv4 too
+    ("dual_stack_metrics_over_ipv4", listeners(("10.0.0.1", 9000)) + RESOLVER
+     + '[metrics]\naddress = "::"\nport = 9000\n' + ROUTE, "metrics.port", "listen[0]'s 10.0.0.1:9000"),
+    ("listener_on_the_default_metrics_port", listeners(("127.0.0.1", 9464)) + RESOLVER + ROUTE,
+     "listen[0]", "127.0.0.1:9464 takes the [metrics] default 127.0.0.1:9464"),
+    ("wildcard_listener_on_the_default_metrics_port", listeners(("0.0.0.0", 9464)) + RESOLVER + ROUTE,
+     "listen[0]", "0.0.0.0:9464 takes the [metrics] default 127.0.0.1:9464"),
+    ("listener_under_a_wildcard_one", listeners(("0.0.0.0", 443), ("10.0.1.10", 443)) + RESOLVER + ROUTE,
+     "listen[1]", "10.0.1.10:443 overlaps listen[0] 0.0.0.0:443"),
+    ("wildcard_listener_over_one", listeners(("::1", 443), ("::", 443)) + RESOLVER + ROUTE,
+     "listen[1]", "[::]:443 overlaps listen[0] [::1]:443"),
+]
+
+
+@pytest.mark.parametrize("text, path, fragment", [c[1:] for c in COLLISIONS], ids=[c[0] for c in COLLISIONS])
+def test_colliding_addresses(load_text, text, path, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_text(text)
+    assert exc.value.path == path
+    assert fragment in str(exc.value)
+
+
+@pytest.mark.parametrize("text", [
+    listeners(("0.0.0.0", 443), ("::", 443)) + RESOLVER + ROUTE,  # listeners bind [::] IPv6 only
+    listeners(("127.0.0.1", 9464)) + RESOLVER + "[metrics]\nenabled = false\n" + ROUTE,
+    listeners(("127.0.0.1", 9000)) + RESOLVER + '[metrics]\naddress = "127.0.0.2"\nport = 9000\n' + ROUTE,
+    listeners(("::1", 9000)) + RESOLVER + '[metrics]\naddress = "0.0.0.0"\nport = 9000\n' + ROUTE,
+    listeners(("10.0.0.1", 443), ("10.0.0.1", 8443)) + RESOLVER + ROUTE,
+], ids=["v4_and_v6_wildcards", "metrics_disabled", "other_address", "other_family", "other_port"])
+def test_addresses_that_can_all_be_bound(load_text, text):
+    load_text(text)
 
 
 def test_listeners_on_other_ports_or_addresses_are_not_duplicates(load_text):

@@ -277,3 +277,26 @@ def test_listen_fd_is_a_named_tuple():
     with listener("127.0.6.26") as sock:
         name, s = ListenFd("tls", sock)
         assert (name, s) == ("tls", sock)
+
+
+# -- when the socket unit and [[listen]] disagree ------------------------------------------------
+
+
+def test_unit_name_is_systemds_name_for_the_sockets():
+    from sniproxy.systemd import unit_name
+
+    assert unit_name(["sniproxy.socket", "sniproxy.socket"]) == "sniproxy.socket"  # FileDescriptorName= unset
+    assert unit_name(["unknown"]) == "the socket unit"  # systemd-socket-activate, or no names given
+    assert unit_name(["a", "b"]) == "the socket unit"
+    assert unit_name([""]) == "the socket unit"
+
+
+def test_activation_mismatch_is_one_line_with_the_fix():
+    from sniproxy.systemd import activation_mismatch
+
+    assert activation_mismatch("sniproxy.socket", ["10.0.1.11:443", "10.0.1.12:443"], ["[::1]:443"]) == (
+        "socket activation: sniproxy.socket passes 10.0.1.11:443, 10.0.1.12:443, which no [[listen]] names; "
+        "[[listen]] [::1]:443 is not passed by sniproxy.socket: make ListenStream= match [[listen]] "
+        "(systemctl edit sniproxy.socket), then systemctl restart sniproxy")
+    assert activation_mismatch("sniproxy.socket", [], ["10.0.1.10:443", "10.0.1.11:443"]).startswith(
+        "socket activation: [[listen]] 10.0.1.10:443, 10.0.1.11:443 are not passed by sniproxy.socket: ")

@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import functools
 import json
+import os
 import re
 import shutil
 import socket
@@ -117,6 +118,7 @@ def test_service_lifecycle_settings():
     assert value(s, "Service", "Type") == "notify"
     assert value(s, "Service", "ExecStart") == f"{INSTALLED_BINARY} run --config /etc/sniproxy/sniproxy.toml"
     assert values(s, "Service", "ExecReload")[-1] == "/bin/kill -HUP $MAINPID"
+    assert values(s, "Unit", "Documentation")
     assert value(s, "Service", "Restart") == "on-failure"
     assert value(s, "Service", "WatchdogSec")
     assert "sniproxy.socket" in value(s, "Unit", "Requires").split()
@@ -139,12 +141,96 @@ def test_service_runs_unprivileged():
 def test_socket_settings():
     s = "sniproxy.socket"
     listens = values(s, "Socket", "ListenStream")
-    assert listens == ["10.0.1.10:443", "10.0.1.11:443", "10.0.1.12:443"]
+    assert listens == ["10.0.1.10:443"]
     assert value(s, "Socket", "FreeBind") == "yes"
     assert value(s, "Socket", "NoDelay") == "yes"
     assert value(s, "Socket", "Service") == "sniproxy.service"
     assert int(value(s, "Socket", "Backlog")) > 0
     assert values(s, "Socket", "Accept") in ([], ["no"])
+
+
+def example_config():
+    from sniproxy.config import loads
+
+    return loads((UNITS / "sniproxy.toml").read_bytes(), "sniproxy.toml", resolv_conf="/dev/null")
+
+
+def test_socket_unit_passes_exactly_the_example_configs_listeners():
+    """The service refuses to start when they differ, so the shipped pair must agree."""
+    from sniproxy.hostnames import format_address
+
+    assert values("sniproxy.socket", "Socket", "ListenStream") == [
+        format_address(*entry.key) for entry in example_config().listen]
+
+
+def seconds(value: str) -> float:
+    found = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert found, value
+    return int(found.group(1)) * (60 if found.group(2) == "min" else 1)
+
+
+def test_stop_timeout_covers_the_drain():
+    """SIGTERM: drain_delay, then drain_timeout, then EXIT_GRACE for workers to exit; a
+    shorter TimeoutStopSec= would SIGKILL connections the config promised to let finish."""
+    from sniproxy.config import ServerConfig, default
+    from sniproxy.supervisor import EXIT_GRACE
+
+    stop = seconds(value("sniproxy.service", "Service", "TimeoutStopSec"))
+    defaults = default(ServerConfig, "drain_delay") + default(ServerConfig, "drain_timeout")
+    example = example_config().server
+    for drain in (defaults, example.drain_delay + example.drain_timeout):
+        assert stop >= drain + EXIT_GRACE + 5, (stop, drain)
+
+
+def test_reload_checks_quietly_first():
+    reload = values("sniproxy.service", "Service", "ExecReload")
+    assert reload == [f"{INSTALLED_BINARY} check --quiet --config /etc/sniproxy/sniproxy.toml", "/bin/kill -HUP $MAINPID"]
+
+
+def test_log_files_have_a_writable_directory_and_a_rotation():
+    """ProtectSystem=strict leaves only LogsDirectory= writable: the example's file paths and
+    the logrotate glob must be in it, and the rotation must make sniproxy reopen its files."""
+    logs = "/var/log/" + value("sniproxy.service", "Service", "LogsDirectory")
+    assert value("sniproxy.service", "Service", "ProtectSystem") == "strict"
+    example = (UNITS / "sniproxy.toml").read_text()
+    paths = re.findall(r'^# (?:access|error) = "([^"]+)"', example, re.M)
+    assert paths and all(path.startswith(logs + "/") for path in paths)
+    rotate = (UNITS / "sniproxy.logrotate").read_text()
+    assert re.search(rf"^{re.escape(logs)}/\*\.log {{$", rotate, re.M)
+    assert re.search(r"^\s+systemctl kill --kill-whom=main --signal=USR1 sniproxy\.service\b", rotate, re.M)
+
+
+def test_logrotate_accepts_the_example(tmp_path):
+    logrotate = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
+    if logrotate is None:
+        if os.environ.get("CI"):
+            pytest.fail("logrotate must run on CI but is not installed (Debian: logrotate)", pytrace=False)
+        pytest.skip("logrotate not installed (Debian: logrotate)")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "access.log").write_text("x" * 100)
+    conf = tmp_path / "sniproxy"
+    conf.write_text((UNITS / "sniproxy.logrotate").read_text().replace("/var/log/sniproxy", str(logs)))
+    out = subprocess.run([logrotate, "--debug", "--force", "--state", str(tmp_path / "state"), str(conf)],
+                         capture_output=True, text=True, timeout=30, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert "error" not in out.stderr.lower(), out.stderr
+    assert f"rotating log {logs}/access.log" in out.stderr
+
+
+def test_documentation_is_installed_where_the_unit_says():
+    """Documentation= names files the wheel installs under the venv (pyproject data-files)."""
+    import tomllib
+
+    prefix = INSTALLED_BINARY.rsplit("/bin/", 1)[0]
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed = {f"{prefix}/{target}/{Path(source).name}" for target, sources in data_files.items()
+                 for pattern in sources for source in map(str, REPO.glob(pattern))}
+    for unit in ("sniproxy.service", "sniproxy.socket"):
+        docs = values(unit, "Unit", "Documentation")
+        assert docs, unit
+        for uri in " ".join(docs).split():
+            assert uri.startswith("file:") and uri[len("file:"):] in installed, (unit, uri)
 
 
 # --- the unit's seccomp policy, applied to Python ------------------------------------------
