@@ -203,12 +203,15 @@ class LineLog:
 class Proxy:
     """``python -m sniproxy run`` as a real process, with its config written to a temp file."""
 
-    def __init__(self, tmp_path: Path, config: str, extra_args: tuple[str, ...] = ()):
+    def __init__(self, tmp_path: Path, config: str, extra_args: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = ("-m", "sniproxy")):
+        """``launcher``: what follows ``python``; e.g. ``("-c", code)`` to patch a constant of
+        the supervisor before it starts (its workers are still started as ``-m sniproxy``)."""
         self.path = tmp_path / "sniproxy.toml"
         self.path.write_text(config)
         self.metrics_port = int(re.search(r"\[metrics\][^\[]*port\s*=\s*(\d+)", config, re.S).group(1))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sniproxy", "run", "--config", str(self.path), *extra_args],
+            [sys.executable, *launcher, "run", "--config", str(self.path), *extra_args],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(), cwd=str(REPO),
         )
         self.log = LineLog(self.proc.stderr)
