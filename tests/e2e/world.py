@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -63,6 +64,8 @@ TOPOLOGIES = {
 }
 
 PROC_TIMEOUT = 60.0
+# The proxy's data path, as the integration suite takes it: auto (the default), on or off.
+SPLICE = os.environ.get("SNIPROXY_TEST_SPLICE", "auto")
 REPORT: dict[str, object] = {}  # printed by conftest at the end of the session
 
 
@@ -370,7 +373,8 @@ class World:
         config.write_text(
             f"{listeners}"
             f'[resolver]\nnameservers = ["{DNS_ADDR}"]\nport = {DNS_PORT}\ntimeout = 2.0\n\n'
-            "[server]\nhandshake_timeout = 5.0\nconnect_timeout = 5.0\ndrain_timeout = 3.0\n\n"
+            "[server]\nhandshake_timeout = 5.0\nconnect_timeout = 5.0\ndrain_timeout = 3.0\n"
+            f'splice = "{SPLICE}"\n\n'
             f'[metrics]\naddress = "127.0.0.1"\nport = {metrics_port}\n\n'
             f'[ecr]\nregion = "{REGION}"\naccounts = ["{ACCOUNT}"]\n')
         env = self.env(name, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
