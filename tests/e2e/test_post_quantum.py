@@ -89,7 +89,10 @@ def test_chrome_fetches_through_the_proxy_with_a_post_quantum_hello(fetched, pat
     assert 1700 <= hello.size <= 2300, hello.size
 
     entry = _log_entry(snap, path)
-    assert (entry["sni"], entry["route"], entry["close"]) == (DKR, "ecr-dkr", "done"), entry
+    assert (entry["sni"], entry["route"]) == (DKR, "ecr-dkr"), entry
+    # curl closes with a reset when bytes it never read are still queued (a late HTTP/2
+    # frame or session ticket): the proxy passes that on, as it should
+    assert entry["close"] in ("done", "client_reset"), entry
     assert entry["bytes_to_upstream"] > hello.size, entry
     assert {e["sni"] for e in snap.log} <= set(NAMES)
 
