@@ -13,7 +13,7 @@ with the certificate verified against the test CA, from two namespaces:
 A packet capture on the proxy's side of each link (capture.py) is the suite's own record of
 what arrived: size, records, segments and their spacing, key-share groups. The proxy's access
 log must then say the same about the hello it reassembled (hello_bytes, hello_records,
-hello_reads, pq).
+hello_reads, and pq: the name of the post-quantum group offered, ech: ECH or its GREASE).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ NEEDS = ("pq",)
 PATHS = {"normal": "cli1", "segmented": "slow"}  # path -> client namespace
 SLOW_MTU, SLOW_RATE = 576, "1mbit"
 URL = f"https://{DKR}/v2/"
-HELLO_FIELDS = ("hello_bytes", "hello_records", "hello_reads", "pq")
+HELLO_FIELDS = ("hello_bytes", "hello_records", "hello_reads", "pq", "ech")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,8 @@ def test_the_access_log_shows_the_hello_the_proxy_reassembled(fetched, path):
     assert not missing, f"the access log has no {missing} yet: {entry}"
     assert entry["hello_bytes"] == hello.size >= 1700, (entry, hello)
     assert entry["hello_records"] == hello.records, (entry, hello)
-    assert entry["pq"] is True, entry
+    assert entry["pq"] == "X25519MLKEM768" and X25519MLKEM768 in hello.groups, entry
+    assert entry["ech"] is True, entry
     if path == "segmented":
         assert 2 <= entry["hello_reads"] <= hello.segments, (entry, hello)
     else:
