@@ -181,7 +181,7 @@ def sniproxy_check(text: str, workdir: Path) -> str:
     path = workdir / "check.toml"
     path.write_text(text)
     try:
-        r = subprocess.run([sys.executable, "-m", "sniproxy", "check", "--config", str(path)],
+        r = subprocess.run([sys.executable, "-m", "sniproxy", "check", "--config-only", "--config", str(path)],
                            capture_output=True, text=True, env=clean_env(), timeout=30)
     except subprocess.TimeoutExpired:
         return "sniproxy check timed out"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import preflight, regions
-from .errors import ConfigError, SniproxyError
+from .errors import BindError, ConfigError, SniproxyError
 from .hostnames import format_address
 from .listener import listen_name
 from .tools.hosts import hosts_lines
@@ -172,6 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config, text = _load_text(args)
     handlers = setup_logging(config.log, args.log_level, f" worker={args.worker_index}" if worker else "")
     log = logging.getLogger("sniproxy")
+    if not worker:
+        for warning in preflight.config_warnings(config):  # what `check` warns about, said at start too
+            log.warning("%s", warning)
 
     def reopen() -> None:
         for handler in handlers:
@@ -210,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sup = Supervisor(config, text, sockets, sys.argv[1:], lambda: _load_text(args), reopen)
         lifecycle = Lifecycle(sup, Notifier())
         lifecycle.install_signal_handlers(asyncio.get_running_loop())
-        await lifecycle.run()
+        await lifecycle.run()  # no privilege drop: the supervisor keeps root
 
     async def serve() -> None:
         from .server import Server
@@ -231,8 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lifecycle.install_signal_handlers(loop)  # before anything else: an early signal must not kill us
         if worker:
             await notifier.start()
-        drop_root()
-        await lifecycle.run()
+        await lifecycle.run(after_start=drop_root)
         if worker:
             await notifier.final()
 
@@ -405,14 +407,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _hint(exc: BaseException) -> str:
-    """A failed bind says what to do: the OSError it was raised from is its context."""
-    from .listener import BindError
-    from .metrics import MetricsBindError
-
-    cause = exc.__context__
-    if not isinstance(exc, BindError | MetricsBindError) or not isinstance(cause, OSError):
-        return ""
-    hint = preflight.BIND_HINTS.get(cause.errno or 0)
+    """A failed bind says what to do."""
+    hint = preflight.BIND_HINTS.get(exc.errno) if isinstance(exc, BindError) else None
     return f" ({hint})" if hint else ""
 
 

@@ -37,3 +37,11 @@ class BadHello(HelloError):
 
 class WireError(SniproxyError):
     """A read ran past the end of a buffer or a length-prefixed block."""
+
+
+class BindError(SniproxyError):
+    """A listening socket could not be bound; ``errno`` says why (EACCES, EADDRINUSE...)."""
+
+    def __init__(self, message: str, errno: int = 0):
+        super().__init__(message)
+        self.errno = errno

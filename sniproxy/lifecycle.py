@@ -18,7 +18,7 @@ import logging
 import platform
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Protocol
 
@@ -87,6 +87,7 @@ class Lifecycle:
         self.hurry = asyncio.Event()  # a second SIGTERM during the drain: stop now
         self.ready = False
         self.draining = False
+        self._reloading: asyncio.Task | None = None
         self.reload_ok = True
         self.reload_time = time.time()  # as Prometheus reports it: the start counts as a load
         self._tasks: set[asyncio.Task] = set()
@@ -98,14 +99,20 @@ class Lifecycle:
             loop.add_signal_handler(sig, self.signal, flag)
 
     def signal(self, flag: Flag) -> None:
-        if flag is Flag.STOP and self.draining:
-            self.hurry.set()
+        if flag is Flag.STOP:
+            self.ready = False  # /readyz says 503 from this moment, even mid-reload
+            if self.draining:
+                self.hurry.set()
+            if self._reloading is not None:
+                self._reloading.cancel()  # a stop beats a reload under way
         self.pending.add(flag)
         self.wake.set()
 
     # -- the lifecycle ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, after_start: Callable[[], None] | None = None) -> None:
+        """``after_start`` runs once listening, before READY: a privilege drop goes there, so a
+        startup failure is reported before anything else."""
         service = self.service
         # startup: the metrics port first, so a port in use fails before any listener binds
         metrics_sock = None
@@ -118,6 +125,8 @@ class Lifecycle:
             registry = make_registry(service.snapshot, LifecycleCollector(self), *service.collectors())
             metrics = MetricsServer(metrics_sock, registry, service.collect, service.collect, self.is_ready)
             log.info("metrics on http://%s/metrics (and /healthz, /readyz)", format_address(m.address, m.port))
+        if after_start is not None:
+            after_start()
         self.ready = True
         self.notifier.ready(status=service.status())
         if self.takes_reloads:  # a worker's readiness goes to its supervisor instead
@@ -167,11 +176,17 @@ class Lifecycle:
             log.info("SIGHUP ignored: a worker takes new config by being replaced")
             return
         self.notifier.reloading()
-        try:
-            ok = await self.service.reload()
-        except Exception:  # whatever went wrong, the running config keeps serving
-            log.exception("reload failed, keeping the running config")
+        task = self._reloading = asyncio.get_running_loop().create_task(self.service.reload())
+        await asyncio.wait({task})
+        self._reloading = None
+        if task.cancelled():
+            log.info("reload cancelled: stopping instead")
             ok = False
+        elif task.exception() is not None:  # whatever went wrong, the running config keeps serving
+            log.error("reload failed, keeping the running config", exc_info=task.exception())
+            ok = False
+        else:
+            ok = task.result()
         self.reload_ok = ok
         if ok:
             self.reload_time = time.time()

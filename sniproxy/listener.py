@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from .config import Listen
-from .errors import SniproxyError
+from .errors import BindError
 from .events import LISTENER_EVENTS, EventSet, errno_name
 from .hostnames import format_address
 
@@ -33,10 +33,6 @@ PAUSE_MAX = 1.0
 WARN_EVERY = 10.0
 #: accept(2) errors that mean "this process or the system cannot take more now".
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class BindError(SniproxyError):
-    pass
 
 
 def listen_name(listen: Listen) -> str:
@@ -60,7 +56,7 @@ def bind(listen: Listen) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot listen on {listen_name(listen)}: {exc.strerror or exc}") from None
+        raise BindError(f"cannot listen on {listen_name(listen)}: {exc.strerror or exc}", exc.errno or 0) from None
     return sock
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .errors import SniproxyError
+from .errors import BindError
 from .hostnames import format_address
 from .stats import (
     CONNECT_BUCKETS,
@@ -195,10 +195,6 @@ def make_registry(snapshot: Callable[[], dict], *collectors: object) -> Collecto
     return registry
 
 
-class MetricsBindError(SniproxyError):
-    pass
-
-
 def bind_metrics(address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -209,8 +205,8 @@ def bind_metrics(address: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise MetricsBindError(f"cannot serve metrics on {format_address(address, port)}: {exc.strerror or exc} "
-                               "(set [metrics] address/port, or enabled = false)") from None
+        raise BindError(f"cannot serve metrics on {format_address(address, port)}: {exc.strerror or exc} "
+                        "(set [metrics] address/port, or enabled = false)", exc.errno or 0) from None
     return sock
 
 

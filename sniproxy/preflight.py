@@ -199,7 +199,7 @@ def _inherited_addresses(pid: int) -> _Activated | None:
 
 def _listening_inodes() -> dict[str, tuple[str, int]]:
     """Listening TCP sockets by inode, from /proc/net/tcp{,6} (doctor's address parser)."""
-    from .tools.doctor import _proc_address
+    from .tools.doctor import proc_address
 
     found = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -210,7 +210,7 @@ def _listening_inodes() -> dict[str, tuple[str, int]]:
         for row in rows:
             fields = row.split()
             if len(fields) >= 10 and fields[3] == "0A":  # 0A: LISTEN
-                found[fields[9]] = _proc_address(fields[1])
+                found[fields[9]] = proc_address(fields[1])
     return found
 
 

@@ -201,9 +201,11 @@ class Supervisor:
             self.old.remove(w)
 
     async def _start_generation(self, config_text: bytes, sockets: dict, count: int) -> list[Worker] | None:
-        """Start ``count`` workers and wait until all are ready; None (and none left) if not."""
-        self.generation += 1
-        fresh = [Worker(i, self.generation) for i in range(count)]
+        """Start ``count`` workers and wait until all are ready; None (and none left) if not.
+        The generation counts only once it is ready. Cancelled (a SIGTERM during a reload),
+        it stops what it started."""
+        generation = self.generation + 1
+        fresh = [Worker(i, generation) for i in range(count)]
         for w in fresh:
             self._spawn(w, config_text, sockets)
         try:
@@ -211,17 +213,32 @@ class Supervisor:
                 await asyncio.gather(*(w.ready.wait() for w in fresh))
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            log.info("generation %d: stopping its workers, which were not needed after all", generation)
+            await self._stop_workers(fresh)
+            raise
         failed = [w for w in fresh if w.state is not WorkerState.READY]
         if not failed:
+            self.generation = generation
             return fresh
         for w in failed:
             why = "exited" if w.state is WorkerState.EXITED else f"was not ready within {READY_TIMEOUT:g}s"
-            log.error("generation %d: %s %s", self.generation, w.name, why)
-        for w in fresh:
+            log.error("generation %d: %s %s", generation, w.name, why)
+        await self._stop_workers(fresh)
+        return None
+
+    async def _stop_workers(self, workers: list[Worker]) -> None:
+        """SIGTERM, then after EXIT_GRACE SIGKILL: a worker of a failed generation never
+        outlives it, even one whose loop is wedged."""
+        for w in workers:
             w.state = WorkerState.DRAINING
             w.kill(signal.SIGTERM)
-        await _wait_exits(fresh, EXIT_GRACE)
-        return None
+        await _wait_exits(workers, EXIT_GRACE)
+        for w in workers:
+            if not w.exited.is_set():
+                log.error("%s did not exit; killing it", w.name)
+                w.kill(signal.SIGKILL)
+        await _wait_exits(workers, EXIT_GRACE)
 
     # -- the Service the lifecycle drives ----------------------------------------------------
 
@@ -241,23 +258,24 @@ class Supervisor:
         if new.metrics != self.config.metrics:
             log.warning("reload: [metrics] changed; that takes effect on restart")
         if new.log != self.config.log:
-            log.warning("reload: [log] changed; that takes effect on restart")
+            log.warning("reload: [log] changed: the new workers use it; this supervisor's own error log "
+                        "keeps its target until a restart")
         sockets = {}
         try:
             for listen in new.listen:
                 sockets[listen.key] = self.sockets.get(listen.key) or bind(listen)
         except SniproxyError as exc:
-            for key, sock in sockets.items():
-                if key not in self.sockets:
-                    sock.close()
+            self._close_new(sockets)
             log.error("reload failed, keeping the running config: %s", exc)
             return False
         started = time.monotonic()
-        workers = await self._start_generation(text, sockets, new.server.workers)
+        try:
+            workers = await self._start_generation(text, sockets, new.server.workers)
+        except asyncio.CancelledError:
+            self._close_new(sockets)
+            raise
         if workers is None:
-            for key, sock in sockets.items():
-                if key not in self.sockets:
-                    sock.close()
+            self._close_new(sockets)
             log.error("reload failed: the new workers did not become ready; the running ones keep serving")
             return False
         old, self.workers = self.workers, workers
@@ -282,6 +300,12 @@ class Supervisor:
         log.info("reloaded %s: generation %d (%d workers) ready in %.2fs; %d old workers draining",
                  new.source, self.generation, len(workers), time.monotonic() - started, len(self.old))
         return True
+
+    def _close_new(self, sockets: dict) -> None:
+        """A reload that did not happen: close the listeners it bound."""
+        for key, sock in sockets.items():
+            if key not in self.sockets:
+                sock.close()
 
     def stop_accepting(self) -> None:
         self.stopping = True

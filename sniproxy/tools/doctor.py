@@ -207,7 +207,7 @@ def check_name(route: Route, name: str, config: Config, context: ssl.SSLContext)
 
 # --- listeners and metrics -------------------------------------------------------------------
 
-def _proc_address(text: str) -> tuple[str, int]:
+def proc_address(text: str) -> tuple[str, int]:
     """An address:port from /proc/net/tcp{,6} (hex, host byte order per 32-bit word)."""
     host, port = text.split(":")
     raw = bytes.fromhex(host)
@@ -230,10 +230,11 @@ def listener_owner(address: str, port: int) -> tuple[int, list[str]] | None:
             fields = row.split()
             if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
                 continue
-            local, local_port = _proc_address(fields[1])
+            local, local_port = proc_address(fields[1])
             ip = ipaddress.ip_address(local)
             if local_port == port and (ip == wanted or ip.is_unspecified or wanted.is_unspecified):
                 inodes.add(fields[9])
+    holders = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -242,10 +243,12 @@ def listener_owner(address: str, port: int) -> tuple[int, list[str]] | None:
                 if link.startswith("socket:[") and link[8:-1] in inodes:
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
                         argv = handle.read().decode(errors="replace").split("\0")
-                    return int(pid), [a for a in argv if a]
+                    holders.append((int(pid), [a for a in argv if a]))
+                    break
         except OSError:
             continue
-    return None
+    # Beside a socket-activated service, pid 1 holds the same socket: the sniproxy is the owner.
+    return next((h for h in holders if is_sniproxy(h[1])), holders[0] if holders else None)
 
 
 def is_sniproxy(argv: list[str]) -> bool:

@@ -17,15 +17,37 @@ MiB = 1 << 20
 LAYERS = (20 * MiB, 256 * 1024, 4 * 1024)
 
 
-def _unavailable() -> str | None:
-    for tool, package in (("/usr/bin/docker-registry", "docker-registry"),
-                          ("/usr/bin/skopeo", "skopeo")):
+# What the world needs, then what each group of clients needs: a test module names the
+# groups it uses in NEEDS. Each entry: (program, Debian package) or (python module, PyPI name).
+PROGRAMS = {
+    "world": (("/usr/bin/docker-registry", "docker-registry"), ("/usr/bin/skopeo", "skopeo")),
+    "docker": (("/usr/sbin/dockerd", "docker.io"), ("/usr/bin/docker", "docker.io"),
+               ("/usr/bin/containerd", "containerd"), ("/usr/sbin/runc", "runc"),
+               ("/usr/bin/docker-credential-ecr-login", "amazon-ecr-credential-helper"),
+               ("/usr/bin/nsenter", "util-linux"), ("/usr/bin/unshare", "util-linux")),
+    "podman": (("/usr/bin/podman", "podman"),),
+    "pq": (("/usr/sbin/ethtool", "ethtool"), ("/usr/sbin/tc", "iproute2")),
+}
+MODULES = {
+    "world": (("moto", "moto[server]"), ("flask", "moto[server]"), ("bcrypt", "bcrypt"),
+              ("trustme", "trustme"), ("dns", "dnspython")),
+    "pq": (("curl_cffi", "curl_cffi"),),
+}
+
+
+def _missing(group: str) -> str | None:
+    for tool, package in PROGRAMS.get(group, ()):
         if not os.access(tool, os.X_OK):
             return f"{tool} missing (apt-get install {package})"
-    for module, package in (("moto", "moto[server]"), ("flask", "moto[server]"),
-                            ("bcrypt", "bcrypt"), ("trustme", "trustme"), ("dns", "dnspython")):
+    for module, package in MODULES.get(group, ()):
         if importlib.util.find_spec(module) is None:
             return f"python module {module} missing (pip install {package})"
+    return None
+
+
+def _unavailable() -> str | None:
+    if missing := _missing("world"):
+        return missing
     try:
         netns.probe()
     except netns.NetnsUnavailable as exc:
@@ -38,9 +60,14 @@ UNAVAILABLE = _unavailable()
 
 def pytest_runtest_setup(item) -> None:
     # Skipping here rather than in a fixture makes pytest report the conftest as the skip's
-    # location, so -ra folds the whole suite into one line.
-    if UNAVAILABLE and not os.environ.get("CI"):
-        pytest.skip(f"e2e skipped: {UNAVAILABLE}")
+    # location, so -ra folds the whole suite into one line (one more per missing client).
+    missing = UNAVAILABLE or next(
+        filter(None, map(_missing, getattr(item.module, "NEEDS", ()))), None)
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"e2e must run on CI but cannot: {missing}", pytrace=False)
+    pytest.skip(f"e2e skipped: {missing}")
 
 
 @pytest.fixture(scope="package")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 PREFIX = "snie2e-"
 IP = shutil.which("ip") or "/usr/sbin/ip"
+TC = shutil.which("tc") or "/usr/sbin/tc"
 ETC_NETNS = Path("/etc/netns")
 RUN_NETNS = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -159,6 +160,11 @@ class Namespace:
         except OSError:
             pass
         return leftover
+
+
+def tc(ns: Namespace, *args: str) -> None:
+    subprocess.run([TC, "-n", ns.name, *args], capture_output=True, text=True, timeout=20,
+                   check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"})
 
 
 def link(a: Namespace, a_addr: str, b: Namespace, b_addr: str, prefix: int = 30) -> None:

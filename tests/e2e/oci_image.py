@@ -1,4 +1,5 @@
-"""Generate an OCI image layout on disk, and read one back, for skopeo to push and pull.
+"""Generate an OCI image layout on disk, and read one back, for skopeo to push and pull;
+and root filesystem tarballs for `docker import`.
 
 Layers are gzip tarballs of random bytes: already compressed, so skopeo sends them as they
 are (with --preserve-digests it refuses to change a digest), and the pulled copy must be
@@ -43,16 +44,29 @@ def _put_blob(layout: Path, data: bytes) -> str:
     return digest
 
 
-def _layer(index: int, size: int) -> tuple[bytes, bytes]:
-    """Return (uncompressed tar, gzip of it) holding one file of `size` random bytes."""
+def _tar(index: int, size: int) -> bytes:
+    """A tar holding one file of `size` random bytes."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(f"layer{index}/payload.bin")
         info.size = size
         info.mtime = 0
         tar.addfile(info, io.BytesIO(os.urandom(size)))
-    tar_bytes = raw.getvalue()
+    return raw.getvalue()
+
+
+def _layer(index: int, size: int) -> tuple[bytes, bytes]:
+    """Return (uncompressed tar, gzip of it) holding one file of `size` random bytes."""
+    tar_bytes = _tar(index, size)
     return tar_bytes, gzip.compress(tar_bytes, compresslevel=0, mtime=0)
+
+
+def rootfs_tar(path: Path, size: int) -> Path:
+    """Write a root filesystem tarball for `docker import`: one file of `size` random bytes,
+    so every image made from one is new to the registry and its layer must really travel."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_tar(0, size))
+    return path
 
 
 def build(layout: Path, tag: str, layer_sizes: tuple[int, ...]) -> Image:

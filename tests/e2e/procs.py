@@ -72,19 +72,27 @@ def start(ns: Namespace, name: str, argv: list[str], env: dict[str, str], log: P
     """Start argv in ns. Its stderr goes to `log`, and so does its stdout unless `stdout`
     names a file of its own."""
     # `ip netns exec` execs argv in place, so popen.pid is the service itself.
+    return spawn(name, ns.exec_argv(argv), env, log, stdout)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log: Path,
+          stdout: Path | None = None) -> Service:
+    """Start argv as it is (the caller has put it in its namespace): see start()."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as err, open(stdout or os.devnull, "wb") as out:
         popen = subprocess.Popen(
-            ns.exec_argv(argv), env=env, stdin=subprocess.DEVNULL,
+            argv, env=env, stdin=subprocess.DEVNULL,
             stdout=out if stdout else err, stderr=err, start_new_session=True)
     return Service(name, popen, log)
 
 
 def run(ns: Namespace, argv: list[str], env: dict[str, str],
-        timeout: float) -> subprocess.CompletedProcess:
-    """Run a client to completion inside a namespace; never raises on a non-zero exit."""
+        timeout: float, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a client to completion inside a namespace; never raises on a non-zero exit.
+    `input`, if given, is its stdin (a password for --password-stdin)."""
     return subprocess.run(
-        ns.exec_argv(argv), env=env, stdin=subprocess.DEVNULL,
+        ns.exec_argv(argv), env=env, input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,15 +3,16 @@
 Topology (every address lives only inside namespaces this run creates)::
 
     cli3 ──veth── ┐                       srv (lo): proxy listeners 198.18.1.1-3 (one per name)
-    cli1 ──veth── ┼── srv                            proxy listener  198.18.1.10 (all names)
-    direct ─veth─ ┘                                  moto ECR API    198.18.2.1:443
-                                                     registry (dkr)  198.18.2.2:443
+    cli1 ──veth── ┤                                  proxy listener  198.18.1.10 (all names)
+    slow ──veth── ┼── srv                            moto ECR API    198.18.2.1:443
+    direct ─veth─ ┘                                  registry (dkr)  198.18.2.2:443
                                                      starport blobs  198.18.2.3:443
                                                      DNS             127.0.0.1:53
 
 Each client namespace has its own /etc/hosts: cli3 pins each ECR name to its own proxy
-address, cli1 gets what `sniproxy hosts` prints for the single-address proxy, direct pins
-the names to the upstreams.
+address, cli1 and slow get what `sniproxy hosts` prints for the single-address proxy, direct
+pins the names to the upstreams. slow's link can be made to cut a hello into small segments
+that arrive milliseconds apart (segment_link).
 The proxy must resolve upstreams through the DNS server: srv's /etc/hosts is a decoy.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -53,7 +55,7 @@ DNS_ADDR, DNS_PORT = "127.0.0.1", 53
 DECOY = "198.18.9.9"  # routed nowhere
 # client namespace -> (srv end, client end) of its veth
 LINKS = {"cli3": ("198.19.3.1", "198.19.3.2"), "cli1": ("198.19.1.1", "198.19.1.2"),
-         "direct": ("198.19.0.1", "198.19.0.2")}
+         "slow": ("198.19.5.1", "198.19.5.2"), "direct": ("198.19.0.1", "198.19.0.2")}
 SERVICE_NET = "198.18.0.0/16"
 
 # topology -> (client namespace, proxy listen addresses)
@@ -63,6 +65,9 @@ TOPOLOGIES = {
 }
 
 PROC_TIMEOUT = 60.0
+# The proxy's data path, as the integration suite takes it: auto (the default), on or off.
+SPLICE = os.environ.get("SNIPROXY_TEST_SPLICE", "auto")
+ETHTOOL = "/usr/sbin/ethtool"
 REPORT: dict[str, object] = {}  # printed by conftest at the end of the session
 
 
@@ -181,7 +186,9 @@ class World:
         self.ns["srv"].write_etc("hosts", _hosts({name: DECOY for name in NAMES}))
         self.ns["cli3"].write_etc("hosts", _hosts({
             **PROXY_BY_NAME, OTHER_DKR: PROXY_BY_NAME[DKR], OTHER_API: PROXY_BY_NAME[API]}))
-        self.ns["cli1"].write_etc("hosts", "127.0.0.1 localhost\n" + self._sniproxy_hosts())
+        one_address = "127.0.0.1 localhost\n" + self._sniproxy_hosts()
+        self.ns["cli1"].write_etc("hosts", one_address)
+        self.ns["slow"].write_etc("hosts", one_address)
         self.ns["direct"].write_etc("hosts", _hosts({
             **UPSTREAM_BY_NAME, OTHER_DKR: UPSTREAM_BY_NAME[DKR],
             OTHER_API: UPSTREAM_BY_NAME[API]}))
@@ -199,6 +206,25 @@ class World:
         missing = {(PROXY_ONE, name) for name in NAMES} - pinned
         assert not missing, f"sniproxy hosts does not pin {missing}:\n{result.stdout}"
         return result.stdout
+
+    def segment_link(self, role: str, mtu: int, rate: str) -> None:
+        """Make `role`'s link carry a client's writes as MTU-sized segments spaced in time.
+
+        Both veth ends get the MTU, and lose the offloads that would otherwise hand the
+        peer one large buffer (TSO/GSO on send, GRO on receive). A token bucket on the
+        client's end then lets one segment through at a time at `rate`: at 1 Mbit/s a
+        576-byte packet takes about 4.7 ms, so a 2 KB hello arrives as four segments
+        over some 12 ms, as it might over a slow VPN.
+        """
+        ends = ((self.ns["srv"], f"to-{role}"[:15]), (self.ns[role], "to-srv"))
+        for ns, ifname in ends:
+            ns.run_ip("link", "set", ifname, "mtu", str(mtu))
+            subprocess.run(ns.exec_argv([ETHTOOL, "-K", ifname, "tso", "off", "gso", "off",
+                                         "gro", "off"]), check=True, capture_output=True,
+                           timeout=PROC_TIMEOUT)
+        # a bucket that holds one full frame but not two
+        netns.tc(self.ns[role], "qdisc", "add", "dev", "to-srv", "root", "tbf", "rate", rate,
+                 "burst", str(mtu * 3 // 2), "latency", "200ms")
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
         return procs.clean_env(self.tmp / "home" / name, **extra)
@@ -370,7 +396,8 @@ class World:
         config.write_text(
             f"{listeners}"
             f'[resolver]\nnameservers = ["{DNS_ADDR}"]\nport = {DNS_PORT}\ntimeout = 2.0\n\n'
-            "[server]\nhandshake_timeout = 5.0\nconnect_timeout = 5.0\ndrain_timeout = 3.0\n\n"
+            "[server]\nhandshake_timeout = 5.0\nconnect_timeout = 5.0\ndrain_timeout = 3.0\n"
+            f'splice = "{SPLICE}"\n\n'
             f'[metrics]\naddress = "127.0.0.1"\nport = {metrics_port}\n\n'
             f'[ecr]\nregion = "{REGION}"\naccounts = ["{ACCOUNT}"]\n')
         env = self.env(name, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
