@@ -63,7 +63,8 @@ def test_files_finds_them_in_an_installed_copy(build, tmp_path):
     wheel, _ = build
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", "--disable-pip-version-check", str(wheel)],
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", "--ignore-installed", "--disable-pip-version-check",
+                    str(wheel)],
                    check=True, timeout=120, env=clean_env())
     env = clean_env()
     env.pop("PYTHONPATH")

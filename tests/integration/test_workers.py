@@ -106,7 +106,9 @@ def test_sigterm_drains_every_worker_then_exits_zero(two_workers):
         held.append(s)
     proxy.signal(signal.SIGTERM)
     proxy.log.wait_for("asking 2 workers to drain")
-    with pytest.raises(ConnectionRefusedError):
+    # Refused once every copy of the listener is closed; a probe queued just before the last
+    # close is reset by the kernel instead. Either way, not accepted.
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
         for _ in range(5):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
             time.sleep(0.05)
