@@ -175,10 +175,10 @@ class Connection:
     def _admit(self) -> bool:
         """Allowlist and per-client limit, on the real client address."""
         if not self.listener.allow.allows(self.client_ip):
-            self.refuse("denied")
+            self.refuse("denied", detail=f"{self.client_ip} is not in the allowlist of {self.listener.name}")
             return False
         if not self.ctx.limits.try_acquire(self.client_ip):
-            self.refuse("client_limit")
+            self.refuse("client_limit", detail=f"{self.client_ip} holds {self.ctx.limits.max_per_client} connections")
             return False
         self.holds_slot = True
         return True
@@ -264,8 +264,7 @@ class Connection:
                 self.reader = HelloReader()
             hello = self.reader.feed(data)
         except HelloError as exc:
-            log.debug("%s: %s", self._client(), exc)
-            self.refuse(exc.reason)
+            self.refuse(exc.reason, detail=str(exc))
             return
         if hello is NEED_DATA:
             return
@@ -283,8 +282,7 @@ class Connection:
         try:
             header = parse_proxy_header(buf)
         except ProxyProtocolError as exc:
-            log.debug("%s: %s", self._client(), exc)
-            self.refuse("bad_proxy_header")
+            self.refuse("bad_proxy_header", detail=str(exc))
             return b""
         if header is PROXY_NEED_DATA:
             self.received = buf
@@ -303,12 +301,11 @@ class Connection:
         self.hello = hello
         self.hello_seconds = clock() - self.started
         if hello.sni is None:
-            self.refuse("no_sni", alert=True)
+            self.refuse("no_sni", alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
             return
         route = self.ctx.routes.match(hello.sni)
         if route is None:
-            log.debug("%s: no route for %s", self._client(), hello.sni)
-            self.refuse("no_route", alert=True)
+            self.refuse("no_route", alert=True, detail=f"no route for {hello.sni}")
             return
         self.route = route
         self.route_stats = rs = self.ctx.stats.route(route.name)
@@ -329,7 +326,7 @@ class Connection:
         except ResolveError as exc:
             if self.state is State.RESOLVING:
                 log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
-                self.refuse("resolve_failed")
+                self.refuse("resolve_failed", detail=str(exc))
             return
         finally:
             self.task = None
@@ -384,11 +381,11 @@ class Connection:
         if self.loops and self.loops == len(self.addresses):
             log.error("route %s: %s resolves to this proxy's own listener; refusing a loop",
                       route.name, route.upstream_for(self.hello.sni))
-            self.refuse("loop")
+            self.refuse("loop", detail="every address is one of our own listeners")
         else:
             log.warning("route %s: cannot connect to %s port %d: %s", route.name,
                         route.upstream_for(self.hello.sni), route.port, "; ".join(self.failures))
-            self.refuse("connect_failed")
+            self.refuse("connect_failed", detail="; ".join(self.failures))
 
     def _connect_failed(self, why: str) -> None:
         self.failures.append(f"{self.addresses[self.attempt - 1]}: {why}")
@@ -457,9 +454,12 @@ class Connection:
 
     # -- close -----------------------------------------------------------------------------
 
-    def refuse(self, reason: str, alert: bool = False) -> None:
-        """Close a connection that never reaches FORWARDING, counting why."""
+    def refuse(self, reason: str, alert: bool = False, detail: str = "") -> None:
+        """Close a connection that never reaches FORWARDING, counting why (and, at debug
+        level, saying why in one line)."""
         self.ctx.stats.reject(reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: refused (%s)%s", self._client(), reason, f": {detail}" if detail else "")
         if alert and self.ctx.refuse_alert:
             try:
                 os.write(self.client_fd, UNRECOGNIZED_NAME_ALERT)
@@ -479,7 +479,7 @@ class Connection:
         state = self.state
         if state in _HANDSHAKE:
             if now >= self.deadline:
-                self.refuse("handshake_timeout")
+                self.refuse("handshake_timeout", detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
         elif state is State.CONNECTING:
             if now >= self.deadline:
                 self._connect_failed("timeout")

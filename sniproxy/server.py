@@ -101,7 +101,7 @@ class Server:
         conn = Connection(self.ctx, info, fd, peer, self._closed)
         self.connections.add(conn)
         if len(self.connections) > self.config.server.max_connections:
-            conn.refuse("limit")
+            conn.refuse("limit", detail=f"max_connections {self.config.server.max_connections} reached")
             return
         conn.start()
 

@@ -24,6 +24,7 @@ from sniproxy.tls import (
     ClientHello,
     HelloReader,
     parse_client_hello,
+    parse_single_record,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -705,3 +706,48 @@ def test_property_result_need_data_or_hello_error(data, sizes):
 @given(data=ANY_INPUT, sizes=CHUNKS)
 def test_property_chunking_does_not_change_the_outcome(data, sizes):
     assert outcome(data, sizes) == outcome(data, [])
+
+
+def single_record_outcome(data: bytes):
+    """What the fast path says about ``data`` read in one go: a hello, its error class, or
+    None for "not the one-record case" (the connection then feeds a HelloReader)."""
+    try:
+        return parse_single_record(data)
+    except HelloError as exc:
+        return type(exc)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(ANY_INPUT, st.sampled_from(NAMES).map(fixture)))
+def test_property_the_fast_path_agrees_with_the_reader(data):
+    """Differential: on every input the single-record fast path either declines, or returns
+    exactly what HelloReader returns for the same bytes in one feed (the same hello, or an
+    error of the same class)."""
+    fast = single_record_outcome(data)
+    if fast is None:
+        return
+    assert fast == outcome(data, [])
+
+
+def test_the_fast_path_takes_every_one_record_fixture():
+    """Declining is always safe, so the property above alone would pass with a fast path that
+    never fires: the common case must actually take it."""
+    for name in NAMES:
+        data = fixture(name)
+        expected = outcome(data, [])
+        if EXPECTED[name]["record_count"] == 1 and isinstance(expected, ClientHello) \
+                and len(data) == EXPECTED[name]["total_length"]:
+            assert parse_single_record(data) == expected, name
+    assert parse_single_record(fixture("chromium_pq_3records")) is None  # three records: declined
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_post_quantum_key_shares_and_ech_as_captured(name):
+    """The hello diagnostics report what the captures hold: an X25519MLKEM768 key share
+    (Chromium's post-quantum hello) and an encrypted_client_hello extension (its GREASE)."""
+    hello = outcome(fixture(name), [])
+    if not isinstance(hello, ClientHello):
+        pytest.skip(f"{name} is not a complete hello")
+    assert (hello.pq_group == "X25519MLKEM768") == EXPECTED[name]["has_mlkem"]
+    assert hello.ech == EXPECTED[name]["has_ech"]
+    assert all(isinstance(g, int) for g in hello.key_shares)

@@ -81,6 +81,8 @@ class Service:
     """[server] drain_delay: at least the balancer's health-check interval x threshold."""
     allow: tuple[str, ...] = ()
     """[server] allow: the builders' networks."""
+    workers: str | None = None
+    """[server] workers ("auto" or a count): with a supervisor, a reload also loads new code."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +317,10 @@ def render_toml(site: Site, plan: Plan, service: Service = Service()) -> str:
                    f"drain_delay = {service.drain_delay:g}"]
     if service.allow:
         server += ["# Only the builders' networks may connect.", f"allow = {_toml(list(service.allow))}"]
+    if service.workers is not None:
+        value = _toml(service.workers) if service.workers == "auto" else service.workers
+        server += ["# Worker processes under a supervisor: `systemctl reload` replaces them, and so",
+                   "# also loads code newly installed into the venv.", f"workers = {value}"]
     if server:
         lines += ["[server]", *server, ""]
     lines += [
@@ -376,6 +382,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-delay", type=float, metavar="SECONDS",
                         help="[server] drain_delay: after SIGTERM, keep accepting this long while "
                         "/readyz says 503 (behind a load balancer: its check interval x threshold)")
+    parser.add_argument("--workers", metavar="N|auto",
+                        help="[server] workers: worker processes under a supervisor (a reload then also "
+                        "loads newly installed code)")
     parser.add_argument("--allow", action="append", default=[], metavar="CIDR",
                         help="[server] allow: a builder network; repeat for several")
     parser.add_argument("--write", metavar="FILE", help="write the config to FILE (the old file "
@@ -396,7 +405,10 @@ def _service(args: argparse.Namespace) -> Service:
             ipaddress.ip_network(cidr)
         except ValueError as exc:
             raise UsageError(f"--allow {cidr!r}: {exc}") from None
-    return Service(args.metrics_address, args.drain_delay, tuple(args.allow))
+    workers = args.workers
+    if workers is not None and workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
+        raise UsageError(f"--workers {workers!r}: expected auto or a count 1-256")
+    return Service(args.metrics_address, args.drain_delay, tuple(args.allow), workers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -311,6 +311,9 @@ def test_user_data_rehearsal_installs_configures_and_starts(template, parameters
     assert (config.metrics.address, config.metrics.port) == ("0.0.0.0", METRICS_PORT)
     builders = [parameters[k] for k in ("BuilderCidr1", "BuilderCidr2", "BuilderCidr3") if parameters.get(k)]
     assert list(config.server.allow) == builders
+    # Workers under a supervisor, one per CPU: a reload then also loads a newly installed version.
+    assert config.server.workers == max(1, len(os.sched_getaffinity(0)))
+    assert 'workers = "auto"' in config_path.read_text()
     assert [r.name for r in config.routes] and all(
         p.endswith(stack.pseudo["AWS::URLSuffix"]) for r in config.routes for p in r.patterns)
 

@@ -444,3 +444,34 @@ def _wait_until(predicate, timeout: float = 10.0, what=lambda: "") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in time {what()}")
         time.sleep(0.02)
+
+
+def test_debug_logs_one_line_for_every_refusal_reason(dns_server, upstream, start_proxy):
+    """--log-level debug explains each refusal in one line, naming the reason and the detail."""
+    port, denied_port = free_port(), free_port()
+    dns_server.add("down.example.com", "127.0.0.4")
+    config = proxy_config(port, dns_server, route(port=upstream.port) + "\n" + route(
+        "down", "down.example.com", port=free_port("127.0.0.4")))
+    config = config.replace("[resolver]", f'[[listen]]\naddress = "127.0.0.1"\nport = {denied_port}\n'
+                                          'allow = ["192.0.2.0/24"]\n\n[resolver]')
+    proxy = start_proxy(config, "--log-level", "debug")
+    cases = [
+        (port, b"GET / HTTP/1.1\r\n\r\n", "not_tls"),
+        (port, b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", "bad_hello"),
+        (port, make_hello(None), "no_sni"),
+        (port, make_hello("unknown.example.com"), "no_route"),
+        (port, make_hello("down.example.com"), "connect_failed"),
+        (denied_port, b"", "denied"),
+    ]
+    for listen_port, payload, reason in cases:
+        s = connect(listen_port)
+        try:
+            if payload:
+                s.sendall(payload)
+            with _reset_is_eof():
+                recv_all(s)
+        except OSError:
+            pass
+        s.close()
+        line = proxy.log.wait_for(rf"DEBUG sniproxy\.connection: 127\.0\.0\.1:\d+: refused \({reason}\): \S")
+        assert line.count("refused") == 1

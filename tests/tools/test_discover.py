@@ -216,8 +216,12 @@ def test_generated_config_is_what_sniproxy_loads(tmp_path):
 def test_fleet_options_reach_the_config():
     """Behind a load balancer: metrics (and /readyz) on a routable address, a drain delay
     covering the health check, the builders' networks allowed."""
-    service = discover.Service(metrics_address="0.0.0.0", drain_delay=20, allow=("10.8.0.0/16", "10.9.0.0/16"))
+    service = discover.Service(metrics_address="0.0.0.0", drain_delay=20, allow=("10.8.0.0/16", "10.9.0.0/16"),
+                               workers="auto")
     config = discover.parse(discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]), service))
+    assert config.server.workers == max(1, len(__import__("os").sched_getaffinity(0)))
+    assert discover.parse(discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]),
+                                               discover.Service(workers="3"))).server.workers == 3
     assert config.metrics.address == "0.0.0.0"
     assert config.server.drain_delay == 20.0
     assert config.server.allow == ("10.8.0.0/16", "10.9.0.0/16")
@@ -230,6 +234,7 @@ def test_fleet_options_reach_the_config():
     ({"metrics_address": "localhost"}, "--metrics-address 'localhost': not an IP address"),
     ({"drain_delay": -1.0}, "--drain-delay -1: expected seconds, 0 or more"),
     ({"allow": ["10.8.0.1/16"]}, "--allow '10.8.0.1/16'"),
+    ({"workers": "many"}, "--workers 'many': expected auto or a count 1-256"),
 ])
 def test_bad_fleet_options_are_one_line(flags, message, capsys):
     assert discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"], **flags),
