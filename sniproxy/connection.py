@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import socket
@@ -153,6 +154,13 @@ class Connection:
     def to_client(self) -> int:
         return self.down.nbytes if self.down is not None else 0
 
+    def on_error(self, exc: Exception) -> None:
+        """A bug in this connection's handling: it alone is closed, as internal_error."""
+        if self.state is State.FORWARDING:
+            self._close("internal_error", reset_client=True, reset_upstream=True)
+        elif self.state is not State.CLOSED:
+            self.refuse("internal_error", detail=repr(exc))
+
     def _enter(self, state: State) -> None:
         if state not in _NEXT[self.state]:
             raise RuntimeError(f"connection state {self.state.value} -> {state.value}")
@@ -206,30 +214,24 @@ class Connection:
                 self._connected(events)
 
     def _forward_event(self, fd: int, events: int) -> None:
-        up, down = self.up, self.down
+        """Input on a socket is for the Flow reading it; output, for the Flow writing to it."""
         if fd == self.client_fd:
-            if events & ERR:
-                self._reset("client", up)
-                return
-            if events & IN:
-                up.readable = True
-                if events & RDHUP:
-                    up.eof_pending = True
-            if events & OUT:
-                down.writable = True
+            reads, writes = self.up, self.down
+            side = "client"
         else:
-            if events & ERR:
-                self._reset("upstream", down)
-                return
-            if events & IN:
-                down.readable = True
-                if events & RDHUP:
-                    down.eof_pending = True
-            if events & OUT:
-                up.writable = True
-        self._run(up)
-        if self.state is State.FORWARDING:
-            self._run(down)
+            reads, writes = self.down, self.up
+            side = "upstream"
+        if events & ERR:
+            self._reset(side, reads)
+            return
+        if events & OUT:
+            writes.writable = True
+            self._run(writes)
+        if events & IN and self.state is State.FORWARDING:
+            reads.readable = True
+            if events & RDHUP:
+                reads.eof_pending = True
+            self._run(reads)
 
     # -- hello -----------------------------------------------------------------------------
 
@@ -247,6 +249,9 @@ class Connection:
             self._close("client_closed")
             return
         self.hello_reads += 1
+        # A short read drained the socket: the client Flow need not try again until an edge
+        # says there is more (or the FIN, seen as EPOLLRDHUP, is still to be read).
+        self.client_readable = n == len(scratch.buffer) or self.client_eof
         data = bytes(scratch.buffer[:n])
         if self.state is State.PROXY_HEADER:
             data = self._proxy_header(data)
@@ -323,16 +328,18 @@ class Connection:
     async def _resolve(self, host: str) -> None:
         try:
             addresses = await self.ctx.resolver.resolve(host)
+            if self.state is State.RESOLVING:
+                self._enter(State.CONNECTING)
+                self._connect_to(addresses)
         except ResolveError as exc:
             if self.state is State.RESOLVING:
                 log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
                 self.refuse("resolve_failed", detail=str(exc))
-            return
+        except Exception as exc:  # a bug costs this connection, logged, never a hung one
+            log.error("internal error while resolving %s", host, exc_info=exc)
+            self.on_error(exc)
         finally:
             self.task = None
-        if self.state is State.RESOLVING:
-            self._enter(State.CONNECTING)
-            self._connect_to(addresses)
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -363,7 +370,7 @@ class Connection:
                 sock.close()
                 self.failures.append(f"{ip}: {exc.strerror or exc}")
                 continue
-            if code not in (0, 115):  # EINPROGRESS
+            if code not in (0, errno.EINPROGRESS):
                 sock.close()
                 self.failures.append(f"{ip}: {os.strerror(code)}")
                 continue
@@ -408,7 +415,9 @@ class Connection:
         self._enter(State.FORWARDING)
         self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, head=self.received,
                        readable=self.client_readable, eof_pending=self.client_eof)
-        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, eof_pending=bool(events & RDHUP))
+        # The upstream is read once it has sent something: this event says whether it has.
+        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, readable=bool(events & IN),
+                         eof_pending=bool(events & RDHUP))
         self.received = b""
         self.failures = []
         self.idle_since = now
@@ -426,8 +435,10 @@ class Connection:
         if result is Result.EOF:
             if self.up.done and self.down.done:
                 self._close("done")
+            else:  # the other direction's FIN will end the pair: its close sends the FIN
+                (self.down if flow is self.up else self.up).last = True
         elif result is Result.MORE:
-            self.ctx.events.post(lambda: self._resume(flow))
+            self.ctx.events.post(self._resume_up if flow is self.up else self._resume_down)
         elif result is Result.SRC_FAILED:
             self._reset("client" if flow is self.up else "upstream", flow)
         elif flow is self.up:  # DST_FAILED
@@ -435,9 +446,13 @@ class Connection:
         else:
             self._reset("client", self.up)
 
-    def _resume(self, flow: Flow) -> None:
+    def _resume_up(self) -> None:
         if self.state is State.FORWARDING:
-            self._run(flow)
+            self._run(self.up)
+
+    def _resume_down(self) -> None:
+        if self.state is State.FORWARDING:
+            self._run(self.down)
 
     def _reset(self, side: str, sent_by: Flow) -> None:
         """A reset (or a failed write) on ``side``, whose bytes ``sent_by`` carries: pass it on

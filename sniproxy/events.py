@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import logging
 import os
 import select
 import socket
@@ -40,12 +41,16 @@ MAX_EVENTS = 256
 #: The scratch buffer every read of this event set goes through: the most one read takes.
 SCRATCH = 256 * 1024
 
+log = logging.getLogger("sniproxy.events")
 _libc = ctypes.CDLL(None, use_errno=True)
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class Handler(Protocol):
     def on_event(self, fd: int, events: int) -> None: ...
+
+    def on_error(self, exc: Exception) -> None:
+        """``on_event`` raised (a bug): close what it owns. A bug costs one connection."""
 
 
 class Scratch:
@@ -109,7 +114,10 @@ class EventSet:
             for fd, events in self.epoll.poll(0, MAX_EVENTS):
                 handler = handlers.get(fd)
                 if handler is not None:
-                    handler.on_event(fd, events)
+                    try:
+                        handler.on_event(fd, events)
+                    except Exception as exc:  # the rest of the batch must still be dispatched
+                        _failed(handler, exc)
         finally:
             self._dispatching = False
             closing = self._closing
@@ -125,7 +133,10 @@ class EventSet:
         self._dispatching = True
         try:
             for callback in posted:
-                callback()
+                try:
+                    callback()
+                except Exception as exc:
+                    _failed(getattr(callback, "__self__", None), exc)
         finally:
             self._dispatching = False
             for fd in self._closing:
@@ -137,6 +148,16 @@ class EventSet:
     def close_all(self) -> None:
         self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
+
+
+def _failed(handler: object, exc: Exception) -> None:
+    log.error("internal error in %r", handler, exc_info=exc)
+    on_error = getattr(handler, "on_error", None)
+    if on_error is not None:
+        try:
+            on_error(exc)
+        except Exception:
+            log.exception("internal error while closing after an internal error")
 
 
 def _close(fd: int) -> None:

@@ -51,7 +51,7 @@ class Result(enum.Enum):
 
 class Flow:
     __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_at",
-                 "pending", "pipe", "in_pipe", "done", "error")
+                 "pending", "pipe", "in_pipe", "done", "last", "error")
 
     def __init__(self, src: int, dst: int, splice_at: float, head: bytes = b"", readable: bool = True,
                  eof_pending: bool = False):
@@ -68,6 +68,9 @@ class Flow:
         self.pipe: Pipe | None = None
         self.in_pipe = 0
         self.done = False
+        self.last = False
+        """The other direction is done: this one's FIN ends the pair, and the close that
+        follows sends it, so no shutdown is needed."""
         self.error: OSError | None = None
 
     def run(self, scratch: Scratch) -> Result:
@@ -177,6 +180,8 @@ class Flow:
         """src sent its FIN, and nothing is held for dst: pass it on."""
         self.done = True
         self.readable = False
+        if self.last:
+            return Result.EOF
         try:
             shutdown_write(self.dst)
         except OSError as exc:

@@ -270,7 +270,11 @@ class Server:
         """Act on passed deadlines: handshake, connect and idle, for every connection."""
         now = clock()
         for conn in list(self.connections):
-            conn.expire(now)
+            try:
+                conn.expire(now)
+            except Exception as exc:  # a bug costs one connection, never the sweep
+                log.error("internal error in %r", conn, exc_info=exc)
+                conn.on_error(exc)
         self._sweeper = self.loop.call_later(interval, self._sweep, interval)
 
 

@@ -512,3 +512,33 @@ def test_randomized_soak_every_byte_checked(dns, upstream):
     finally:
         for e in engines:
             e.stop()
+
+
+def test_a_bug_costs_one_connection_and_the_batch_goes_on(engine, monkeypatch):
+    """An exception in one connection's handling (here: forwarding for a marked client) closes
+    that connection as internal_error; the event set keeps dispatching the others."""
+    from sniproxy import forward
+
+    real_run = forward.Flow.run
+    doomed: set[int] = set()
+
+    def run(self, scratch):
+        if self.src in doomed or self.dst in doomed:
+            raise RuntimeError("injected bug")
+        return real_run(self, scratch)
+
+    monkeypatch.setattr(forward.Flow, "run", run)
+    bad = engine.connect()
+    hello = make_hello(NAME)
+    bad.sendall(hello)
+    engine.wait(lambda: any(c.state is State.FORWARDING for c in engine.live))
+    engine.call(lambda: doomed.update(c.client_fd for c in engine.live))
+    bad.sendall(b"trigger")
+    closed = engine.wait_closed(1)[0]
+    assert closed.close_reason == "internal_error"
+    doomed.clear()  # its descriptor numbers may be reused now
+    good = engine.connect()
+    good.sendall(hello)
+    good.shutdown(socket.SHUT_WR)
+    assert recv_all(good) == hello
+    assert engine.wait_closed(2)[1].close_reason == "done"
