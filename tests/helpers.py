@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -274,3 +275,41 @@ class Proxy:
             self.proc.kill()
             self.proc.wait(5)
             raise AssertionError("proxy did not stop within %ss" % timeout) from None
+
+
+LINGER_RST = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a TCP RST."""
+
+
+def stall_after_hello(release: threading.Event, seen: list) -> Callable[[socket.socket], None]:
+    """An upstream that reads the hello, then nothing until ``release``; then records in
+    ``seen`` how its socket ended ("eof" or "reset")."""
+
+    def handle(conn: socket.socket) -> None:
+        read_hello(conn)
+        release.wait(30)
+        try:
+            while conn.recv(1 << 20):
+                pass
+            seen.append("eof")
+        except ConnectionResetError:
+            seen.append("reset")
+
+    return handle
+
+
+def flood_then_reset(stop: threading.Event) -> Callable[[socket.socket], None]:
+    """An upstream that reads the hello, sends as fast as the client lets it until ``stop``,
+    then resets the connection."""
+
+    def handle(conn: socket.socket) -> None:
+        read_hello(conn)
+        conn.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn.send(b"y" * 65536)
+            except (TimeoutError, BlockingIOError):
+                pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+
+    return handle

@@ -9,7 +9,6 @@ import hashlib
 import os
 import random
 import socket
-import struct
 import threading
 import time
 
@@ -25,11 +24,10 @@ from sniproxy.listener import Listener
 from sniproxy.resolver import Resolver
 from sniproxy.routes import Route, RouteTable
 from sniproxy.stats import Stats
-from tests.helpers import DnsServer, Server, read_hello, recv_all, recv_exactly
+from tests.helpers import LINGER_RST, DnsServer, Server, flood_then_reset, read_hello, recv_all, recv_exactly, stall_after_hello
 from tests.integration.conftest import make_hello
 
 NAME = "echo.example.com"
-LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def echo(conn: socket.socket) -> None:
@@ -275,24 +273,11 @@ def test_every_address_refused_is_connect_failed(dns):
 # -- resets while paused ------------------------------------------------------------------------
 
 
-def hold(conn: socket.socket, release: threading.Event, seen: list) -> None:
-    """An upstream that reads the hello, then nothing, until ``release``; then records how
-    its socket ended."""
-    read_hello(conn)
-    release.wait(20)
-    try:
-        while conn.recv(1 << 20):
-            pass
-        seen.append("eof")
-    except ConnectionResetError:
-        seen.append("reset")
-
-
 def test_a_client_reset_while_its_direction_is_paused_closes_both_at_once(dns):
     """The upstream stops reading, so the proxy stops reading the client: the client's RST
     must still be seen at once (not at idle_timeout), and reach the upstream as a reset."""
     release, seen = threading.Event(), []
-    up = Server(lambda c: hold(c, release, seen), host="127.0.0.2")
+    up = Server(stall_after_hello(release, seen), host="127.0.0.2")
     dns.add(NAME, "127.0.0.2")
     engine = Engine(dns, upstream_port=up.port)
     try:
@@ -328,18 +313,7 @@ def test_an_upstream_reset_while_its_direction_is_paused_closes_both_at_once(dns
     """The client stops reading, so the proxy stops reading the upstream: its RST must be
     seen at once and reach the client as a reset."""
     reset_now = threading.Event()
-
-    def flood_then_reset(conn):
-        read_hello(conn)
-        conn.settimeout(0.05)
-        while not reset_now.is_set():
-            try:
-                conn.send(b"y" * 65536)
-            except (TimeoutError, BlockingIOError):
-                pass
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-
-    up = Server(flood_then_reset, host="127.0.0.2")
+    up = Server(flood_then_reset(reset_now), host="127.0.0.2")
     dns.add(NAME, "127.0.0.2")
     engine = Engine(dns, upstream_port=up.port)
     try:

@@ -17,12 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import REPO, LineLog, Server, clean_env, free_port, read_hello, recv_all, recv_exactly
+from tests.helpers import (
+    LINGER_RST,
+    REPO,
+    LineLog,
+    Server,
+    clean_env,
+    flood_then_reset,
+    free_port,
+    recv_all,
+    recv_exactly,
+    stall_after_hello,
+)
 from tests.integration.conftest import NAME, TEST_WORKERS, make_hello, proxy_config
 from tests.integration.test_operations import refused
 from tests.integration.test_proxy import connect, route
 
-LINGER_RST = struct.pack("ii", 1, 0)
 single_worker = pytest.mark.skipif(TEST_WORKERS != "1", reason="limits are per worker; with several they add up")
 
 
@@ -42,18 +52,7 @@ def test_a_client_reset_while_the_upstream_stalls_is_noticed_at_once(dns_server,
     idle_timeout (900 s), logged as idle. Now: closed within a second, as client_reset, and
     the upstream gets the reset."""
     release, seen = threading.Event(), []
-
-    def stall(conn):
-        read_hello(conn)
-        release.wait(30)
-        try:
-            while conn.recv(1 << 20):
-                pass
-            seen.append("eof")
-        except ConnectionResetError:
-            seen.append("reset")
-
-    up = Server(stall, host="127.0.0.2")
+    up = Server(stall_after_hello(release, seen), host="127.0.0.2")
     dns_server.add(NAME, "127.0.0.2")
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=up.port), server="idle_timeout = 900.0"))
@@ -89,18 +88,7 @@ def test_a_client_reset_while_the_upstream_stalls_is_noticed_at_once(dns_server,
 
 def test_an_upstream_reset_while_the_client_stalls_is_noticed_at_once(dns_server, start_proxy):
     stop = threading.Event()
-
-    def flood_then_reset(conn):
-        read_hello(conn)
-        conn.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                conn.send(b"y" * 65536)
-            except (TimeoutError, BlockingIOError):
-                pass
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-
-    up = Server(flood_then_reset, host="127.0.0.2")
+    up = Server(flood_then_reset(stop), host="127.0.0.2")
     dns_server.add(NAME, "127.0.0.2")
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=up.port), server="idle_timeout = 900.0"))
