@@ -233,4 +233,7 @@ class LifecycleCollector:
         when.add_metric([], self.lifecycle.reload_time)
         ready = GaugeMetricFamily("sniproxy_ready", "1 while /readyz answers 200: listening and not draining.")
         ready.add_metric([], 1 if self.lifecycle.ready else 0)
-        return [info, ok, when, ready]
+        limit = GaugeMetricFamily("sniproxy_max_connections", "[server] max_connections: the most connections "
+                                  "each process (each worker, with workers) holds before refusing with 'limit'.")
+        limit.add_metric([], self.lifecycle.service.config.server.max_connections)
+        return [info, ok, when, ready, limit]

@@ -516,3 +516,72 @@ def test_a_bug_costs_one_connection_and_the_batch_goes_on(engine, monkeypatch):
     good.shutdown(socket.SHUT_WR)
     assert recv_all(good) == hello
     assert engine.wait_closed(2)[1].close_reason == "done"
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def connect_bucket(engine: Engine) -> tuple[list[int], float]:
+    h = engine.stats.routes["echo"].connect
+    return list(h.counts), h.total
+
+
+def test_connect_times_have_sub_millisecond_resolution(engine):
+    """The event loop's clock moves in 1 ms steps: a loopback connect (~0.1 ms) measured with
+    it is 0.0. Measured with a high-resolution clock, five land in the first bucket, with a
+    sum above zero."""
+    from sniproxy.stats import CONNECT_BUCKETS
+
+    for _ in range(5):
+        s = engine.connect()
+        hello = make_hello(NAME)
+        s.sendall(hello)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == hello
+    engine.wait_closed(5)
+    counts, total = engine.call(lambda: connect_bucket(engine))
+    assert counts[0] == 5 and CONNECT_BUCKETS[0] == 0.0005
+    assert 0 < total < 5 * 0.0005
+    assert all(0 < c.hello_seconds < 0.5 for c in engine.closed)
+
+
+def test_a_connect_of_known_delay_lands_in_its_bucket(dns):
+    """A SYN dropped by a full accept queue is sent again after TCP's initial retransmission
+    timeout, 1 s: that connect takes just over 1 s, so it lands in the (1.0, 2.5] bucket."""
+    from sniproxy.stats import CONNECT_BUCKETS
+
+    full = socket.socket()
+    full.bind(("127.0.0.6", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.6", port), timeout=5)  # fills the queue of one
+    dns.add(NAME, "127.0.0.6")
+    engine = Engine(dns, upstream_port=port)
+    served = threading.Event()
+
+    def serve_later():
+        time.sleep(0.3)
+        full.accept()[0].close()  # room again, before the SYN is sent again at 1 s
+        conn, _ = full.accept()
+        read_hello(conn)
+        conn.sendall(b"ok")
+        conn.close()
+        served.set()
+
+    t = threading.Thread(target=serve_later, daemon=True)
+    try:
+        s = engine.connect()
+        t.start()
+        s.sendall(make_hello(NAME))
+        assert recv_all(s) == b"ok"
+        s.close()
+        assert served.wait(10)
+        engine.wait_closed(1)
+        counts, total = engine.call(lambda: connect_bucket(engine))
+        bucket = CONNECT_BUCKETS.index(2.5)
+        assert counts[bucket] == 1 and sum(counts) == 1, counts
+        assert 1.0 < total < 1.5
+    finally:
+        engine.stop()
+        filler.close()
+        full.close()

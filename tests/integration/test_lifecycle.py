@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -122,3 +123,36 @@ def test_reload_adding_an_unbindable_listener_keeps_serving(dns_server, upstream
     assert roundtrip(held)
     open_pumping(port).close()
     taken.close()
+
+
+def test_a_second_sigterm_during_the_drain_stops_at_once(dns_server, upstream, start_proxy):
+    """Like nginx's fast shutdown: the first SIGTERM drains (for up to 30 s here), the second
+    closes what is left and exits."""
+    port = free_port()
+    proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 30.0"))
+    s = open_pumping(port)
+    proxy.signal(signal.SIGTERM)
+    proxy.log.wait_for("draining 1 connections")
+    started = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert recv_all(s) == b""
+    assert [entry["close"] for entry in proxy.log.access()] == ["drain"]
+
+
+@pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1", reason="one process reloads in place")
+def test_a_reload_says_which_changed_settings_need_a_restart(dns_server, upstream, start_proxy):
+    port = free_port()
+    config = proxy_config(port, dns_server, route(port=upstream.port))
+    proxy = start_proxy(config)
+    old_metrics = proxy.metrics_port
+    proxy.path.write_text(config.replace(f"port = {old_metrics}", f"port = {free_port()}").replace(
+        "[server]\n", '[server]\nworkers = 2\n', 1).replace("workers = 1\n", ""))
+    mark = len(proxy.log.lines)
+    proxy.signal(signal.SIGHUP)
+    proxy.log.wait_for(r"reload: \[server\] workers changed; that takes effect on restart", start=mark)
+    proxy.log.wait_for(r"reload: \[metrics\] changed; that takes effect on restart", start=mark)
+    proxy.log.wait_for(r"sniproxy: reloaded", start=mark)
+    assert roundtrip(open_pumping(port))
+    assert proxy.metrics_text()  # still on the old port

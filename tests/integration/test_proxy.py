@@ -400,6 +400,7 @@ def test_max_connections_refuses_the_excess(dns_server, upstream, start_proxy):
         pass
     proxy.log.wait_for(r'"close":"limit"')
     assert proxy.sample("sniproxy_connections_rejected_total", reason="limit") == 1
+    assert proxy.sample("sniproxy_max_connections") == 2
 
 
 def test_no_descriptor_leaks_after_churn_with_resets(dns_server, upstream, start_proxy):
