@@ -415,12 +415,17 @@ def _hint(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        return code
     except (ConfigError, SniproxyError) as exc:
         print(exc if isinstance(exc, ConfigError) else f"sniproxy: {exc}{_hint(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sniproxy check | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

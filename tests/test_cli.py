@@ -517,3 +517,21 @@ def test_files_lists_and_prints_the_shipped_files(capsys):
     assert main(["files", "sniproxy.sock"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("sniproxy: no file 'sniproxy.sock'; there are: ") and len(err.splitlines()) == 1
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`sniproxy check | head -1`: the pipe closes under the writer; no traceback follows."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, clean_env
+
+    path = tmp_path / "sniproxy.toml"
+    path.write_text('[[listen]]\naddress = "127.0.0.1"\n[resolver]\nnameservers = ["127.0.0.53"]\n'
+                    '[ecr]\nregion = "us-east-1"\naccounts = ["123456789012"]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "sniproxy", "check", "--config-only", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=str(REPO))
+    proc.stdout.close()  # gone before the first line: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(20) == 141
+    assert err == ""  # no traceback, no "Exception ignored"
