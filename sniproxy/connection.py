@@ -12,6 +12,7 @@ cache miss.
 
 from __future__ import annotations
 
+import _socket as _csocket
 import asyncio
 import enum
 import errno
@@ -35,7 +36,7 @@ from .proxyproto import parse as parse_proxy_header
 from .resolver import ResolveError, Resolver
 from .routes import Route, RouteTable
 from .stats import RouteStats, Stats
-from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, parse_single_record
+from .tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
 
 log = logging.getLogger("sniproxy.connection")
 
@@ -43,6 +44,10 @@ log = logging.getLogger("sniproxy.connection")
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).
 clock = time.monotonic
 _readv = os.readv
+_socket = _csocket.socket
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_IPPROTO_TCP, _TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 
 
 class State(enum.Enum):
@@ -262,7 +267,7 @@ class Connection:
                 hello = parse_single_record(data)
                 if hello is not None:
                     self.received = data
-                    self.hello_bytes = len(data)
+                    self.hello_bytes = first_record_size(data)
                     self.hello_records = 1
                     self._routed(hello)
                     return
@@ -358,13 +363,13 @@ class Connection:
                 self.loops += 1
                 continue
             try:
-                sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                # The C socket type: no Python-level wrapper for a descriptor kept as a number.
+                sock = _socket(_AF_INET6 if ":" in ip else _AF_INET, _STREAM)
             except OSError as exc:  # out of descriptors: the next address would fare no better
                 self.failures.append(f"{ip}: {exc.strerror or exc}")
                 break
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
                 code = sock.connect_ex((ip, route.port))
             except OSError as exc:
                 sock.close()

@@ -156,9 +156,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_LITERALS: dict[str, bool] = {}
+
+
 def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
+    """Whether an upstream is an IP literal: asked on every connection, about the few
+    upstreams of the route table, so remembered (bounded: a wildcard route's upstream is
+    the client's SNI)."""
+    known = _LITERALS.get(name)
+    if known is None:
+        try:
+            ipaddress.ip_address(name)
+            known = True
+        except ValueError:
+            known = False
+        if len(_LITERALS) >= 4096:
+            _LITERALS.clear()
+        _LITERALS[name] = known
+    return known

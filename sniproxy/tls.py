@@ -92,7 +92,7 @@ class ClientHello:
     @property
     def ech(self) -> bool:
         """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
-        return ExtensionType.ENCRYPTED_CLIENT_HELLO in self.extensions
+        return _ECH in self.extensions
 
 
 #: A proxy sees the same few names all day: remember how each raw SNI normalises.
@@ -116,17 +116,21 @@ def pull_server_name(buf: Buffer) -> str | None:
                 if n == 0 or seen:
                     raise BadHello("empty or repeated host_name")
                 seen = True
-                raw = buf.pull_bytes(n)
-                sni = _SNI_CACHE.get(raw, _MISSING)
-                if sni is _MISSING:
-                    try:
-                        sni = normalize_host(raw.decode("ascii"))
-                    except UnicodeDecodeError:
-                        sni = None
-                    if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
-                        _SNI_CACHE.clear()
-                    _SNI_CACHE[raw] = sni
+                sni = _normalized(buf.pull_bytes(n))
     return sni
+
+
+def _normalized(raw: bytes) -> str | None:
+    sni = _SNI_CACHE.get(raw, _MISSING)
+    if sni is _MISSING:
+        try:
+            sni = normalize_host(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            sni = None
+        if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
+            _SNI_CACHE.clear()
+        _SNI_CACHE[raw] = sni
+    return sni  # type: ignore[return-value]
 
 
 def pull_alpn(buf: Buffer) -> tuple[str, ...]:
@@ -232,19 +236,117 @@ def _parse_body(buf: Buffer) -> ClientHello:
 
 
 def parse_single_record(data: bytes) -> ClientHello | None:
-    """The common case, read in one go: ``data`` is exactly one handshake record holding
-    exactly one whole ClientHello. Parsed in place, with the same checks and errors as
-    ``HelloReader`` (whose framing checks all pass here by construction). None means
-    "not that case": feed the bytes to a ``HelloReader`` instead."""
-    if len(data) < RECORD_HEADER + 4 or data[0] != ContentType.HANDSHAKE or data[1] != 3 or data[2] > 4:
+    """The common case: ``data`` starts with one handshake record holding one whole
+    ClientHello (bytes after that record are the client's next data, forwarded as they are,
+    as ``HelloReader`` does). Parsed in place, without the cursor; anything unusual, valid
+    or not, declines (None), and the caller feeds a ``HelloReader``, which then makes every
+    check and gives every error. tests/test_tls.py holds the two to agreement."""
+    if len(data) < RECORD_HEADER + 4 or data[0] != _HANDSHAKE or data[1] != 3 or data[2] > 4:
         return None
     length = (data[3] << 8) | data[4]
-    if length + RECORD_HEADER != len(data) or length > MAX_RECORD or data[5] != HandshakeType.CLIENT_HELLO:
+    end = RECORD_HEADER + length
+    if end > len(data) or length > MAX_RECORD or data[5] != _CLIENT_HELLO:
         return None
-    body = (data[6] << 16) | (data[7] << 8) | data[8]
-    if body + 4 != length or body > MAX_HELLO:
+    if ((data[6] << 16) | (data[7] << 8) | data[8]) + 4 != length:
+        return None  # the message spans records, or the record holds more than the hello
+    try:
+        return _hello_in_place(data, RECORD_HEADER + 4, end)
+    except IndexError:
         return None
-    return _parse_body(Buffer(data, RECORD_HEADER + 4))
+
+
+def first_record_size(data: bytes) -> int:
+    """Bytes of the first record, header included (a hello ``parse_single_record`` took)."""
+    return RECORD_HEADER + ((data[3] << 8) | data[4])
+
+
+#: Plain ints for the hot loop: an IntEnum member costs an attribute lookup through the
+#: enum machinery at every comparison.
+_HANDSHAKE = int(ContentType.HANDSHAKE)
+_CLIENT_HELLO = int(HandshakeType.CLIENT_HELLO)
+_ECH = int(ExtensionType.ENCRYPTED_CLIENT_HELLO)
+_SERVER_NAME = int(ExtensionType.SERVER_NAME)
+_ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
+_KEY_SHARE = int(ExtensionType.KEY_SHARE)
+_HOST_NAME = int(NameType.HOST_NAME)
+
+
+def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
+    """pull_client_hello's checks on plain offsets; None wherever it would raise."""
+    legacy_version = (d[pos] << 8) | d[pos + 1]
+    if legacy_version >> 8 != 3:
+        return None
+    pos += 34  # version, random
+    n = d[pos]
+    if n > 32:
+        return None
+    pos += 1 + n
+    n = (d[pos] << 8) | d[pos + 1]
+    if n == 0 or n % 2:
+        return None
+    pos += 2 + n
+    n = d[pos]
+    if n == 0:
+        return None
+    pos += 1 + n
+    if pos > end:
+        return None
+    sni = None
+    alpn: tuple[str, ...] = ()
+    key_shares: tuple[int, ...] = ()
+    types: list[int] = []
+    if pos < end:
+        if pos + 2 + ((d[pos] << 8) | d[pos + 1]) != end:
+            return None  # the extensions block must end the message exactly
+        pos += 2
+        while pos < end:
+            if end - pos < 4:
+                return None
+            ext_type = (d[pos] << 8) | d[pos + 1]
+            n = (d[pos + 2] << 8) | d[pos + 3]
+            pos += 4
+            stop = pos + n
+            if stop > end:
+                return None
+            types.append(ext_type)
+            if ext_type == _SERVER_NAME:
+                # ServerNameList with exactly one host_name entry, and nothing else.
+                if n < 5 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or d[pos + 2] != _HOST_NAME:
+                    return None
+                size = (d[pos + 3] << 8) | d[pos + 4]
+                if size == 0 or pos + 5 + size != stop:
+                    return None
+                sni = _normalized(d[pos + 5 : stop])
+            elif ext_type == _ALPN:
+                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or n == 2:
+                    return None
+                names = []
+                at = pos + 2
+                while at < stop:
+                    size = d[at]
+                    if size == 0 or at + 1 + size > stop:
+                        return None
+                    names.append(d[at + 1 : at + 1 + size].decode("latin-1"))
+                    at += 1 + size
+                alpn = tuple(names)
+            elif ext_type == _KEY_SHARE:
+                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n:
+                    return None
+                groups = []
+                at = pos + 2
+                while at < stop:
+                    if stop - at < 4:
+                        return None
+                    size = (d[at + 2] << 8) | d[at + 3]
+                    if size == 0 or at + 4 + size > stop:
+                        return None
+                    groups.append((d[at] << 8) | d[at + 1])
+                    at += 4 + size
+                key_shares = tuple(groups)
+            pos = stop
+        if len(set(types)) != len(types):
+            return None
+    return ClientHello(sni, alpn, tuple(types), legacy_version, key_shares)
 
 
 class HelloReader:

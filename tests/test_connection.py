@@ -190,14 +190,22 @@ def test_a_hello_in_many_pieces_is_reassembled_and_forwarded_as_received(engine)
     assert conn.hello.sni == NAME
 
 
-def test_a_single_record_hello_in_one_read_takes_the_fast_path(engine):
+def test_a_single_record_hello_in_one_read_takes_the_fast_path(engine, monkeypatch):
+    """Also when the client's next bytes came in the same read: they are forwarded after it."""
+    from sniproxy import connection
+
+    taken = []
+    real = connection.parse_single_record
+    monkeypatch.setattr(connection, "parse_single_record", lambda data: taken.append(real(data)) or taken[-1])
     s = engine.connect()
     hello = make_hello(NAME)
-    s.sendall(hello)
-    assert recv_exactly(s, len(hello)) == hello
+    after = b"GET /v2/ HTTP/1.1\r\n"
+    s.sendall(hello + after)  # one write, one read
+    assert recv_exactly(s, len(hello) + len(after)) == hello + after
     s.close()
     conn = engine.wait_closed(1)[0]
     assert (conn.hello_reads, conn.hello_records, conn.hello_bytes) == (1, 1, len(hello))
+    assert len(taken) == 1 and taken[0] is not None and taken[0].sni == NAME
 
 
 # -- upstream ----------------------------------------------------------------------------------
