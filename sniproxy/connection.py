@@ -206,6 +206,8 @@ class Connection:
             if events & ERR:  # reset before forwarding: the client left
                 self._close("client_closed")
                 return
+            if not events & IN:
+                return  # writable: the first event of every registration; nothing to read
             if events & RDHUP:
                 self.client_eof = True
             if state in _HANDSHAKE:
@@ -229,8 +231,8 @@ class Connection:
         if events & ERR:
             self._reset(side, reads)
             return
-        if events & OUT:
-            writes.writable = True
+        if events & OUT and not writes.writable:  # it was waiting for room: edge-triggered,
+            writes.writable = True                # every other event carries OUT as well
             self._run(writes)
         if events & IN and self.state is State.FORWARDING:
             reads.readable = True

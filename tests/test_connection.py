@@ -536,10 +536,8 @@ def connect_bucket(engine: Engine) -> tuple[list[int], float]:
 
 def test_connect_times_have_sub_millisecond_resolution(engine):
     """The event loop's clock moves in 1 ms steps: a loopback connect (~0.1 ms) measured with
-    it is 0.0. Measured with a high-resolution clock, five land in the first bucket, with a
-    sum above zero."""
-    from sniproxy.stats import CONNECT_BUCKETS
-
+    it is 0.0, and any sum of such times a whole number of milliseconds. Measured with a
+    high-resolution clock, the sum is above zero and not a multiple of 1 ms."""
     for _ in range(5):
         s = engine.connect()
         hello = make_hello(NAME)
@@ -548,9 +546,9 @@ def test_connect_times_have_sub_millisecond_resolution(engine):
         assert recv_all(s) == hello
     engine.wait_closed(5)
     counts, total = engine.call(lambda: connect_bucket(engine))
-    assert counts[0] == 5 and CONNECT_BUCKETS[0] == 0.0005
-    assert 0 < total < 5 * 0.0005
-    assert all(0 < c.hello_seconds < 0.5 for c in engine.closed)
+    assert sum(counts) == 5
+    assert total > 0 and abs(total * 1000 - round(total * 1000)) > 1e-6, total
+    assert all(c.hello_seconds > 0 for c in engine.closed)
 
 
 def test_a_connect_of_known_delay_lands_in_its_bucket(dns):
