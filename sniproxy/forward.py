@@ -108,6 +108,9 @@ class Flow:
                 except OSError as exc:
                     self.error = exc
                     return Result.DST_FAILED
+                if n <= 0:  # cannot happen with bytes in the pipe; never wait on it forever
+                    self.error = BrokenPipeError("splice from a non-empty pipe moved nothing")
+                    return Result.DST_FAILED
                 self.in_pipe -= n
                 if self.in_pipe:
                     self.writable = False
