@@ -6,9 +6,10 @@ carried ``splice_at`` bytes. Both modes keep one backpressure rule: ``src`` is r
 while nothing is held for ``dst``. What is held is either the unsent tail of one read (at
 most ``CHUNK`` bytes, in user space) or the bytes of one pipe (in the kernel), never both.
 
-Readiness is two flags set by events: ``readable`` (src) and ``writable`` (dst). A short
-read or EAGAIN clears ``readable``, a short write or EAGAIN clears ``writable``; the
-edge-triggered event set sets them again. Once an event has reported the peer's FIN
+Readiness is two flags set by events: ``readable`` (src) and ``writable`` (dst). EAGAIN, or a
+short read into the buffer (a socket gives all it has, up to the size asked), clears
+``readable``; a short splice does not (see ``_splice_in``). A short write or EAGAIN clears
+``writable``. The edge-triggered event set sets them again. Once an event has reported the peer's FIN
 (EPOLLRDHUP), ``eof_pending`` keeps ``readable`` set through short reads until the read
 that returns 0: the FIN may have come with the last data, and no further edge will follow. ``run`` returns what happened, so the owner
 decides what a failure or an end means (the connection closes, resets, counts).
@@ -173,8 +174,10 @@ class Flow:
         if n == 0:
             self._release_pipe()
             return self._eof()
-        if n < pipe.size and not self.eof_pending:
-            self.readable = False
+        # No "short read means drained" here, unlike _copy: a pipe has one slot per page and
+        # a socket's small segments take one slot each, so a splice may stop short with bytes
+        # left. Only EAGAIN says the socket is drained; anything else could wait for an edge
+        # that never comes (the sender blocked on a full window).
         self.nbytes += n
         self.in_pipe = n
         return None

@@ -280,3 +280,33 @@ def test_release_returns_an_empty_pipe_and_closes_a_full_one(monkeypatch):
     with pytest.raises(OSError):
         os.fstat(kept.r)
     pool.close()
+
+
+@needs_splice
+def test_a_splice_that_runs_out_of_pipe_slots_does_not_take_the_socket_for_drained(pair, monkeypatch):
+    """A pipe has one slot per page, and a TCP socket's small segments take one slot each: a
+    splice into an empty pipe can move less than the pipe holds while the socket still has
+    bytes. Taking that for "drained" waits for an edge that never comes once the sender is
+    blocked on a full window: the direction stalls. Edge-triggered readiness must end only
+    on EAGAIN here."""
+    small = splice.PipePool(size=64 * 1024, fallback=64 * 1024)  # 16 slots
+    monkeypatch.setattr(forward, "pool", small)
+    pair.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    import time
+
+    for _ in range(64):  # 64 segments of 100 bytes, each its own skb on the receiving side
+        pair.client.send(b"s" * 100)
+        time.sleep(0.001)
+    time.sleep(0.05)
+    assert unread(pair.src.fileno()) == 6400
+    flow = pair.flow(splice_at=0)
+    result = flow.run(SCRATCH)
+    # Whatever the run did, it may only stop reading with nothing left in the socket.
+    assert flow.readable or unread(pair.src.fileno()) == 0, (result, unread(pair.src.fileno()))
+    got = b""
+    while len(got) < 6400:
+        got += pair.upstream.recv(65536)
+        if flow.readable:
+            flow.run(SCRATCH)
+    assert got == b"s" * 6400
+    small.close()
