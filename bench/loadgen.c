@@ -10,6 +10,11 @@
  *   pull     N connections receive for --duration; rate is what arrived during the window.
  *   short    --conns connections in flight, each: connect, hello + 64 B, read 64 B echo,
  *            close; rate = completed / duration; latency = connect() to echo complete.
+ *            The 64 B end in '\n'. --no-cmd: no command header, the line alone (proto.h);
+ *            --server-fin: the upstream echoes the line and closes first ('L'), and the
+ *            connection completes when its FIN arrives, then closes; --split: the hello
+ *            goes in its own write (segment), the rest in a second one, as a TLS client's
+ *            first flight is the hello alone.
  *   latency  open-loop --rate connections/s, at most --conns in flight; each sends the hello
  *            and times hello sent -> first upstream byte back, then closes.
  *   idle     open --conns connections (hello, wait for the upstream's ack byte), print a
@@ -62,9 +67,10 @@ static double duration = 3, warmup = -1, rate = 1000, hold = 60, timeout_s = 10;
 static uint64_t report_every = 1 << 20;
 static struct sockaddr_in target, bindaddr;
 static int have_bind;
+static int no_cmd, server_fin, split_hello;
 
 static uint8_t *pre;
-static size_t pre_len, pre_split;
+static size_t pre_len, pre_cut[2];
 static int ep, srcfd;
 static struct lconn **byfd;
 static int fdcap;
@@ -122,16 +128,27 @@ static void load_preamble(const char *hello_path)
     size_t hl = fread(hello, 1, sizeof hello, f);
     fclose(f);
     char m = mode == M_PUSH ? MODE_SINK : mode == M_PULL ? MODE_SOURCE
-           : mode == M_SHORT ? MODE_ECHO : MODE_ACK;
+           : mode == M_SHORT ? (server_fin ? MODE_LINE : MODE_ECHO) : MODE_ACK;
     uint64_t param = mode == M_PUSH ? report_every : 0;
-    pre_len = hl + CMD_LEN + (mode == M_SHORT ? SHORT_MSG : 0);
+    size_t cmd_len = mode == M_SHORT && no_cmd ? 0 : CMD_LEN;
+    pre_len = hl + cmd_len + (mode == M_SHORT ? SHORT_MSG : 0);
     pre = malloc(pre_len);
     memcpy(pre, hello, hl);
-    cmd_build(pre + hl, m, param);
-    if (mode == M_SHORT)
+    if (cmd_len)
+        cmd_build(pre + hl, m, param);
+    if (mode == M_SHORT) {
+        uint8_t *msg = pre + hl + cmd_len;
         for (int i = 0; i < SHORT_MSG; i++)
-            pre[hl + CMD_LEN + i] = (uint8_t)('a' + i % 26);
-    pre_split = hl > SEG ? SEG : pre_len;
+            msg[i] = (uint8_t)('a' + i % 26);
+        msg[SHORT_MSG - 1] = '\n';
+        if (no_cmd && !server_fin)
+            msg[0] = LINE_KEEP;
+    }
+    /* up to 3 writes: the first 1448 B of a long hello, the rest of the hello (--split), the rest */
+    pre_cut[0] = hl > SEG ? SEG : pre_len;
+    pre_cut[1] = split_hello && hl > pre_cut[0] ? hl : pre_len;
+    if (split_hello && hl <= SEG)
+        pre_cut[0] = hl, pre_cut[1] = pre_len;
 }
 
 static void conn_free(struct lconn *c)
@@ -197,11 +214,15 @@ static int send_preamble(struct lconn *c)
     if (err)
         return -1;
     c->t_hello = now();
-    if (send(c->fd, pre, pre_split, MSG_NOSIGNAL) != (ssize_t)pre_split)
-        return -1;
-    if (pre_split < pre_len &&
-        send(c->fd, pre + pre_split, pre_len - pre_split, MSG_NOSIGNAL) != (ssize_t)(pre_len - pre_split))
-        return -1;
+    size_t at = 0;
+    for (int i = 0; i <= 2 && at < pre_len; i++) {
+        size_t to = i < 2 ? pre_cut[i] : pre_len;
+        if (to <= at)
+            continue;
+        if (send(c->fd, pre + at, to - at, MSG_NOSIGNAL) != (ssize_t)(to - at))
+            return -1;
+        at = to;
+    }
     c->state = C_RUN;
     set_events(c, mode == M_PUSH ? EPOLLIN | EPOLLOUT : EPOLLIN);
     return 0;
@@ -249,6 +270,13 @@ static int on_readable(struct lconn *c, double t)
         }
     }
     case M_SHORT: {
+        if (c->state == C_DONE) { /* --server-fin: the echo is in; now the upstream's FIN */
+            uint8_t b;
+            ssize_t r = recv(c->fd, &b, 1, 0);
+            if (r < 0 && errno == EAGAIN)
+                return 0;
+            return r == 0 ? 1 : -1;
+        }
         ssize_t r = recv(c->fd, c->rbuf + c->rlen, SHORT_MSG - c->rlen, 0);
         if (r <= 0)
             return r < 0 && errno == EAGAIN ? 0 : -1;
@@ -258,6 +286,10 @@ static int on_readable(struct lconn *c, double t)
         if (memcmp(c->rbuf, pre + pre_len - SHORT_MSG, SHORT_MSG) != 0)
             return -1;
         add_lat(t - c->t_connect);
+        if (server_fin) {
+            c->state = C_DONE;
+            return on_readable(c, t); /* the FIN may have come with the echo */
+        }
         return 1;
     }
     case M_LATENCY: {
@@ -321,7 +353,7 @@ static void usage(void)
 {
     fprintf(stderr, "usage: loadgen --mode push|pull|short|latency|idle --target IP:PORT --hello FILE\n"
                     "  [--conns N] [--duration S] [--warmup S] [--rate R] [--hold S] [--timeout S]\n"
-                    "  [--bind IP] [--report-every BYTES]\n");
+                    "  [--bind IP] [--report-every BYTES] [--no-cmd 1] [--server-fin 1] [--split 1]\n");
     exit(2);
 }
 
@@ -554,6 +586,12 @@ int main(int argc, char **argv)
             hold = atof(v);
         else if (!strcmp(a, "--timeout"))
             timeout_s = atof(v);
+        else if (!strcmp(a, "--no-cmd"))
+            no_cmd = atoi(v);
+        else if (!strcmp(a, "--server-fin"))
+            server_fin = atoi(v);
+        else if (!strcmp(a, "--split"))
+            split_hello = atoi(v);
         else if (!strcmp(a, "--report-every"))
             report_every = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--bind")) {
