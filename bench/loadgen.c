@@ -14,7 +14,8 @@
  *            --server-fin: the upstream echoes the line and closes first ('L'), and the
  *            connection completes when its FIN arrives, then closes; --split: the hello
  *            goes in its own write (segment), the rest in a second one, as a TLS client's
- *            first flight is the hello alone.
+ *            first flight is the hello alone. With --rate R: open loop, R connections/s
+ *            offered (at most --conns in flight) instead of --conns kept in flight.
  *   latency  open-loop --rate connections/s, at most --conns in flight; each sends the hello
  *            and times hello sent -> first upstream byte back, then closes.
  *   idle     open --conns connections (hello, wait for the upstream's ack byte), print a
@@ -67,7 +68,7 @@ static double duration = 3, warmup = -1, rate = 1000, hold = 60, timeout_s = 10;
 static uint64_t report_every = 1 << 20;
 static struct sockaddr_in target, bindaddr;
 static int have_bind;
-static int no_cmd, server_fin, split_hello;
+static int no_cmd, server_fin, split_hello, rate_given;
 
 static uint8_t *pre;
 static size_t pre_len, pre_cut[2];
@@ -443,14 +444,15 @@ static int run_bulk(void)
 static int run_conns(void)
 {
     double t_start = now(), t_end = t_start + duration, t_next = t_start;
-    double interval = mode == M_LATENCY ? 1.0 / rate : 0;
+    int open_loop = mode == M_LATENCY || rate_given; /* short --rate R: offered, not closed-loop */
+    double interval = open_loop ? 1.0 / rate : 0;
     struct epoll_event evs[256];
     double t;
     while ((t = now()) < t_end || inflight > 0) {
         if (t > t_end + timeout_s)
             break;
         if (t < t_end && errors < 1000) {
-            if (mode == M_SHORT) {
+            if (!open_loop) {
                 while (inflight < nconns && conn_open())
                     ;
             } else {
@@ -466,7 +468,7 @@ static int run_conns(void)
             }
         }
         int wait_ms = 5;
-        if (mode == M_LATENCY && t < t_end) {
+        if (open_loop && t < t_end) {
             double d = (t_next - now()) * 1000;
             wait_ms = d <= 0 ? 0 : d < 5 ? (int)ceil(d) : 5;
         }
@@ -581,7 +583,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--warmup"))
             warmup = atof(v);
         else if (!strcmp(a, "--rate"))
-            rate = atof(v);
+            rate = atof(v), rate_given = 1;
         else if (!strcmp(a, "--hold"))
             hold = atof(v);
         else if (!strcmp(a, "--timeout"))

@@ -37,6 +37,7 @@ LOADGEN_BIND = "127.0.4.100"
 IDLE_CONNS = 5000
 LAT_RATE = 500  # connections/s offered in the latency test, at most 64 in flight
 IN_FLIGHT = 64
+SHORT_RATE = 0  # --short-rate: short workloads offered at this many connections/s (0: closed loop)
 
 # Short-connection workloads: hello, cmd (16 B command header before the 64 B), fin ("client":
 # the client closes after the echo; "server": the upstream echoes the line and closes first,
@@ -46,18 +47,22 @@ SHORT = {
     "short-pq": dict(hello="pq", cmd=True, fin="client", split=False),
     # issue 14's workload: Chrome-shaped 517 B hello, then a 64 B line, echoed, upstream FIN first
     "short-issue": dict(hello="chrome", cmd=False, fin="server", split=True),
+    # the same offered open-loop at 1,000 conn/s: little batching per event-loop turn, as in most
+    # deployments, and where the Python proxies' fixed cost per turn shows
+    "short-issue-r1000": dict(hello="chrome", cmd=False, fin="server", split=True, rate=1000),
     # --gap: short-issue with one thing changed towards short-normal
     "short-issue-1write": dict(hello="chrome", cmd=False, fin="server", split=False),
     "short-issue-cmd": dict(hello="chrome", cmd=True, fin="server", split=True),
     "short-issue-clientfin": dict(hello="chrome", cmd=False, fin="client", split=True),
     "short-issue-python": dict(hello="normal", cmd=False, fin="server", split=True),
 }
-WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "short-issue", "latency-normal", "latency-pq", "idle"]
+WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "short-issue", "short-issue-r1000", "latency-normal",
+                "latency-pq", "idle"]
 WORKLOADS_W2 = ["push16", "pull16"]
 # the metrics-off variant only runs what the "metrics on vs off" target compares
 WORKLOADS_METRICS = ["push1", "pull1", "short-normal"]
 # the issue-14 profiles (*-issue-a-*, *-issue-b-*) run the issue's workload
-WORKLOADS_ISSUE = ["short-issue"]
+WORKLOADS_ISSUE = ["short-issue", "short-issue-r1000"]
 # --gap: every proxy runs these (both ends and each one-change variant)
 WORKLOADS_GAP = ["short-normal", "short-issue", "short-issue-1write", "short-issue-cmd", "short-issue-clientfin",
                  "short-issue-python"]
@@ -253,7 +258,8 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dns
         w = SHORT[wl]
         out = loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS[w["hello"]]),
                        "--conns", str(IN_FLIGHT), "--duration", str(dur), "--no-cmd", str(int(not w["cmd"])),
-                       "--server-fin", str(int(w["fin"] == "server")), "--split", str(int(w["split"]))],
+                       "--server-fin", str(int(w["fin"] == "server")), "--split", str(int(w["split"]))]
+                      + (["--rate", str(w.get("rate") or SHORT_RATE)] if w.get("rate") or SHORT_RATE else []),
                       timeout=dur + 20)
     elif kind == "latency":
         out = loadgen(["--mode", "latency", "--target", target, "--hello", str(HELLOS[arg]),
@@ -311,6 +317,8 @@ def run_idle(proxy: Proxy, nofile: int, hello: bytes, settle: float) -> dict:
 
 
 def workloads_for(proxy: Proxy, only_wl, gap: bool = False) -> list[str]:
+    if only_wl and not gap:  # asked for by name: on every proxy selected
+        return [w for w in only_wl if w in SHORT or w in WORKLOADS_W1 + WORKLOADS_W2 or w == "idle"]
     if gap:  # the workload variants on the ends; each config variant on the issue's workload
         wls = (["short-issue"] if proxy.options.get("gap_profile") else
                ["short-normal", "short-issue"] if proxy.options.get("splice") in ("on", "off") else WORKLOADS_GAP)
@@ -378,6 +386,11 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.5)")
     ap.add_argument("--only", help="comma-separated proxy keys (prefix match), e.g. direct,nginx")
     ap.add_argument("--workloads", help="comma-separated workloads, e.g. push1,short-normal")
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT,
+                    help="connections in flight in the short and latency workloads (default 64)")
+    ap.add_argument("--short-rate", type=float, default=0,
+                    help="offer the short workloads open-loop at this many connections/s (at most --in-flight "
+                         "open) instead of keeping --in-flight busy; default: closed loop")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for the runner and all it starts, e.g. -5 on a busy machine (default 0)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
@@ -393,7 +406,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "latest"), help="output path without extension")
     a = ap.parse_args()
     dur = a.duration or (0.5 if a.quick else 3.0)
-    only_wl = set(a.workloads.split(",")) if a.workloads else None
+    globals()["IN_FLIGHT"] = a.in_flight  # read by the workloads
+    globals()["SHORT_RATE"] = a.short_rate
+    only_wl = list(dict.fromkeys(a.workloads.split(","))) if a.workloads else None
 
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(143)))
     if a.nice:
@@ -441,7 +456,7 @@ def main() -> int:
     import report  # after ensure_tools: it needs matplotlib
 
     meta = {"runs": a.runs, "quick": a.quick, "duration_s": dur, "idle_conns": IDLE_CONNS,
-            "in_flight": IN_FLIGHT, "nice": a.nice, "loadavg_start": load_start, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
+            "in_flight": a.in_flight, "short_rate": a.short_rate, "nice": a.nice, "loadavg_start": load_start, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
             "kernel": os.uname().release, "elapsed_s": round(time.monotonic() - t_begin, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nofile": nofile,
             "versions": report.versions(), "sniproxy_source": sniproxy_src, "also": also, "gap": a.gap,
