@@ -78,7 +78,7 @@ static int fdcap;
 static uint8_t scratch[1 << 20];
 
 /* results */
-static uint64_t completed, errors, started, late;
+static uint64_t completed, completed_late, errors, started, late;
 static int inflight;
 static double *lat;
 static size_t nlat, caplat;
@@ -482,6 +482,8 @@ static int run_conns(void)
             if (rc != 0) {
                 if (rc > 0 && t <= t_end + 0.001)
                     completed++;
+                else if (rc > 0)
+                    completed_late++; /* started in the window, done after it: its CPU counts */
                 else if (rc < 0)
                     errors++;
                 conn_free(c);
@@ -490,9 +492,11 @@ static int run_conns(void)
     }
     double el = (now() < t_end ? now() : t_end) - t_start;
     printf("{\"mode\": \"%s\", \"conns\": %d, \"duration_s\": %.4f, \"completed\": %llu, "
-           "\"rate_per_s\": %.1f, \"errors\": %llu, \"late\": %llu, \"unfinished\": %d, \"cpu_s\": %.3f, ",
+           "\"rate_per_s\": %.1f, \"errors\": %llu, \"late\": %llu, \"unfinished\": %d, \"cpu_s\": %.3f, "
+           "\"completed_late\": %llu, ",
            mode_name(), nconns, el, (unsigned long long)completed, completed / el,
-           (unsigned long long)errors, (unsigned long long)late, inflight, self_cpu());
+           (unsigned long long)errors, (unsigned long long)late, inflight, self_cpu(),
+           (unsigned long long)completed_late);
     print_lat_json();
     printf("}\n");
     return 0;

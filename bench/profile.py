@@ -2,7 +2,7 @@
 split by code (kernel / interpreter / uvloop / C extensions / libc) for each proxy.
 
     python bench/profile.py [--sniproxy-ref HEAD] [--also old=afed3e7] [--only KEY,...]
-                            [--workload short-issue] [--duration 2] [--runs 3] [--pyspy]
+                            [--workload short-issue] [--duration 2] [--runs 3] [--cprofile]
 
 For every proxy selected (default: the issue-14 profile "issue-a" of sniproxy and of each
 --also source, nginx and HAProxy), each run starts the proxy fresh and measures, one after
@@ -15,7 +15,10 @@ the other, each under a bounded run of the workload (64 in flight, --duration se
    then `perf report --sort dso`: the share of samples in the kernel, libpython (the
    interpreter), uvloop's extension (uvloop with libuv linked in), other C extensions, libc;
    and the hottest symbols;
-4. with --pyspy, sniproxy only: py-spy record --native, the hottest Python functions.
+4. with --cprofile, sniproxy only: a second instance under `python -m cProfile`, the Python
+   functions that cost most, with calls per connection (py-spy cannot read this Python:
+   "Failed to find python version from target process"). Strace counts epoll_wait per
+   connection low: slowed down, the proxy finds more events per wait.
 
 Runs of the proxies interleave (the order rotates); medians over --runs are reported.
 Writes bench/results/profile.{md,json}. Every step is bounded in time; processes are
@@ -67,7 +70,7 @@ def workload(proxy, wl: str, dur: float) -> dict:
 
 
 def conns(out: dict) -> int:
-    return out["completed"] + out["unfinished"]
+    return out["completed"] + out.get("completed_late", 0) + out["unfinished"]
 
 
 def stop(p: subprocess.Popen, sig=signal.SIGINT, timeout=20) -> None:
@@ -173,38 +176,41 @@ def perf_run(proxy, roots, wl, dur, workdir: Path) -> dict:
     return {"conns": conns(out), "by_dso": by_dso, "by_class": dict(classes), "top_symbols": top[:40]}
 
 
-# ---------------------------------------------------------------- py-spy
+# ---------------------------------------------------------------- cProfile
 
-def pyspy_run(proxy, roots, wl, dur, workdir: Path) -> dict:
-    raw = workdir / "pyspy.txt"
-    cmd = ["py-spy", "record", "--native", "--nonblocking", "-r", "2000", "-d", str(int(dur) + 1), "-f", "raw",
-           "-o", str(raw), "-p", str(roots[0])]
-    ps = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(0.7)
+def cprofile_run(proxy, nofile, hello, wl, dur, workdir: Path) -> dict:
+    """A second instance of the proxy under `python -m cProfile`: the Python functions that
+    cost most per connection. A deterministic profiler inflates cheap calls, so the shares are
+    an ordering, not a measurement; calls per connection are exact."""
+    import copy
+    import pstats
+    out_file = workdir / "cprofile.out"
+    out_file.unlink(missing_ok=True)
+    p2 = copy.copy(proxy)
+    p2.options = {**proxy.options, "cprofile": str(out_file)}
+    ps = run.start_proxy(p2, nofile, hello)
     try:
-        out = workload(proxy, wl, dur)
+        workload(p2, wl, 0.3)
+        lg = workload(p2, wl, dur)
     finally:
-        try:
-            ps.wait(timeout=dur + 30)
-        except subprocess.TimeoutExpired:
-            stop(ps)
-    self_py, incl_py, total = Counter(), Counter(), 0
-    for line in raw.read_text(errors="replace").splitlines() if raw.exists() else []:
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        frames = stack.split(";")
-        # the innermost Python frame (py-spy marks native ones with their library or .c file)
-        pyframes = [f for f in frames if ".py:" in f or ".py)" in f]
-        if pyframes:
-            self_py[pyframes[-1]] += n
-            for f in set(pyframes):
-                incl_py[f] += n
-    return {"conns": conns(out), "samples": total,
-            "self": [[k, v / total] for k, v in self_py.most_common(30)] if total else [],
-            "inclusive": [[k, v / total] for k, v in incl_py.most_common(40)] if total else []}
+        run.stop_procs(ps)  # SIGTERM: sniproxy drains and returns, and cProfile writes its file
+    n = conns(lg)
+    if not out_file.exists():
+        return {"conns": n, "error": "no profile written"}
+    st = pstats.Stats(str(out_file))
+    total = st.total_tt
+    # the profile holds the probes and the warm-up too: count connections as Connection.__init__ calls
+    inits = [v[1] for (file, _, fn), v in st.stats.items() if fn == "__init__" and file.endswith("/connection.py")]
+    if inits:
+        n = max(inits)
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if file != "~" else "builtin"
+        rows.append({"function": f"{fn} ({where})", "calls_per_conn": nc / n if n else None,
+                     "self_share": tt / total if total else None, "cum_share": ct / total if total else None})
+    rows.sort(key=lambda r: -(r["self_share"] or 0))
+    return {"conns": n, "total_s": total, "top_self": rows[:30],
+            "top_cum": sorted(rows, key=lambda r: -(r["cum_share"] or 0))[:30]}
 
 
 # ---------------------------------------------------------------- main
@@ -219,7 +225,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--no-perf", action="store_true")
-    ap.add_argument("--pyspy", action="store_true", help="also py-spy record --native on sniproxy")
+    ap.add_argument("--cprofile", action="store_true", help="also a run of sniproxy under cProfile")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (run.cleanup(), sys.exit(143)))
@@ -270,12 +276,15 @@ def main() -> int:
                         out["strace"] = strace_run(p, roots, a.workload, a.duration, wd)
                     if not a.no_perf:
                         out["perf"] = perf_run(p, roots, a.workload, a.duration, wd)
-                    if a.pyspy and p.family == "sniproxy":
-                        out["pyspy"] = pyspy_run(p, roots, a.workload, a.duration, wd)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
                     errors.append(f"{p.key}: {e}")
                 finally:
                     run.stop_procs(proc_list)
+                if a.cprofile and p.family == "sniproxy" and r == a.runs - 1:
+                    try:
+                        out["cprofile"] = cprofile_run(p, nofile, hello, a.workload, a.duration, wd)
+                    except (RuntimeError, subprocess.TimeoutExpired, OSError, json.JSONDecodeError) as e:
+                        errors.append(f"{p.key} cprofile: {e}")
                 res[p.key].append(out)
     finally:
         run.cleanup()
@@ -317,9 +326,9 @@ def summarize(res: dict) -> dict:
             s["by_class"] = dict(sorted(((c, med(x["by_class"].get(c, 0) for x in pf)) for c in classes),
                                         key=lambda kv: -kv[1]))
             s["top_symbols"] = pf[-1]["top_symbols"]
-        py = [r["pyspy"] for r in runs if "pyspy" in r]
-        if py:
-            s["pyspy"] = py[-1]
+        cp = [r["cprofile"] for r in runs if "cprofile" in r]
+        if cp:
+            s["cprofile"] = cp[-1]
         out[key] = s
     return out
 
@@ -374,12 +383,21 @@ def markdown(data: dict) -> str:
             for pct, dso, sym in s["top_symbols"][:25]:
                 L.append(f"| {pct:.1f} | {dso} | `{sym}` |")
             L.append("")
-        if s.get("pyspy"):
-            L.append(f"### Python functions: {k} (py-spy --native, one run, share of samples; inclusive)\n")
-            L.append("| share | function |")
-            L.append("|---:|---|")
-            for fn, share in s["pyspy"]["inclusive"][:30]:
-                L.append(f"| {share:.1%} | `{fn}` |")
+        if s.get("cprofile", {}).get("top_self"):
+            L.append(f"### Python functions: {k} (cProfile, one run; share of the profiled time, self and "
+                     "cumulative; calls per connection)\n")
+            L.append("| self | cumulative | calls/conn | function |")
+            L.append("|---:|---:|---:|---|")
+            for row in s["cprofile"]["top_self"][:25]:
+                L.append(f"| {row['self_share']:.1%} | {row['cum_share']:.1%} | {row['calls_per_conn']:.2f} | "
+                         f"`{row['function']}` |")
+            L.append("")
+            L.append(f"Cumulative, {k}:\n")
+            L.append("| self | cumulative | calls/conn | function |")
+            L.append("|---:|---:|---:|---|")
+            for row in s["cprofile"]["top_cum"][:30]:
+                L.append(f"| {row['self_share']:.1%} | {row['cum_share']:.1%} | {row['calls_per_conn']:.2f} | "
+                         f"`{row['function']}` |")
             L.append("")
     if data["errors"]:
         L.append("## Errors\n")

@@ -187,7 +187,8 @@ table bench {{
     def _cmds_sniproxy(self, workdir, nofile):
         path = workdir / "sniproxy.toml"
         path.write_text(sniproxy_config(self.workers, {**self.options, "workdir": str(workdir)}, nofile))
-        return [[sys.executable, "-m", "sniproxy", "run", "--config", str(path)]]
+        prof = ["-m", "cProfile", "-o", self.options["cprofile"]] if self.options.get("cprofile") else []
+        return [[sys.executable] + prof + ["-m", "sniproxy", "run", "--config", str(path)]]
 
 
 def sniproxy_config(workers: int, options: dict, nofile: int) -> str:

@@ -277,7 +277,8 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dns
         out["loadgen_cpu_per_gib"] = out["cpu_s"] / gib if gib else None
         out["upstream_cpu_per_gib"] = out["upstream_cpu_s"] / gib if gib else None
     elif kind == "short":
-        n = out["completed"] + out["unfinished"]
+        # every connection the proxy carried: those done after the window too (their CPU is in)
+        n = out["completed"] + out.get("completed_late", 0) + out["unfinished"]
         out["proxy_cpu_us_per_conn"] = out["proxy_cpu_s"] / n * 1e6 if roots and n else None
     return out
 
