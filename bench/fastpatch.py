@@ -21,6 +21,14 @@ D  trailing: the single-record fast path refuses a read that holds more than the
 E  lean-hello: `pull_client_hello` with plain offsets, no Buffer or context manager per
    length-prefixed block, and the ALPN tuple remembered per raw list (bench/fastpatch_hello.py).
 
+F  splice-drain (a correctness fix, not a speed-up): a splice(2) from a socket into a pipe
+   may move less than the pipe holds while the socket still has bytes (the pipe has as many
+   slots as pages, and a TCP socket fills one slot per fragment), yet `_splice_in` takes a
+   short splice for "drained" and waits for an edge; with the socket's receive window full,
+   the sender sends nothing, no edge comes, and the direction stalls (seen on 1-connection
+   bulk: the proxy idle for seconds with 31 MB in its upstream socket's Recv-Q). Clear
+   `readable` only on EAGAIN in splice mode.
+
 B and C are in main since 4308ec9 (the same two changes); on main, apply A, D and E.
 
 The copy must pass the engine tests: PYTHONPATH=DEST python -m pytest tests/test_forward.py ...
@@ -114,6 +122,13 @@ def _is_ip(name: str) -> bool:
                     self.hello_bytes = 5 + ((data[3] << 8) | data[4])''')],
     },
     "E": {"tls.py": "LEAN"},
+    "F": {"forward.py": [(
+        """        if n < pipe.size and not self.eof_pending:
+            self.readable = False
+        self.nbytes += n
+        self.in_pipe = n""",
+        """        self.nbytes += n  # a short splice is not "drained": the pipe may have run out of slots
+        self.in_pipe = n""")]},
 }
 
 

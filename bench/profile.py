@@ -60,16 +60,26 @@ def tree_times(roots) -> tuple[float, float]:
     return u / CLK_TCK, s / CLK_TCK
 
 
+BULK = {"push1": ("push", 1), "pull1": ("pull", 1), "push16": ("push", 16), "pull16": ("pull", 16)}
+
+
 def workload(proxy, wl: str, dur: float) -> dict:
-    w = run.SHORT[wl]
     target = f"{proxy.target[0]}:{proxy.target[1]}"
+    if wl in BULK:
+        mode, n = BULK[wl]
+        return run.loadgen(["--mode", mode, "--target", target, "--hello", str(run.HELLOS["normal"]),
+                            "--conns", str(n), "--duration", str(dur)], timeout=dur + 30)
+    w = run.SHORT[wl]
     return run.loadgen(["--mode", "short", "--target", target, "--hello", str(run.HELLOS[w["hello"]]),
                         "--conns", str(run.IN_FLIGHT), "--duration", str(dur), "--no-cmd", str(int(not w["cmd"])),
                         "--server-fin", str(int(w["fin"] == "server")), "--split", str(int(w["split"]))],
                        timeout=dur + 30)
 
 
-def conns(out: dict) -> int:
+def conns(out: dict) -> float:
+    """The unit everything is divided by: connections, or for bulk workloads MiB carried."""
+    if out["mode"] in ("push", "pull"):
+        return out["bytes_total"] / 2**20
     return out["completed"] + out.get("completed_late", 0) + out["unfinished"]
 
 
@@ -220,7 +230,8 @@ def main() -> int:
     ap.add_argument("--sniproxy-ref", help="sniproxy as committed at this git ref (default: installed)")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=REF")
     ap.add_argument("--only", help="comma-separated proxy keys (exact); default: the issue-a profiles")
-    ap.add_argument("--workload", default="short-issue", choices=sorted(run.SHORT))
+    ap.add_argument("--workload", default="short-issue", choices=sorted(run.SHORT) + sorted(BULK),
+                    help="a short workload (figures per connection) or a bulk one (figures per MiB)")
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-strace", action="store_true")
@@ -269,7 +280,8 @@ def main() -> int:
                     lg = workload(p, a.workload, a.duration)
                     u1, s1 = tree_times(roots)
                     n = conns(lg)
-                    out["plain"] = {"conns": n, "rate_per_s": lg["rate_per_s"], "errors": lg["errors"],
+                    out["plain"] = {"conns": n, "rate_per_s": lg.get("rate_per_s", lg.get("gib_per_s")),
+                                    "errors": lg["errors"],
                                     "user_us": (u1 - u0) / n * 1e6, "sys_us": (s1 - s0) / n * 1e6,
                                     "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6}
                     if not a.no_strace:
@@ -290,7 +302,8 @@ def main() -> int:
         run.cleanup()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "workload": a.workload, "duration_s": a.duration,
             "runs": a.runs, "sniproxy_source": src, "also": also, "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg()[0], "kernel": os.uname().release, "short": run.SHORT[a.workload]}
+            "loadavg_end": os.getloadavg()[0], "kernel": os.uname().release,
+            "short": run.SHORT.get(a.workload), "unit": "MiB" if a.workload in BULK else "conn"}
     data = {"meta": meta, "errors": errors, "labels": {p.key: p.label for p in chosen}, "raw": res,
             "summary": summarize(res)}
     out = Path(a.out)
@@ -336,14 +349,15 @@ def summarize(res: dict) -> dict:
 def markdown(data: dict) -> str:
     m, summ, labels = data["meta"], data["summary"], data["labels"]
     nginx = next((k for k in summ if k.startswith("nginx")), None)
-    L = [f"# Where a short connection's CPU goes ({m['workload']})\n",
+    unit = m.get("unit", "conn")
+    L = [f"# Where the proxy's CPU goes ({m['workload']}, per {unit})\n",
          f"{m['date']} · {m['runs']} runs, medians · {m['duration_s']} s per measurement, 64 in flight · "
          f"load average {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end · sniproxy: "
          f"{m['sniproxy_source']}" + "".join(f" · sniproxy-{k}: {v}" for k, v in m["also"].items()) + "\n",
          "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer. "
          "Syscalls: `strace -c -f` on every thread of the proxy, divided by the connections of that run. "
          "Profile: `perf record -e cpu-clock` on the proxy's processes, samples by shared object.\n",
-         "| proxy | CPU µs/conn | ×nginx | user µs | sys µs | user share | syscalls/conn |",
+         f"| proxy | CPU µs/{unit} | ×nginx | user µs | sys µs | user share | syscalls/{unit} |",
          "|---|---:|---:|---:|---:|---:|---:|"]
     for k, s in summ.items():
         r = f"{s['cpu_us'] / summ[nginx]['cpu_us']:.2f}×" if nginx and s.get("cpu_us") and summ[nginx].get("cpu_us") else "–"
@@ -351,7 +365,7 @@ def markdown(data: dict) -> str:
         L.append(f"| {labels.get(k, k)} | {s['cpu_us']:.0f} | {r} | {s['user_us']:.0f} | {s['sys_us']:.0f} | "
                  f"{s['user_us'] / s['cpu_us']:.0%} | {'–' if sc is None else f'{sc:.1f}'} |")
     L.append("")
-    L.append("## Syscalls per connection, by name (medians)\n")
+    L.append(f"## Syscalls per {unit}, by name (medians)\n")
     names = []
     for s in summ.values():
         for n, v in (s.get("syscalls_by_name") or {}).items():
