@@ -7,7 +7,16 @@ hello-pq.bin:     the same hello grown into the shape of a post-quantum browser 
                   included) kept as captured. About 1.74 KB, so it needs 2 TCP segments on a
                   1500-byte MTU path (MSS 1448); the load generator sends it in 2 writes.
 
-Usage: python bench/gen_hellos.py [OUTDIR]   (default: bench/hellos)
+hello-chrome.bin: a Chrome-shaped 517-byte hello, made from tests/fixtures/chromium_pq.bin (a
+                  real Chromium 156 capture): SNI set to bench.example.com, the X25519MLKEM768
+                  share and group, the ECH GREASE (0xfe0d) and trust_anchors (0xca34) dropped,
+                  so it looks like a Chrome hello before post-quantum key shares and ECH GREASE
+                  (GREASE values, ALPS, compress_certificate, 16 cipher suites, 32-byte session
+                  id), then padded as BoringSSL pads (extension 21) to a 512-byte handshake
+                  message: 517 bytes in one record, like Python's but with Chrome's extensions.
+
+Usage: python bench/gen_hellos.py [OUTDIR]          (default: bench/hellos; all three)
+       python bench/gen_hellos.py --chrome [OUTDIR]  (hello-chrome.bin only: deterministic)
 """
 
 import random
@@ -21,6 +30,11 @@ X25519MLKEM768 = 0x11EC
 MLKEM_SHARE_LEN = 1216  # 1184-byte ML-KEM-768 encapsulation key + 32-byte X25519 share
 EXT_SUPPORTED_GROUPS = 10
 EXT_KEY_SHARE = 51
+EXT_SERVER_NAME = 0
+EXT_PADDING = 21
+EXT_ECH = 0xFE0D
+EXT_TRUST_ANCHORS = 0xCA34
+CHROME_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chromium_pq.bin"
 
 
 def capture_python_hello(sni: str) -> bytes:
@@ -82,9 +96,49 @@ def make_pq(record: bytes, rng: random.Random) -> bytes:
     return join_hello(head, out)
 
 
+def make_chrome(record: bytes, sni: str = SNI) -> bytes:
+    """A Chromium capture turned into a classic (pre-PQ, pre-ECH) Chrome hello of 517 bytes."""
+    head, exts = split_hello(record)
+    out = []
+    for etype, data in exts:
+        if etype in (EXT_ECH, EXT_TRUST_ANCHORS):
+            continue
+        if etype == EXT_KEY_SHARE:
+            shares, i, keep = data[2:], 0, b""
+            while i < len(shares):
+                group, n = struct.unpack(">HH", shares[i:i + 4])
+                if group != X25519MLKEM768:
+                    keep += shares[i:i + 4 + n]
+                i += 4 + n
+            data = struct.pack(">H", len(keep)) + keep
+        elif etype == EXT_SUPPORTED_GROUPS:
+            groups = [data[i:i + 2] for i in range(2, len(data), 2)]
+            groups = [g for g in groups if g != struct.pack(">H", X25519MLKEM768)]
+            data = struct.pack(">H", 2 * len(groups)) + b"".join(groups)
+        elif etype == EXT_SERVER_NAME:
+            name = sni.encode()
+            data = struct.pack(">HBH", len(name) + 3, 0, len(name)) + name
+        out.append((etype, data))
+    # BoringSSL pads a handshake message of 256-511 bytes to 512 (after the last GREASE)
+    unpadded = len(join_hello(head, out)) - 5
+    if not 0xFF < unpadded + 4 <= 0x200:
+        raise ValueError(f"unpadded hello of {unpadded} bytes cannot be padded to 512")
+    out.append((EXT_PADDING, bytes(0x200 - unpadded - 4)))
+    return join_hello(head, out)
+
+
 def main() -> int:
-    outdir = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "hellos")
+    args = sys.argv[1:]
+    chrome_only = "--chrome" in args
+    args = [a for a in args if a != "--chrome"]
+    outdir = Path(args[0] if args else Path(__file__).parent / "hellos")
     outdir.mkdir(parents=True, exist_ok=True)
+    chrome = make_chrome(CHROME_FIXTURE.read_bytes())
+    split_hello(chrome)
+    (outdir / "hello-chrome.bin").write_bytes(chrome)
+    print(f"hello-chrome.bin {len(chrome)} B, SNI {SNI}")
+    if chrome_only:
+        return 0
     normal = capture_python_hello(SNI)
     head, exts = split_hello(normal)  # validates the capture
     pq = make_pq(normal, random.Random(0x11EC))

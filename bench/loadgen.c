@@ -10,6 +10,12 @@
  *   pull     N connections receive for --duration; rate is what arrived during the window.
  *   short    --conns connections in flight, each: connect, hello + 64 B, read 64 B echo,
  *            close; rate = completed / duration; latency = connect() to echo complete.
+ *            The 64 B end in '\n'. --no-cmd: no command header, the line alone (proto.h);
+ *            --server-fin: the upstream echoes the line and closes first ('L'), and the
+ *            connection completes when its FIN arrives, then closes; --split: the hello
+ *            goes in its own write (segment), the rest in a second one, as a TLS client's
+ *            first flight is the hello alone. With --rate R: open loop, R connections/s
+ *            offered (at most --conns in flight) instead of --conns kept in flight.
  *   latency  open-loop --rate connections/s, at most --conns in flight; each sends the hello
  *            and times hello sent -> first upstream byte back, then closes.
  *   idle     open --conns connections (hello, wait for the upstream's ack byte), print a
@@ -62,16 +68,17 @@ static double duration = 3, warmup = -1, rate = 1000, hold = 60, timeout_s = 10;
 static uint64_t report_every = 1 << 20;
 static struct sockaddr_in target, bindaddr;
 static int have_bind;
+static int no_cmd, server_fin, split_hello, rate_given;
 
 static uint8_t *pre;
-static size_t pre_len, pre_split;
+static size_t pre_len, pre_cut[2];
 static int ep, srcfd;
 static struct lconn **byfd;
 static int fdcap;
 static uint8_t scratch[1 << 20];
 
 /* results */
-static uint64_t completed, errors, started, late;
+static uint64_t completed, completed_late, errors, started, late;
 static int inflight;
 static double *lat;
 static size_t nlat, caplat;
@@ -122,16 +129,27 @@ static void load_preamble(const char *hello_path)
     size_t hl = fread(hello, 1, sizeof hello, f);
     fclose(f);
     char m = mode == M_PUSH ? MODE_SINK : mode == M_PULL ? MODE_SOURCE
-           : mode == M_SHORT ? MODE_ECHO : MODE_ACK;
+           : mode == M_SHORT ? (server_fin ? MODE_LINE : MODE_ECHO) : MODE_ACK;
     uint64_t param = mode == M_PUSH ? report_every : 0;
-    pre_len = hl + CMD_LEN + (mode == M_SHORT ? SHORT_MSG : 0);
+    size_t cmd_len = mode == M_SHORT && no_cmd ? 0 : CMD_LEN;
+    pre_len = hl + cmd_len + (mode == M_SHORT ? SHORT_MSG : 0);
     pre = malloc(pre_len);
     memcpy(pre, hello, hl);
-    cmd_build(pre + hl, m, param);
-    if (mode == M_SHORT)
+    if (cmd_len)
+        cmd_build(pre + hl, m, param);
+    if (mode == M_SHORT) {
+        uint8_t *msg = pre + hl + cmd_len;
         for (int i = 0; i < SHORT_MSG; i++)
-            pre[hl + CMD_LEN + i] = (uint8_t)('a' + i % 26);
-    pre_split = hl > SEG ? SEG : pre_len;
+            msg[i] = (uint8_t)('a' + i % 26);
+        msg[SHORT_MSG - 1] = '\n';
+        if (no_cmd && !server_fin)
+            msg[0] = LINE_KEEP;
+    }
+    /* up to 3 writes: the first 1448 B of a long hello, the rest of the hello (--split), the rest */
+    pre_cut[0] = hl > SEG ? SEG : pre_len;
+    pre_cut[1] = split_hello && hl > pre_cut[0] ? hl : pre_len;
+    if (split_hello && hl <= SEG)
+        pre_cut[0] = hl, pre_cut[1] = pre_len;
 }
 
 static void conn_free(struct lconn *c)
@@ -197,11 +215,15 @@ static int send_preamble(struct lconn *c)
     if (err)
         return -1;
     c->t_hello = now();
-    if (send(c->fd, pre, pre_split, MSG_NOSIGNAL) != (ssize_t)pre_split)
-        return -1;
-    if (pre_split < pre_len &&
-        send(c->fd, pre + pre_split, pre_len - pre_split, MSG_NOSIGNAL) != (ssize_t)(pre_len - pre_split))
-        return -1;
+    size_t at = 0;
+    for (int i = 0; i <= 2 && at < pre_len; i++) {
+        size_t to = i < 2 ? pre_cut[i] : pre_len;
+        if (to <= at)
+            continue;
+        if (send(c->fd, pre + at, to - at, MSG_NOSIGNAL) != (ssize_t)(to - at))
+            return -1;
+        at = to;
+    }
     c->state = C_RUN;
     set_events(c, mode == M_PUSH ? EPOLLIN | EPOLLOUT : EPOLLIN);
     return 0;
@@ -249,6 +271,13 @@ static int on_readable(struct lconn *c, double t)
         }
     }
     case M_SHORT: {
+        if (c->state == C_DONE) { /* --server-fin: the echo is in; now the upstream's FIN */
+            uint8_t b;
+            ssize_t r = recv(c->fd, &b, 1, 0);
+            if (r < 0 && errno == EAGAIN)
+                return 0;
+            return r == 0 ? 1 : -1;
+        }
         ssize_t r = recv(c->fd, c->rbuf + c->rlen, SHORT_MSG - c->rlen, 0);
         if (r <= 0)
             return r < 0 && errno == EAGAIN ? 0 : -1;
@@ -258,6 +287,10 @@ static int on_readable(struct lconn *c, double t)
         if (memcmp(c->rbuf, pre + pre_len - SHORT_MSG, SHORT_MSG) != 0)
             return -1;
         add_lat(t - c->t_connect);
+        if (server_fin) {
+            c->state = C_DONE;
+            return on_readable(c, t); /* the FIN may have come with the echo */
+        }
         return 1;
     }
     case M_LATENCY: {
@@ -321,7 +354,7 @@ static void usage(void)
 {
     fprintf(stderr, "usage: loadgen --mode push|pull|short|latency|idle --target IP:PORT --hello FILE\n"
                     "  [--conns N] [--duration S] [--warmup S] [--rate R] [--hold S] [--timeout S]\n"
-                    "  [--bind IP] [--report-every BYTES]\n");
+                    "  [--bind IP] [--report-every BYTES] [--no-cmd 1] [--server-fin 1] [--split 1]\n");
     exit(2);
 }
 
@@ -411,14 +444,15 @@ static int run_bulk(void)
 static int run_conns(void)
 {
     double t_start = now(), t_end = t_start + duration, t_next = t_start;
-    double interval = mode == M_LATENCY ? 1.0 / rate : 0;
+    int open_loop = mode == M_LATENCY || rate_given; /* short --rate R: offered, not closed-loop */
+    double interval = open_loop ? 1.0 / rate : 0;
     struct epoll_event evs[256];
     double t;
     while ((t = now()) < t_end || inflight > 0) {
         if (t > t_end + timeout_s)
             break;
         if (t < t_end && errors < 1000) {
-            if (mode == M_SHORT) {
+            if (!open_loop) {
                 while (inflight < nconns && conn_open())
                     ;
             } else {
@@ -434,7 +468,7 @@ static int run_conns(void)
             }
         }
         int wait_ms = 5;
-        if (mode == M_LATENCY && t < t_end) {
+        if (open_loop && t < t_end) {
             double d = (t_next - now()) * 1000;
             wait_ms = d <= 0 ? 0 : d < 5 ? (int)ceil(d) : 5;
         }
@@ -448,6 +482,8 @@ static int run_conns(void)
             if (rc != 0) {
                 if (rc > 0 && t <= t_end + 0.001)
                     completed++;
+                else if (rc > 0)
+                    completed_late++; /* started in the window, done after it: its CPU counts */
                 else if (rc < 0)
                     errors++;
                 conn_free(c);
@@ -456,9 +492,11 @@ static int run_conns(void)
     }
     double el = (now() < t_end ? now() : t_end) - t_start;
     printf("{\"mode\": \"%s\", \"conns\": %d, \"duration_s\": %.4f, \"completed\": %llu, "
-           "\"rate_per_s\": %.1f, \"errors\": %llu, \"late\": %llu, \"unfinished\": %d, \"cpu_s\": %.3f, ",
+           "\"rate_per_s\": %.1f, \"errors\": %llu, \"late\": %llu, \"unfinished\": %d, \"cpu_s\": %.3f, "
+           "\"completed_late\": %llu, ",
            mode_name(), nconns, el, (unsigned long long)completed, completed / el,
-           (unsigned long long)errors, (unsigned long long)late, inflight, self_cpu());
+           (unsigned long long)errors, (unsigned long long)late, inflight, self_cpu(),
+           (unsigned long long)completed_late);
     print_lat_json();
     printf("}\n");
     return 0;
@@ -549,11 +587,17 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--warmup"))
             warmup = atof(v);
         else if (!strcmp(a, "--rate"))
-            rate = atof(v);
+            rate = atof(v), rate_given = 1;
         else if (!strcmp(a, "--hold"))
             hold = atof(v);
         else if (!strcmp(a, "--timeout"))
             timeout_s = atof(v);
+        else if (!strcmp(a, "--no-cmd"))
+            no_cmd = atoi(v);
+        else if (!strcmp(a, "--server-fin"))
+            server_fin = atoi(v);
+        else if (!strcmp(a, "--split"))
+            split_hello = atoi(v);
         else if (!strcmp(a, "--report-every"))
             report_every = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--bind")) {

@@ -10,6 +10,13 @@
  *   'P' source:  send `param` bytes (0: until the peer closes), then close.
  *   'E' echo:    echo every byte back until the peer closes.
  *   'A' ack:     send one byte at once (first byte back = end of the proxy's setup), then echo.
+ *   'L' line:    read one line (up to and including '\n'), echo it, then close: the upstream
+ *                sends its FIN first, as a line-oriented echo server does.
+ *
+ * No header: when the bytes after the hello do not start with "SNB1", they are a line and the
+ * connection is in 'L' mode (the workload of issue 14: hello, a 64 B line, echo, server FIN
+ * first), unless the line starts with '=': then it is 'E' (echo until the client closes,
+ * client FIN first). A headerless line therefore never starts with 'S'.
  */
 #ifndef BENCH_PROTO_H
 #define BENCH_PROTO_H
@@ -20,7 +27,8 @@
 #define CMD_MAGIC "SNB1"
 #define CMD_LEN 16
 
-enum { MODE_SINK = 'S', MODE_SOURCE = 'P', MODE_ECHO = 'E', MODE_ACK = 'A' };
+enum { MODE_SINK = 'S', MODE_SOURCE = 'P', MODE_ECHO = 'E', MODE_ACK = 'A', MODE_LINE = 'L' };
+#define LINE_KEEP '=' /* first byte of a headerless line: echo until the client closes */
 
 static inline void cmd_build(uint8_t out[CMD_LEN], char mode, uint64_t param)
 {

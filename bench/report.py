@@ -73,6 +73,16 @@ def summarize(results: dict) -> dict:
                 d["rss_idle_kib"] = med(r["rss_idle_kib"] for r in runs)
             for f, _ in PAIRED.get(wl, ()):
                 d[f + "_runs"] = [r.get(f) for r in runs]
+            if wl.startswith("short") and wl not in PAIRED:
+                d["proxy_cpu_us_per_conn_runs"] = [r.get("proxy_cpu_us_per_conn") for r in runs]
+                d["rate_per_s_runs"] = [r.get("rate_per_s") for r in runs]
+            if wl in BULK:
+                for f in ("gib_per_s", "proxy_cpu_per_gib"):
+                    d[f + "_runs"] = [r.get(f) for r in runs]
+            if wl.startswith("latency"):
+                d["p99_us_runs"] = [r["lat_us"]["p99"] for r in runs]
+            if wl == "idle":
+                d["kib_per_conn_runs"] = [r.get("kib_per_conn") for r in runs]
             s[wl] = d
     return out
 
@@ -218,6 +228,177 @@ def metrics_target(summary) -> dict:
     return {"target": target, "modes": {"auto": [text, worst <= 0.02]}, "verdict": v, "note": ""}
 
 
+# ---------------------------------------------------------------- issue 14
+
+ISSUE_NGINX = {"issue-a": "nginx-issue-a-w1", "issue-b": "nginx-issue-b-w1"}
+ISSUE_HAPROXY = {"issue-a": "haproxy-issue-a-w1", "issue-b": "haproxy-issue-b-w1"}
+
+
+def paired(summary, key, ref, wl, field="proxy_cpu_us_per_conn"):
+    """Per-run ratios key/ref (the runs interleave, so run i of both saw the same machine):
+    (median, min, max, n), or None."""
+    a, b = get(summary, key, wl, field + "_runs"), get(summary, ref, wl, field + "_runs")
+    if not a or not b or len(a) != len(b):
+        return None
+    rs = [x / y for x, y in zip(a, b) if x and y]
+    return (statistics.median(rs), min(rs), max(rs), len(rs)) if rs else None
+
+
+def fmt_ratio(p):
+    if not p:
+        return "–"
+    m, lo, hi, n = p
+    return f"{m:.2f}× ({lo:.2f}–{hi:.2f})" if n > 1 else f"{m:.2f}×"
+
+
+def cpu_cell(summary, key, wl):
+    c = get(summary, key, wl, "proxy_cpu_us_per_conn")
+    runs = [x for x in (get(summary, key, wl, "proxy_cpu_us_per_conn_runs") or []) if x]
+    if c is None:
+        return "–"
+    return f"{c:.0f}" + (f" ({min(runs):.0f}–{max(runs):.0f})" if len(runs) > 1 else "")
+
+
+def issue_profile_of(key):
+    for prof in ("issue-a", "issue-b"):
+        if key.endswith("-" + prof) or f"-{prof}-w" in key:
+            return prof
+    return None
+
+
+def issue14_markdown(meta, labels, summary) -> list[str]:
+    L = []
+    keys = [k for k in summary if "short-issue" in summary[k]]
+    if not keys:
+        return L
+    w = meta.get("short", {}).get("short-issue", {})
+    L.append("## Issue 14's workload (`short-issue`), workers=1\n")
+    L.append(f"Each connection: a Chrome-shaped {meta['hello_bytes'].get('chrome', 517)} B hello "
+             f"({'alone in its first write, ' if w.get('split') else ''}then a 64 B line ending in `\\n`, "
+             f"{'no' if not w.get('cmd') else 'a'} command header), the upstream echoes the line and closes first, "
+             f"the client closes on that FIN; {meta['in_flight']} in flight, {meta['duration_s']} s. "
+             "Profile a: six extra ECR-style routes, IP-literal upstreams, metrics on, access log off; "
+             "b: the same with the access log on (every product logs one line per connection to a file). "
+             "CPU µs/conn: median (min–max of the runs). Ratios: median of the per-run ratios (min–max); "
+             "the runs interleave, so run i of both proxies saw the same machine.\n")
+    L.append("| proxy | conn/s | CPU µs/conn | ×nginx (same profile) | ×HAProxy (same profile) |")
+    L.append("|---|---:|---:|---:|---:|")
+    for k in keys:
+        prof = issue_profile_of(k) or "issue-a"
+        L.append(f"| {labels.get(k, k)} (`{k}`) | {fmt(get(summary, k, 'short-issue', 'rate_per_s'))} | "
+                 f"{cpu_cell(summary, k, 'short-issue')} | "
+                 f"{fmt_ratio(paired(summary, k, ISSUE_NGINX[prof], 'short-issue'))} | "
+                 f"{fmt_ratio(paired(summary, k, ISSUE_HAPROXY[prof], 'short-issue'))} |")
+    L.append("")
+    return L
+
+
+def gap_markdown(meta, labels, summary) -> list[str]:
+    """--gap: the workloads between the bench's short-normal and issue 14's short-issue, and the
+    sniproxy config variants, each as CPU µs/conn and per-run ratio to nginx on the same workload."""
+    wls = [w for w in ("short-normal", "short-issue", "short-issue-1write", "short-issue-cmd",
+                       "short-issue-clientfin", "short-issue-python") if any(w in v for v in summary.values())]
+    if not meta.get("gap") or not wls:
+        return []
+    short = meta.get("short", {})
+    L = ["## Issue 14's gap: which difference moves the ratio\n",
+         "Workloads (columns): the bench's own `short-normal` (Python 517 B hello, 16 B command header, client "
+         "closes first, hello and payload in one write), issue 14's `short-issue`, and `short-issue` with one "
+         "thing changed back. Cells: CPU µs/conn, median (min–max); below it the median per-run ratio to "
+         "`nginx-issue-a-w1` on the same workload.\n"]
+    desc = {w: ", ".join([short[w]["hello"] + " hello", "cmd header" if short[w]["cmd"] else "no header",
+                          short[w]["fin"] + " FIN first", "2 writes" if short[w]["split"] else "1 write"])
+            for w in wls if w in short}
+    L.append("| proxy | " + " | ".join(f"`{w}`<br>{desc.get(w, '')}" for w in wls) + " |")
+    L.append("|---|" + "---:|" * len(wls))
+    ref = "nginx-issue-a-w1"
+    for k in summary:
+        if not any(w in summary[k] for w in wls):
+            continue
+        cells = []
+        for w in wls:
+            c = cpu_cell(summary, k, w)
+            r = paired(summary, k, ref, w)
+            cells.append(c if c == "–" else f"{c}<br>{fmt_ratio(r)}")
+        L.append(f"| `{k}` | " + " | ".join(cells) + " |")
+    L.append("")
+    return L
+
+
+def same_runs(summary, key, ref, wl, field):
+    a, b = get(summary, key, wl, field + "_runs"), get(summary, ref, wl, field + "_runs")
+    if not a or not b or len(a) != len(b):
+        return []
+    return [x / y for x, y in zip(a, b) if x and y]
+
+
+def issue14_targets(summary, old: str | None) -> list[dict]:
+    """Issue 14's targets. ``old``: the --also name of afed3e7 (keys sniproxy-OLD-*)."""
+    rows = []
+
+    def add(target, measured, ok, note=""):
+        rows.append({"target": target, "measured": measured,
+                     "verdict": "–" if ok is None else ok if isinstance(ok, str) else ("met" if ok else "**missed**"),
+                     "note": note})
+
+    for prof in ("issue-a", "issue-b"):
+        key, ref = f"sniproxy-w1-{prof}", ISSUE_NGINX[prof]
+        p = paired(summary, key, ref, "short-issue")
+        what = "metrics on, access log " + ("off" if prof == "issue-a" else "on (all products)")
+        if p:
+            ok = "met (stretch 1.3× too)" if p[0] <= 1.3 else ("met" if p[0] <= 1.5 else False)
+            extra = ""
+            if old:
+                po = paired(summary, f"sniproxy-{old}-w1-{prof}", ref, "short-issue")
+                extra = f"; afed3e7 {fmt_ratio(po)}" if po else ""
+            add(f"short-issue CPU/conn ≤1.5× nginx (stretch 1.3×), {what}",
+                f"{fmt_ratio(p)} ({get(summary, key, 'short-issue', 'proxy_cpu_us_per_conn'):.0f} vs "
+                f"{get(summary, ref, 'short-issue', 'proxy_cpu_us_per_conn'):.0f} µs){extra}", ok)
+    p = paired(summary, "sniproxy-w1-splice-auto", "nginx-default-w1", "short-normal")
+    if p:
+        add("short-normal (the bench's own) CPU/conn ≤1.5× nginx, metrics on, access log on (stderr)", fmt_ratio(p),
+            "met" if p[0] <= 1.5 else False)
+    if not old:
+        return rows
+    for wl, w in (("push1", 1), ("pull1", 1), ("push16", 2), ("pull16", 2)):
+        new, prev = f"sniproxy-w{w}-splice-auto", f"sniproxy-{old}-w{w}-splice-auto"
+        for field, name, better in (("gib_per_s", "throughput", 1), ("proxy_cpu_per_gib", "CPU/GiB", -1)):
+            a, b = get(summary, new, wl, field), get(summary, prev, wl, field)
+            if not a or not b:
+                continue
+            rs = same_runs(summary, new, prev, wl, field)
+            sp = max(x for x in (get(summary, new, wl, field + "_spread"), get(summary, prev, wl, field + "_spread"),
+                                 0.0) if x is not None)
+            r = a / b
+            worse = (r < 1) if better > 0 else (r > 1)
+            if not worse:
+                ok = True
+            elif rs and all(((x < 1) if better > 0 else (x > 1)) for x in rs) and abs(r - 1) > sp / 2:
+                ok = False
+            else:
+                ok = "not resolved: worse by less than the run-to-run noise"
+            add(f"{wl} ({w} worker{'s' if w > 1 else ''}): {name} no worse than afed3e7 splice auto",
+                f"{r:.2f}× afed3e7 ({fmt(a, 3)} vs {fmt(b, 3)}; per run "
+                f"{', '.join(f'{x:.2f}' for x in rs) or '–'}; spread {100 * sp:.0f}%)", ok)
+    a, b = get(summary, "sniproxy-w1-splice-auto", "idle", "kib_per_conn"), get(summary, f"sniproxy-{old}-w1-splice-auto", "idle", "kib_per_conn")
+    if a is not None and b is not None:
+        add("idle memory no worse than afed3e7", f"{a:.2f} vs {b:.2f} KiB/conn", a <= b * 1.05 if a > b else True,
+            "within 5% counts as no worse: RSS moves by whole pages" if b < a <= b * 1.05 else "")
+    d = get(summary, "direct-w1", "latency-normal", "p99_us")
+    a, b = get(summary, "sniproxy-w1-splice-auto", "latency-normal", "p99_us"), get(summary, f"sniproxy-{old}-w1-splice-auto", "latency-normal", "p99_us")
+    if None not in (a, b, d):
+        add("added p99 latency at 64 in flight below afed3e7's (latency-normal)",
+            f"{a - d:.0f} vs {b - d:.0f} µs", a < b)
+    for prof in ("issue-a", "issue-b"):
+        a = paired(summary, f"sniproxy-w1-{prof}", f"sniproxy-nodiag-w1-{prof}", "short-issue")
+        if a:
+            m, lo, hi, n = a
+            ok = True if lo <= 1.0 <= hi or m <= 1.0 else ("not resolved" if lo > 1 and m - 1 < 0.03 else False)
+            add(f"hello diagnostics cost nothing measurable ({prof}: HEAD vs HEAD with observe_hello a no-op and no "
+                "hello fields in the access log)", f"{fmt_ratio(a)} of the no-diagnostics copy", ok)
+    return rows
+
+
 def markdown(meta, proxies, summary, errors) -> str:
     labels = {p.key: p.label + (f" ({p.note})" if p.note else "") for p in proxies}
     L = []
@@ -265,6 +446,17 @@ def markdown(meta, proxies, summary, errors) -> str:
         L.append(f"| {labels.get(key, key)}{err_mark(summary, key, wls)} | " + " | ".join(cells) + " |")
     L.append("")
 
+    L.extend(issue14_markdown(meta, labels, summary))
+    L.extend(gap_markdown(meta, labels, summary))
+    old = next((n for n in meta.get("also", {}) if n == "old"), None)
+    t14 = issue14_targets(summary, old)
+    if t14:
+        L.append("## Targets (issue 14)" + (f", against afed3e7 (`sniproxy-{old}-*`: {meta['also'][old]})" if old else "") + "\n")
+        L.append("| target | measured | verdict |")
+        L.append("|---|---|---|")
+        for t in t14:
+            L.append(f"| {t['target']} | {t['measured']}{(' — ' + t['note']) if t['note'] else ''} | {t['verdict']} |")
+        L.append("")
     L.append(f"## Added latency, workers=1 (hello sent → first upstream byte back; {meta['latency_rate']} conn/s "
              f"offered, at most {meta['in_flight']} in flight; added = proxy − direct, µs)\n")
     L.append("| proxy | p50 | p99 | added p50 | added p99 | PQ p50 | PQ p99 | PQ added p50 | PQ added p99 |")
@@ -408,6 +600,7 @@ def write(out: Path, meta, proxies, results, errors) -> None:
                          "note": p.note, "skip": p.skip} for p in proxies],
             "summary": summary,
             "targets": targets(summary, {p.key: p.note for p in proxies}),
+            "targets_issue14": issue14_targets(summary, "old" if "old" in meta.get("also", {}) else None),
             "raw": results}
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text(markdown(meta, proxies, summary, errors))

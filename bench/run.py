@@ -1,6 +1,7 @@
 """Benchmark runner: sniproxy vs nginx, HAProxy, the C sniproxy and a direct connection.
 
     python bench/run.py [--runs 3] [--quick] [--only KEY,...] [--duration S]
+                        [--sniproxy-ref REF] [--also NAME=REF_OR_DIR ...] [--gap]
 
 Builds the C load generator and upstream into bench/build/, installs what is missing (nginx,
 HAProxy and Debian's sniproxy with apt-get, matplotlib with pip; it prints each command),
@@ -30,17 +31,41 @@ BENCH = Path(__file__).resolve().parent
 BUILD = BENCH / "build"
 WORK = BENCH / "work"
 RESULTS = BENCH / "results"
-HELLOS = {"normal": BENCH / "hellos" / "hello-normal.bin", "pq": BENCH / "hellos" / "hello-pq.bin"}
+HELLOS = {"normal": BENCH / "hellos" / "hello-normal.bin", "pq": BENCH / "hellos" / "hello-pq.bin",
+          "chrome": BENCH / "hellos" / "hello-chrome.bin"}
 LOADGEN_BIND = "127.0.4.100"
 IDLE_CONNS = 5000
 LAT_RATE = 500  # connections/s offered in the latency test, at most 64 in flight
 IN_FLIGHT = 64
+SHORT_RATE = 0  # --short-rate: short workloads offered at this many connections/s (0: closed loop)
 
-# workload key -> (workers of the rows it runs on, loadgen args builder)
-WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "latency-normal", "latency-pq", "idle"]
+# Short-connection workloads: hello, cmd (16 B command header before the 64 B), fin ("client":
+# the client closes after the echo; "server": the upstream echoes the line and closes first,
+# the client closes on its FIN), split (the hello in its own write, then the 64 B).
+SHORT = {
+    "short-normal": dict(hello="normal", cmd=True, fin="client", split=False),
+    "short-pq": dict(hello="pq", cmd=True, fin="client", split=False),
+    # issue 14's workload: Chrome-shaped 517 B hello, then a 64 B line, echoed, upstream FIN first
+    "short-issue": dict(hello="chrome", cmd=False, fin="server", split=True),
+    # the same offered open-loop at 1,000 conn/s: little batching per event-loop turn, as in most
+    # deployments, and where the Python proxies' fixed cost per turn shows
+    "short-issue-r1000": dict(hello="chrome", cmd=False, fin="server", split=True, rate=1000),
+    # --gap: short-issue with one thing changed towards short-normal
+    "short-issue-1write": dict(hello="chrome", cmd=False, fin="server", split=False),
+    "short-issue-cmd": dict(hello="chrome", cmd=True, fin="server", split=True),
+    "short-issue-clientfin": dict(hello="chrome", cmd=False, fin="client", split=True),
+    "short-issue-python": dict(hello="normal", cmd=False, fin="server", split=True),
+}
+WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "short-issue", "short-issue-r1000", "latency-normal",
+                "latency-pq", "idle"]
 WORKLOADS_W2 = ["push16", "pull16"]
 # the metrics-off variant only runs what the "metrics on vs off" target compares
 WORKLOADS_METRICS = ["push1", "pull1", "short-normal"]
+# the issue-14 profiles (*-issue-a-*, *-issue-b-*) run the issue's workload
+WORKLOADS_ISSUE = ["short-issue", "short-issue-r1000"]
+# --gap: every proxy runs these (both ends and each one-change variant)
+WORKLOADS_GAP = ["short-normal", "short-issue", "short-issue-1write", "short-issue-cmd", "short-issue-clientfin",
+                 "short-issue-python"]
 
 _live: list[subprocess.Popen] = []
 
@@ -86,6 +111,39 @@ def ensure_tools(need_apt: bool) -> None:
         subprocess.run(cmd, timeout=600)
 
 
+def archive_ref(ref: str, dest: Path) -> str:
+    """`git archive REF sniproxy` into dest; returns the short commit."""
+    git = ["git", "-C", str(BENCH.parent)]
+    commit = subprocess.run(git + ["rev-parse", "--short", ref], capture_output=True, text=True, check=True).stdout.strip()
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(git + ["archive", commit, "sniproxy"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def use_also(specs: list[str]) -> dict:
+    """--also NAME=REF or NAME=DIR: another sniproxy source, benchmarked as sniproxy-NAME-*."""
+    out = {}
+    for spec in specs:
+        name, _, what = spec.partition("=")
+        if not name or not what or "-" in name:
+            raise SystemExit(f"--also {spec}: expected NAME=REF or NAME=DIR (NAME without '-')")
+        if Path(what).is_dir():
+            path = Path(what).resolve()
+            if not (path / "sniproxy").is_dir():
+                raise SystemExit(f"--also {spec}: {path} has no sniproxy/ package")
+            source = f"from {path}"
+        else:
+            path = WORK / f"sniproxy-src-{name}"
+            commit = archive_ref(what, path)
+            source = f"git {what} ({commit})"
+        proxies.SNIPROXY_ALSO[name] = (str(path), source)
+        out[name] = source
+        log(f"sniproxy-{name}-*: {source}")
+    return out
+
+
 def use_sniproxy_ref(ref: str | None) -> str:
     """Point the proxies at `git archive REF sniproxy`; returns what is being benchmarked."""
     repo = BENCH.parent
@@ -94,12 +152,8 @@ def use_sniproxy_ref(ref: str | None) -> str:
         head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(git + ["status", "--porcelain", "--", "sniproxy"], capture_output=True, text=True).stdout
         return f"installed package (work tree at {head or '?'}{', sniproxy/ modified' if dirty.strip() else ''})"
-    commit = subprocess.run(git + ["rev-parse", "--short", ref], capture_output=True, text=True, check=True).stdout.strip()
     dest = WORK / "sniproxy-src"
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    archive = subprocess.run(git + ["archive", commit, "sniproxy"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    commit = archive_ref(ref, dest)
     proxies.SNIPROXY_PYTHONPATH = str(dest)
     log(f"sniproxy from git {ref} ({commit}) in {dest}")
     return f"git {ref} ({commit})"
@@ -201,8 +255,12 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dns
         out = loadgen(["--mode", mode, "--target", target, "--hello", str(HELLOS["normal"]),
                        "--conns", str(conns), "--duration", str(dur)], timeout=dur + 20)
     elif kind == "short":
-        out = loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS[arg]),
-                       "--conns", str(IN_FLIGHT), "--duration", str(dur)], timeout=dur + 20)
+        w = SHORT[wl]
+        out = loadgen(["--mode", "short", "--target", target, "--hello", str(HELLOS[w["hello"]]),
+                       "--conns", str(IN_FLIGHT), "--duration", str(dur), "--no-cmd", str(int(not w["cmd"])),
+                       "--server-fin", str(int(w["fin"] == "server")), "--split", str(int(w["split"]))]
+                      + (["--rate", str(w.get("rate") or SHORT_RATE)] if w.get("rate") or SHORT_RATE else []),
+                      timeout=dur + 20)
     elif kind == "latency":
         out = loadgen(["--mode", "latency", "--target", target, "--hello", str(HELLOS[arg]),
                        "--conns", str(IN_FLIGHT), "--rate", str(LAT_RATE), "--duration", str(dur)],
@@ -219,7 +277,8 @@ def run_workload(wl: str, proxy: Proxy, roots: list[int], upstream_pid: int, dns
         out["loadgen_cpu_per_gib"] = out["cpu_s"] / gib if gib else None
         out["upstream_cpu_per_gib"] = out["upstream_cpu_s"] / gib if gib else None
     elif kind == "short":
-        n = out["completed"] + out["unfinished"]
+        # every connection the proxy carried: those done after the window too (their CPU is in)
+        n = out["completed"] + out.get("completed_late", 0) + out["unfinished"]
         out["proxy_cpu_us_per_conn"] = out["proxy_cpu_s"] / n * 1e6 if roots and n else None
     return out
 
@@ -258,19 +317,26 @@ def run_idle(proxy: Proxy, nofile: int, hello: bytes, settle: float) -> dict:
         stop_procs(ps)
 
 
-def workloads_for(proxy: Proxy, only_wl) -> list[str]:
-    if proxy.key.endswith("-nometrics"):
+def workloads_for(proxy: Proxy, only_wl, gap: bool = False) -> list[str]:
+    if only_wl and not gap:  # asked for by name: on every proxy selected
+        return [w for w in only_wl if w in SHORT or w in WORKLOADS_W1 + WORKLOADS_W2 or w == "idle"]
+    if gap:  # the workload variants on the ends; each config variant on the issue's workload
+        wls = (["short-issue"] if proxy.options.get("gap_profile") else
+               ["short-normal", "short-issue"] if proxy.options.get("splice") in ("on", "off") else WORKLOADS_GAP)
+    elif proxy.key.endswith("-nometrics"):
         wls = WORKLOADS_METRICS
+    elif "-issue-" in proxy.key:
+        wls = WORKLOADS_ISSUE
     else:
         wls = WORKLOADS_W1 if proxy.workers == 1 else WORKLOADS_W2
     return [w for w in wls if not only_wl or w in only_wl]
 
 
 def run_proxy(proxy: Proxy, nofile: int, upstream_pid: int, dns_pid, dur: float, only_wl,
-              res: dict, errors: list[str], tag: str) -> None:
+              res: dict, errors: list[str], tag: str, gap: bool = False) -> None:
     """Run the proxy's workloads, adding results to res[workload] and failures to errors."""
     hello = HELLOS["normal"].read_bytes()
-    wls = workloads_for(proxy, only_wl)
+    wls = workloads_for(proxy, only_wl, gap)
     failures = (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, OSError)
 
     def fail(what, e):
@@ -321,15 +387,29 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="seconds per workload (default 3, --quick 0.5)")
     ap.add_argument("--only", help="comma-separated proxy keys (prefix match), e.g. direct,nginx")
     ap.add_argument("--workloads", help="comma-separated workloads, e.g. push1,short-normal")
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT,
+                    help="connections in flight in the short and latency workloads (default 64)")
+    ap.add_argument("--short-rate", type=float, default=0,
+                    help="offer the short workloads open-loop at this many connections/s (at most --in-flight "
+                         "open) instead of keeping --in-flight busy; default: closed loop")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for the runner and all it starts, e.g. -5 on a busy machine (default 0)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything")
     ap.add_argument("--sniproxy-ref", metavar="REF",
                     help="benchmark sniproxy as committed at this git ref (default: the installed package)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=REF",
+                    help="also benchmark sniproxy from this git ref or directory (holding sniproxy/), as keys "
+                         "sniproxy-NAME-*: the default with 1 and 2 workers and the issue-14 profiles; "
+                         "e.g. --also old=afed3e7 (repeatable)")
+    ap.add_argument("--gap", action="store_true",
+                    help="issue 14's gap: every proxy selected runs short-normal, short-issue and the "
+                         "one-change variants between them, and the one-change sniproxy profiles are added")
     ap.add_argument("--out", default=str(RESULTS / "latest"), help="output path without extension")
     a = ap.parse_args()
     dur = a.duration or (0.5 if a.quick else 3.0)
-    only_wl = set(a.workloads.split(",")) if a.workloads else None
+    globals()["IN_FLIGHT"] = a.in_flight  # read by the workloads
+    globals()["SHORT_RATE"] = a.short_rate
+    only_wl = list(dict.fromkeys(a.workloads.split(","))) if a.workloads else None
 
     signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(143)))
     if a.nice:
@@ -341,9 +421,10 @@ def main() -> int:
     build()
     nofile = raise_nofile()
     sniproxy_src = use_sniproxy_ref(a.sniproxy_ref)
+    also = use_also(a.also)
     if nofile < 2 * IDLE_CONNS + 1000:
         log(f"warning: RLIMIT_NOFILE is {nofile}; the idle test needs {2 * IDLE_CONNS + 1000}")
-    proxies = all_proxies(WORK, nofile)
+    proxies = all_proxies(WORK, nofile, gap=a.gap)
     if a.only:
         keys = a.only.split(",")
         proxies = [p for p in proxies if any(p.key.startswith(k) for k in keys)]
@@ -354,6 +435,7 @@ def main() -> int:
             log(f"not run: {p.key}: {p.skip}")
 
     results: dict = {p.key: {} for p in runnable}
+    loads: list[float] = []  # 1-minute load average before each proxy's turn
     errors: list[str] = []
     try:
         up = start_helper([str(BUILD / "upstream"), f"{UPSTREAM[0]}:{UPSTREAM[1]}"], "upstream")
@@ -363,9 +445,10 @@ def main() -> int:
         for run in range(a.runs):
             order = runnable[run % len(runnable):] + runnable[:run % len(runnable)] if runnable else []
             for p in order:
-                log(f"run {run + 1}/{a.runs}: {p.key}")
+                loads.append(round(os.getloadavg()[0], 2))
+                log(f"run {run + 1}/{a.runs}: {p.key} (load average {loads[-1]:.2f})")
                 run_proxy(p, nofile, up.pid, dns.pid if dns else None, dur, only_wl,
-                          results[p.key], errors, f"run {run + 1}")
+                          results[p.key], errors, f"run {run + 1}", gap=a.gap)
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")
     finally:
@@ -374,10 +457,12 @@ def main() -> int:
     import report  # after ensure_tools: it needs matplotlib
 
     meta = {"runs": a.runs, "quick": a.quick, "duration_s": dur, "idle_conns": IDLE_CONNS,
-            "in_flight": IN_FLIGHT, "nice": a.nice, "loadavg_start": load_start, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
+            "in_flight": a.in_flight, "short_rate": a.short_rate, "nice": a.nice, "loadavg_start": load_start, "latency_rate": LAT_RATE, "cpus": os.cpu_count(),
             "kernel": os.uname().release, "elapsed_s": round(time.monotonic() - t_begin, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nofile": nofile,
-            "versions": report.versions(), "sniproxy_source": sniproxy_src, "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}}
+            "versions": report.versions(), "sniproxy_source": sniproxy_src, "also": also, "gap": a.gap,
+            "loadavg_end": os.getloadavg()[0], "loadavg_during": loads,
+            "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}, "short": SHORT}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report.write(out, meta, proxies, results, errors)

@@ -35,7 +35,7 @@ enum { ST_HELLO, ST_RUN };
 
 struct conn {
     int fd;
-    uint8_t state, mode, want_out;
+    uint8_t state, mode, want_out, close_after; /* close_after: close once the echo is sent */
     uint8_t *buf;      /* hello/command buffer, later echo backlog */
     uint32_t len, off; /* bytes in buf; echo: first unsent byte */
     uint64_t param, count, next_report;
@@ -71,8 +71,8 @@ static void conn_close(struct conn *c)
     free(c);
 }
 
-/* Length of the ClientHello records + command header at the start of buf, or 0 if more bytes
- * are needed, or -1 if the bytes are not a TLS handshake. */
+/* Length of the ClientHello records at the start of buf, or 0 if more bytes are needed, or -1
+ * if the bytes are not a TLS handshake. */
 static long hello_end(const uint8_t *b, uint32_t n)
 {
     uint32_t pos = 0, hs_have = 0;
@@ -91,7 +91,7 @@ static long hello_end(const uint8_t *b, uint32_t n)
         hs_have += rl;
         pos += 5 + rl;
         if (hs_have >= hs_total)
-            return n >= pos + CMD_LEN ? (long)pos + CMD_LEN : 0;
+            return (long)pos;
     }
     return 0;
 }
@@ -128,6 +128,8 @@ static int echo_flush(struct conn *c)
     }
     if (c->off == c->len) {
         c->off = c->len = 0;
+        if (c->close_after)
+            return -1; /* the line is echoed: close, our FIN first */
         if (c->want_out) {
             c->want_out = 0;
             set_events(c, EPOLLIN);
@@ -137,6 +139,17 @@ static int echo_flush(struct conn *c)
         set_events(c, EPOLLOUT); /* stop reading until the backlog is gone */
     }
     return 0;
+}
+
+/* 'L': once buf holds a whole line, echo it (and nothing after it), then close. */
+static int line_flush(struct conn *c)
+{
+    uint8_t *nl = memchr(c->buf, '\n', c->len);
+    if (!nl)
+        return c->len == ECHO_BUF ? -1 : 0;
+    c->len = (uint32_t)(nl - c->buf) + 1;
+    c->close_after = 1;
+    return echo_flush(c);
 }
 
 static int source_pump(struct conn *c)
@@ -184,10 +197,11 @@ static int start_mode(struct conn *c, long end)
             return -1;
         /* fall through */
     case MODE_ECHO:
+    case MODE_LINE:
         memmove(c->buf, c->buf + end, extra);
         c->len = extra;
         c->off = 0;
-        return echo_flush(c);
+        return c->mode == MODE_LINE ? line_flush(c) : echo_flush(c);
     default:
         return -1;
     }
@@ -203,7 +217,18 @@ static int on_readable(struct conn *c)
         long end = hello_end(c->buf, c->len);
         if (end < 0 || (end == 0 && c->len == HELLO_BUF))
             return -1;
-        return end ? start_mode(c, end) : 0;
+        if (end == 0 || c->len == (uint32_t)end)
+            return 0;
+        uint32_t extra = c->len - (uint32_t)end, k = extra < 4 ? extra : 4;
+        if (memcmp(c->buf + end, CMD_MAGIC, k) == 0) /* a command header, maybe in part */
+            return extra < CMD_LEN ? 0 : start_mode(c, end + CMD_LEN);
+        /* no header: a line ('L'), or echo until the client closes ('=' first) */
+        c->mode = c->buf[end] == LINE_KEEP ? MODE_ECHO : MODE_LINE;
+        c->state = ST_RUN;
+        memmove(c->buf, c->buf + end, extra);
+        c->len = extra;
+        c->off = 0;
+        return c->mode == MODE_LINE ? line_flush(c) : echo_flush(c);
     }
     switch (c->mode) {
     case MODE_SINK:
@@ -221,12 +246,14 @@ static int on_readable(struct conn *c)
         ssize_t r = recv(c->fd, scratch, sizeof scratch, MSG_TRUNC | MSG_DONTWAIT);
         return r == 0 || (r < 0 && errno != EAGAIN) ? -1 : 0;
     }
-    default: { /* echo / ack */
+    default: { /* echo / ack / line */
+        if (c->close_after)
+            return 0; /* echoing the line; what follows it is not read */
         ssize_t r = recv(c->fd, c->buf + c->len, ECHO_BUF - c->len, 0);
         if (r <= 0)
             return r < 0 && errno == EAGAIN ? 0 : -1;
         c->len += (uint32_t)r;
-        return echo_flush(c);
+        return c->mode == MODE_LINE ? line_flush(c) : echo_flush(c);
     }
     }
 }
