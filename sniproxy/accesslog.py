@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import time
-from typing import Any
 
 from .tls import ClientHello
 
@@ -28,10 +27,7 @@ def _timestamp(t: float) -> str:
     return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 
-def _str(value: Any) -> str:
-    return "null" if value is None else f'"{value}"'
-
-
+Q = '"'
 _ALPN: dict[tuple[str, ...], str] = {}
 _ALPN_LIMIT = 256  # keys are client-chosen: bounded
 
@@ -50,17 +46,20 @@ def format_line(t: float, client: str | None, listener: str, hello: ClientHello 
                 upstream: str | None, to_upstream: int, to_client: int, duration: float, close: str,
                 hello_bytes: int = 0, hello_records: int = 0, hello_reads: int = 0,
                 hello_seconds: float = 0.0) -> str:
+    # Formatted once per connection: conditionals inline, no helper calls, no round().
     if hello is None:
         facts = '"sni":null,"alpn":null,"pq":null,"ech":false'
     else:
-        facts = (f'"sni":{_str(hello.sni)},"alpn":{_alpn(hello.alpn)},"pq":{_str(hello.pq_group)},'
-                 f'"ech":{"true" if hello.ech else "false"}')
+        sni, pq = hello.sni, hello.pq_group
+        facts = (f'"sni":{"null" if sni is None else Q + sni + Q},"alpn":{_alpn(hello.alpn)},'
+                 f'"pq":{"null" if pq is None else Q + pq + Q},"ech":{"true" if hello.ech else "false"}')
     return (
-        f'{{"time":"{_timestamp(t)}","client":{_str(client)},"listener":"{listener}",{facts},'
-        f'"route":{_str(route)},"upstream":{_str(upstream)},"bytes_to_upstream":{to_upstream},'
-        f'"bytes_to_client":{to_client},"duration":{round(duration, 6)},"close":"{close}",'
-        f'"hello_bytes":{hello_bytes},"hello_records":{hello_records},"hello_reads":{hello_reads},'
-        f'"hello_ms":{round(hello_seconds * 1000, 3)}}}\n'
+        f'{{"time":"{_timestamp(t)}","client":{"null" if client is None else Q + client + Q},'
+        f'"listener":"{listener}",{facts},"route":{"null" if route is None else Q + route + Q},'
+        f'"upstream":{"null" if upstream is None else Q + upstream + Q},'
+        f'"bytes_to_upstream":{to_upstream},"bytes_to_client":{to_client},"duration":{duration:.6f},'
+        f'"close":"{close}","hello_bytes":{hello_bytes},"hello_records":{hello_records},'
+        f'"hello_reads":{hello_reads},"hello_ms":{hello_seconds * 1000:.3f}}}\n'
     )
 
 

@@ -79,20 +79,22 @@ class ClientHello:
     legacy_version: int
     key_shares: tuple[int, ...] = ()
     """Groups of the key shares offered, in order (GREASE values included)."""
+    pq_group: str | None = None
+    """The first post-quantum hybrid group with a key share offered, by name."""
+    ech: bool = False
+    """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
 
-    @property
-    def pq_group(self) -> str | None:
-        """The first post-quantum hybrid group with a key share offered, by name."""
-        for group in self.key_shares:
-            name = PQ_GROUPS.get(group)
-            if name is not None:
-                return name
-        return None
 
-    @property
-    def ech(self) -> bool:
-        """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
-        return _ECH in self.extensions
+def _hello(sni: str | None, alpn: tuple[str, ...], types: tuple[int, ...], legacy_version: int,
+           key_shares: tuple[int, ...]) -> ClientHello:
+    """A ClientHello with the facts derived from what was parsed: the one place both parsers
+    build it."""
+    pq_group = None
+    for group in key_shares:
+        pq_group = PQ_GROUPS.get(group)
+        if pq_group is not None:
+            break
+    return ClientHello(sni, alpn, types, legacy_version, key_shares, pq_group, _ECH in types)
 
 
 #: A proxy sees the same few names all day: remember how each raw SNI normalises.
@@ -211,13 +213,7 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
             buf.pos = pos
         if len(set(types)) != len(types):
             raise BadHello("duplicate extension")
-    return ClientHello(
-        sni=found["sni"],  # type: ignore[arg-type]
-        alpn=found["alpn"],  # type: ignore[arg-type]
-        extensions=tuple(types),
-        legacy_version=legacy_version,
-        key_shares=found["key_shares"],  # type: ignore[arg-type]
-    )
+    return _hello(found["sni"], found["alpn"], tuple(types), legacy_version, found["key_shares"])  # type: ignore[arg-type]
 
 
 def parse_client_hello(message: bytes | memoryview) -> ClientHello:
@@ -346,7 +342,7 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
             pos = stop
         if len(set(types)) != len(types):
             return None
-    return ClientHello(sni, alpn, tuple(types), legacy_version, key_shares)
+    return _hello(sni, alpn, tuple(types), legacy_version, key_shares)
 
 
 class HelloReader:
