@@ -50,13 +50,16 @@ _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _IPPROTO_TCP, _TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 
 
-class State(enum.Enum):
-    PROXY_HEADER = "proxy_header"
-    HELLO = "hello"
-    RESOLVING = "resolving"
-    CONNECTING = "connecting"
-    FORWARDING = "forwarding"
-    CLOSED = "closed"
+class State(enum.IntEnum):
+    """An IntEnum: its members hash as ints, and the transition table is looked up on every
+    transition (a plain Enum hashes through a Python method)."""
+
+    PROXY_HEADER = 1
+    HELLO = 2
+    RESOLVING = 3
+    CONNECTING = 4
+    FORWARDING = 5
+    CLOSED = 6
 
 
 #: The only transitions there are; ``_enter`` refuses any other.
@@ -68,8 +71,8 @@ _NEXT: dict[State, frozenset[State]] = {
     State.FORWARDING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
-#: States whose deadline is the handshake timeout.
-_HANDSHAKE = frozenset({State.PROXY_HEADER, State.HELLO})
+#: States whose deadline is the handshake timeout (a tuple: membership by identity).
+_HANDSHAKE = (State.PROXY_HEADER, State.HELLO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ class Connection:
 
     def _enter(self, state: State) -> None:
         if state not in _NEXT[self.state]:
-            raise RuntimeError(f"connection state {self.state.value} -> {state.value}")
+            raise RuntimeError(f"connection state {self.state.name.lower()} -> {state.name.lower()}")
         self.state = state
 
     # -- accept ----------------------------------------------------------------------------
@@ -430,7 +433,7 @@ class Connection:
         self.idle_since = now
         ctx.stats.live.add(self)
         self._run(self.up)
-        if self.state is State.FORWARDING:
+        if self.down.readable and self.state is State.FORWARDING:
             self._run(self.down)
 
     # -- forwarding ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Shared state lives here and nowhere else: the set of live connections, the liste
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -113,7 +114,7 @@ class Server:
     def _listen(self, listen: Listen, sock: socket.socket) -> None:
         key = listen.key
         info = ListenerInfo(listen_name(listen), _allowlist(listen, self.config), listen.proxy_protocol)
-        listener = Listener(sock, info.name, self.events, lambda fd, peer: self._accepted(key, fd, peer),
+        listener = Listener(sock, info.name, self.events, functools.partial(self._accepted, key),
                             self.stats.accept_error)
         self.listeners[key] = (listener, info)
         log.info("listening on %s%s", info.name, " (PROXY protocol)" if info.proxy_protocol else "")
