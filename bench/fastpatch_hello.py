@@ -1,3 +1,5 @@
+# ruff: noqa: F821  (a fragment that bench/fastpatch.py splices into a copy of sniproxy/tls.py:
+# Buffer, ClientHello, BadHello and the rest are that module's names)
 """Patch E of bench/fastpatch.py: a lean pull_client_hello for sniproxy/tls.py (text inserted in a copy).
 
 Plain offsets instead of a Buffer and a context manager per length-prefixed block, the same
@@ -89,7 +91,7 @@ def _lean_block(data, pos, end, size):
 def _lean_server_name(data, pos, end):
     start, block_end = _lean_block(data, pos, end, 2)
     if block_end != end:
-        raise BadHello(f"extension 0 not consumed exactly")
+        raise BadHello("extension 0 not consumed exactly")
     if block_end == start:
         raise BadHello("empty server_name list")
     pos, sni, seen = start, None, False

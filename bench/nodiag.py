@@ -15,7 +15,6 @@ interleaved:
 Each patch must apply exactly once, or this script stops: a changed source needs a look.
 """
 
-import subprocess
 import sys
 from pathlib import Path
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
 import run  # noqa: E402
-from proxies import DNS, UPSTREAM, all_proxies, clean_env  # noqa: E402
+from proxies import DNS, UPSTREAM, all_proxies  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "results" / "profile"
@@ -214,7 +214,7 @@ def cprofile_run(proxy, nofile, hello, wl, dur, workdir: Path) -> dict:
     if inits:
         n = max(inits)
     rows = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+    for (file, line, fn), (_cc, nc, tt, ct, _) in st.stats.items():
         where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if file != "~" else "builtin"
         rows.append({"function": f"{fn} ({where})", "calls_per_conn": nc / n if n else None,
                      "self_share": tt / total if total else None, "cum_share": ct / total if total else None})

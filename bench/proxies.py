@@ -104,10 +104,10 @@ class Proxy:
         if extra:  # the S3 names are longer than the default bucket takes
             logfmt = "\n    map_hash_bucket_size 128;"
         if self.options.get("access_log"):
-            logfmt += f"""
-    log_format bench '{{"time":"$time_iso8601","client":"$remote_addr:$remote_port","sni":"$ssl_preread_server_name",'
+            logfmt += """
+    log_format bench '{"time":"$time_iso8601","client":"$remote_addr:$remote_port","sni":"$ssl_preread_server_name",'
                      '"upstream":"$upstream_addr","bytes_to_upstream":$upstream_bytes_sent,'
-                     '"bytes_to_client":$bytes_sent,"duration":$session_time,"status":$status}}';"""
+                     '"bytes_to_client":$bytes_sent,"duration":$session_time,"status":$status}';"""
             log = f"access_log {workdir}/access.log bench;"
         conf = f"""load_module {NGINX_STREAM_MODULE};
 worker_processes {self.workers};
