@@ -474,5 +474,5 @@ def test_debug_logs_one_line_for_every_refusal_reason(dns_server, upstream, star
         except OSError:
             pass
         s.close()
-        line = proxy.log.wait_for(rf"DEBUG sniproxy\.connection: 127\.0\.0\.1:\d+: refused \({reason}\): \S")
+        line = proxy.log.wait_for(rf"DEBUG sniproxy\.connection( worker=\d+)?: 127\.0\.0\.1:\d+: refused \({reason}\): \S")
         assert line.count("refused") == 1
