@@ -18,7 +18,7 @@ import socket
 from .errors import ConfigError
 
 #: Asked for with F_SETPIPE_SZ: one splice moves up to this much, and a direction whose
-#: reader is slow holds up to this much (in the kernel; the pump's bound is 256 KiB in user
+#: reader is slow holds up to this much (in the kernel; a copying direction's bound is 256 KiB in user
 #: space). 1 MiB is Linux's default /proc/sys/fs/pipe-max-size, past which an unprivileged
 #: process gets EPERM; it costs about a quarter less CPU per GiB than 256 KiB pipes.
 PIPE_SIZE = 1 << 20

@@ -14,7 +14,7 @@ from tests.integration.conftest import NAME, OTHER, make_hello, proxy_config
 from tests.integration.test_proxy import connect, route
 
 
-def open_pumping(port: int, sni: str = NAME) -> socket.socket:
+def open_forwarding(port: int, sni: str = NAME) -> socket.socket:
     s = connect(port)
     hello = make_hello(sni)
     s.sendall(hello)
@@ -31,7 +31,7 @@ def roundtrip(s: socket.socket, data: bytes = b"still here") -> bool:
 def test_stop_closes_listeners_and_lets_connections_finish(dns_server, upstream, start_proxy, sig):
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 30.0"))
-    s = open_pumping(port)
+    s = open_forwarding(port)
     started = time.monotonic()
     proxy.signal(sig)
     proxy.log.wait_for("draining 1 connections")
@@ -51,7 +51,7 @@ def test_stop_closes_listeners_and_lets_connections_finish(dns_server, upstream,
 def test_drain_timeout_closes_what_is_left_and_exits_zero(dns_server, upstream, start_proxy):
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 0.5"))
-    s = open_pumping(port)
+    s = open_forwarding(port)
     proxy.signal(signal.SIGTERM)
     assert proxy.proc.wait(10) == 0
     assert recv_all(s) == b""
@@ -62,7 +62,7 @@ def test_reload_swaps_routes_without_dropping_connections(dns_server, upstream, 
     port = free_port()
     config = proxy_config(port, dns_server, route(port=upstream.port))
     proxy = start_proxy(config)
-    held = open_pumping(port)
+    held = open_forwarding(port)
 
     proxy.path.write_text(config.replace(f'sni = "{NAME}"', f'sni = "{OTHER}"'))
     mark = len(proxy.log.lines)
@@ -70,7 +70,7 @@ def test_reload_swaps_routes_without_dropping_connections(dns_server, upstream, 
     proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
 
     assert roundtrip(held)  # the running connection survived
-    new = open_pumping(port, OTHER)  # the new route serves
+    new = open_forwarding(port, OTHER)  # the new route serves
     refused = connect(port)
     refused.sendall(make_hello(NAME))  # the removed route does not
     assert recv_all(refused)[:1] == b"\x15"
@@ -87,7 +87,7 @@ def test_bad_reload_keeps_the_running_config(dns_server, upstream, start_proxy):
     proxy.signal(signal.SIGHUP)
     line = proxy.log.wait_for("reload failed", start=mark)
     assert "server.max_connections" in line
-    s = open_pumping(port)
+    s = open_forwarding(port)
     assert roundtrip(s)
     s.close()
 
@@ -100,7 +100,7 @@ def test_reload_adds_and_removes_listeners(dns_server, upstream, start_proxy):
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
     proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
-    open_pumping(port2).close()
+    open_forwarding(port2).close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
@@ -113,7 +113,7 @@ def test_reload_adding_an_unbindable_listener_keeps_serving(dns_server, upstream
     taken.listen()
     config = proxy_config(port, dns_server, route(port=upstream.port))
     proxy = start_proxy(config)
-    held = open_pumping(port)
+    held = open_forwarding(port)
     extra = f'[[listen]]\naddress = "127.0.0.1"\nport = {taken.getsockname()[1]}\n\n[resolver]'
     proxy.path.write_text(config.replace("[resolver]", extra, 1))
     mark = len(proxy.log.lines)
@@ -121,7 +121,7 @@ def test_reload_adding_an_unbindable_listener_keeps_serving(dns_server, upstream
     proxy.log.wait_for(r"reload failed|kept their running config", start=mark)
     assert proxy.proc.poll() is None
     assert roundtrip(held)
-    open_pumping(port).close()
+    open_forwarding(port).close()
     taken.close()
 
 
@@ -130,7 +130,7 @@ def test_a_second_sigterm_during_the_drain_stops_at_once(dns_server, upstream, s
     closes what is left and exits."""
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="drain_timeout = 30.0"))
-    s = open_pumping(port)
+    s = open_forwarding(port)
     proxy.signal(signal.SIGTERM)
     proxy.log.wait_for("draining 1 connections")
     started = time.monotonic()
@@ -154,5 +154,5 @@ def test_a_reload_says_which_changed_settings_need_a_restart(dns_server, upstrea
     proxy.log.wait_for(r"reload: \[server\] workers changed; that takes effect on restart", start=mark)
     proxy.log.wait_for(r"reload: \[metrics\] changed; that takes effect on restart", start=mark)
     proxy.log.wait_for(r"sniproxy: reloaded", start=mark)
-    assert roundtrip(open_pumping(port))
+    assert roundtrip(open_forwarding(port))
     assert proxy.metrics_text()  # still on the old port

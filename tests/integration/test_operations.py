@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly
 from tests.integration.conftest import NAME, make_hello, proxy_config
-from tests.integration.test_lifecycle import open_pumping
+from tests.integration.test_lifecycle import open_forwarding
 from tests.integration.test_proxy import route
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -86,7 +86,7 @@ def test_socket_activation_with_notify_reload_watchdog_and_stop(tmp_path, dns_se
         for a in addresses:
             log.wait_for(rf"Listening on {a}:{port}")
         for a in addresses:
-            s = open_pumping_at(a, port)
+            s = open_forwarding_at(a, port)
             s.close()
         ready = notify.wait_for("READY=1")
         assert "STATUS=" in ready
@@ -108,7 +108,7 @@ def test_socket_activation_with_notify_reload_watchdog_and_stop(tmp_path, dns_se
         print("proxy log:\n" + "\n".join(log.lines))
 
 
-def open_pumping_at(address: str, port: int) -> socket.socket:
+def open_forwarding_at(address: str, port: int) -> socket.socket:
     s = socket.create_connection((address, port), timeout=10)
     hello = make_hello(NAME)
     s.sendall(hello)
@@ -173,7 +173,7 @@ def test_check_as_exec_reload_under_socket_activation(tmp_path, dns_server, upst
     log = LineLog(proc.stderr)
     try:
         log.wait_for(rf"Listening on 127\.0\.6\.8:{port}")
-        open_pumping_at("127.0.6.7", port).close()
+        open_forwarding_at("127.0.6.7", port).close()
         log.wait_for("socket activation: 2 listeners from systemd")
         log.wait_for(r"sniproxy(\.supervisor)?: ready")
         for environ in ({"MAINPID": str(proc.pid)}, {}):
@@ -244,7 +244,7 @@ def test_root_binds_then_drops_to_the_configured_user(dns_server, upstream, star
         status = open(f"/proc/{pid}/status").read()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         assert uids == [str(nobody.pw_uid)] * 4
-    s = open_pumping_at("127.0.6.6", 443)  # the port-443 listener still serves
+    s = open_forwarding_at("127.0.6.6", 443)  # the port-443 listener still serves
     s.close()
     assert proxy.sample("sniproxy_connections_total", route="echo") == 1  # and metrics
 
@@ -361,12 +361,12 @@ def test_log_files_are_reopened_on_sigusr1(tmp_path, dns_server, upstream, start
                             env=clean_env(), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
     try:
         _wait_file(errors, "metrics on")
-        open_pumping(port).close()
+        open_forwarding(port).close()
         _wait_file(access, '"close"')
         os.rename(access, tmp_path / "access.log.1")  # what logrotate does
         proc.send_signal(signal.SIGUSR1)
         _wait_file(errors, "log files reopened")
-        open_pumping(port).close()
+        open_forwarding(port).close()
         _wait_file(access, '"close"')
         assert len((tmp_path / "access.log.1").read_text().splitlines()) == 1
     finally:
