@@ -184,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # privilege drop: a worker gets the supervisor's sockets, the others bind what systemd
     # did not pass.
     sockets = _worker_sockets(config, args.worker_fds) if worker else _inherited_sockets(config)
+    socket_activated = bool(sockets) and not worker  # then [[listen]] is fixed by the socket unit
     if not worker:
         for listen in config.listen:
             if listen.key not in sockets:
@@ -211,6 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Like nginx's master, the supervisor keeps its privileges (to start workers and
         # reopen logs); it never touches a connection. Each worker drops them once started.
         sup = Supervisor(config, text, sockets, sys.argv[1:], lambda: _load_text(args), reopen)
+        sup.fixed_listeners = socket_activated
         lifecycle = Lifecycle(sup, Notifier())
         lifecycle.install_signal_handlers(asyncio.get_running_loop())
         await lifecycle.run()  # no privilege drop: the supervisor keeps root
@@ -224,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             access.loop = loop
         server = Server(config, loop, access, lambda: _load(args), reopen)
         server.sockets = sockets
+        server.fixed_listeners = socket_activated
         if worker:
             from .supervisor import WorkerChannel
 

@@ -262,6 +262,16 @@ def _valid_pattern(p: str) -> bool:
     return normalize_host(name) == name and "." in name
 
 
+def listeners_differ(old: Config, new: Config) -> bool:
+    """Whether a reload would add or remove a [[listen]] address."""
+    return {entry.key for entry in old.listen} != {entry.key for entry in new.listen}
+
+
+#: Why a reload under socket activation keeps the running config when [[listen]] changed.
+FIXED_LISTENERS = ("[[listen]] changed, but the socket unit passed the listeners: change its "
+                   "ListenStream= lines to match, then restart (systemctl restart sniproxy)")
+
+
 def open_listeners(config: Config) -> list[Listen]:
     """Wildcard listeners that accept any client: worth a warning."""
     return [

@@ -19,7 +19,7 @@ from typing import Any
 
 from .accesslog import AccessLog
 from .allow import Allowlist, ClientLimits
-from .config import Config, Listen
+from .config import FIXED_LISTENERS, Config, Listen, listeners_differ
 from .connection import Connection, Context, ListenerInfo, clock
 from .errors import ConfigError, SniproxyError
 from .events import EventSet
@@ -63,6 +63,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.listeners: dict[tuple[str, int], tuple[Listener, ListenerInfo]] = {}
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # inherited, not yet listening
+        self.fixed_listeners = False  # from systemd: a reload may not add or remove one
         self._client_counts: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._local: dict[str, bool] = {}
@@ -176,6 +177,9 @@ class Server:
             splice_after(new.server.splice)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        if self.fixed_listeners and listeners_differ(self.config, new):
+            log.error("reload failed, keeping the running config: %s", FIXED_LISTENERS)
             return False
         added = [entry for entry in new.listen if entry.key not in self.listeners]
         sockets = {}

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .config import Config
+from .config import FIXED_LISTENERS, Config, listeners_differ
 from .errors import ConfigError, SniproxyError
 from .listener import bind
 from .metrics import ProcessTreeCollector
@@ -112,6 +112,7 @@ class Supervisor:
         self.retired = empty_snapshot()  # counters of workers that have exited
         self.restarts = 0
         self.stopping = False
+        self.fixed_listeners = False  # from systemd: a reload may not add or remove one
         self._stop = asyncio.Event()
         self._collecting: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -254,6 +255,9 @@ class Supervisor:
             splice_enabled(new.server.splice)  # checked here, before any worker sees it
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        if self.fixed_listeners and listeners_differ(self.config, new):
+            log.error("reload failed, keeping the running config: %s", FIXED_LISTENERS)
             return False
         if new.metrics != self.config.metrics:
             log.warning("reload: [metrics] changed; that takes effect on restart")

@@ -399,3 +399,33 @@ def test_check_warns_about_an_open_wildcard_listener(tmp_path, dns_server):
     out = subprocess.run([sys.executable, "-m", "sniproxy", "check", "--config", str(path)],
                          capture_output=True, text=True, env=clean_env(), timeout=30)
     assert "warning" not in out.stdout + out.stderr
+
+
+def test_under_socket_activation_a_reload_cannot_change_the_listeners(tmp_path, dns_server, upstream):
+    """systemd passed the sockets, so a SIGHUP that adds a [[listen]] (sent by hand, past the
+    check that ExecReload= runs) keeps the running config and says what to do."""
+    port = free_port("127.0.6.8")
+    text = proxy_config(port, dns_server, route(port=upstream.port), listen_address="127.0.6.8")
+    path = tmp_path / "sniproxy.toml"
+    path.write_text(text)
+    cmd = ["systemd-socket-activate", "-l", f"127.0.6.8:{port}", "-E", f"PYTHONPATH={REPO}",
+           sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
+    log = LineLog(proc.stderr)
+    try:
+        log.wait_for(rf"Listening on 127\.0\.6\.8:{port}")
+        open_forwarding_at("127.0.6.8", port).close()
+        log.wait_for("sniproxy: ready")
+        extra = free_port("127.0.6.9")
+        path.write_text(text.replace("[resolver]", f'[[listen]]\naddress = "127.0.6.9"\nport = {extra}\n\n[resolver]', 1))
+        mark = len(log.lines)
+        os.kill(proc.pid, signal.SIGHUP)
+        line = log.wait_for("reload failed", start=mark)
+        assert "ListenStream=" in line and "restart" in line
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.6.9", extra), timeout=2)
+        open_forwarding_at("127.0.6.8", port).close()  # the running config still serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        print("proxy log:\n" + "\n".join(log.lines))
