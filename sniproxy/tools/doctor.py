@@ -349,7 +349,7 @@ _STATUS = {OK: PASS, FINDING_WARN: WARN, BLOCK: FAIL}
 def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[Check]:
     """What `discover` says about the ECR/S3 endpoints' policies, for the registries this config
     routes: read-only AWS calls, with the credentials of the environment or --profile."""
-    from sniproxy.tools import aws, discover, policy
+    from sniproxy.tools import aws, discover, endpoints, policy
     from sniproxy.tools.policy_findings import PolicyFiles
 
     try:
@@ -358,16 +358,16 @@ def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[C
         return [Check(FAIL, "policy", POLICY_GROUP, config.source, exc.message)]
     try:
         where = discover.locate(args, connect, region)
-        rtb, endpoints, tables = discover.survey(where)
+        rtb, found, tables = discover.survey(where)
     except (discover.UsageError, aws.AwsError) as exc:
         return [Check(FAIL, "policy", POLICY_GROUP, region, str(exc))]
-    site = discover.Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
-                         route_table_id=rtb, accounts=accounts, listen=())
+    site = endpoints.Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
+                          route_table_id=rtb, accounts=accounts, listen=())
     files = PolicyFiles(config=config.source)
-    policies = discover.policy_findings(site, endpoints, tables, files)
-    plan = discover.assess(site, endpoints, tables, files)
+    policies = endpoints.policy_findings(site, found, tables, files)
+    plan = endpoints.assess(site, found, tables, files)
     findings = []
-    for service in discover.SERVICES:
+    for service in endpoints.SERVICES:
         # The policy of the endpoint in use; without one, why there is none (missing, pending...).
         findings += [policies[service]] if service in policies else \
             [f for f in plan.findings if f.subject == service and f.level == BLOCK]

@@ -19,7 +19,7 @@ from sniproxy.tools.findings import OK, WARN, Finding
 from sniproxy.tools.policy import DEFAULT_OUT, FILES, LAYER_ACTION, layer_arn
 
 if TYPE_CHECKING:
-    from sniproxy.tools.discover import Endpoint, Site
+    from sniproxy.tools.endpoints import Endpoint, Site
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 
 from sniproxy import config as config_mod
-from sniproxy.tools import aws, discover, policy
+from sniproxy.tools import aws, discover, endpoints, policy
 from tests.tools.test_aws import (
     ACCOUNT,
     DEFAULT_GATEWAY_POLICY,
@@ -63,18 +63,18 @@ def gateway(route_tables, **kw):
     return gateway_endpoint(GATEWAY, route_tables, **{"policy": S3_POLICY, **kw})
 
 
-def site(**kw) -> discover.Site:
+def site(**kw) -> endpoints.Site:
     values = dict(region=REGION, vpc_id=VPC, vpc_cidr="10.20.0.0/16", subnet_id=SUBNET,
                   route_table_id=RTB_SUBNET, accounts=(ACCOUNT,), listen=("10.20.1.10",))
     values.update(kw)
-    return discover.Site(**values)
+    return endpoints.Site(**values)
 
 
-def plan_for(raw: list[dict], **kw) -> discover.Plan:
-    return discover.assess(site(**kw), discover.endpoints_from_api(raw, REGION))
+def plan_for(raw: list[dict], **kw) -> endpoints.Plan:
+    return endpoints.assess(site(**kw), endpoints.endpoints_from_api(raw, REGION))
 
 
-def levels(plan: discover.Plan) -> dict[str, list[str]]:
+def levels(plan: endpoints.Plan) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for finding in plan.findings:
         out.setdefault(finding.subject, []).append(finding.level)
@@ -98,9 +98,9 @@ def test_healthy_vpc_needs_no_overrides():
 def test_endpoints_from_api_keeps_only_ecr_and_s3_of_the_region():
     raw = [api(), other_endpoint("vpce-0logs", "logs"), other_endpoint("vpce-0ecs", "ecs"),
            dict(dkr(), ServiceName="com.amazonaws.eu-west-1.ecr.dkr")]
-    assert [e.id for e in discover.endpoints_from_api(raw, REGION)] == ["vpce-0aaa1111bbbb22223"]
+    assert [e.id for e in endpoints.endpoints_from_api(raw, REGION)] == ["vpce-0aaa1111bbbb22223"]
     china = dict(dkr(), ServiceName="cn.com.amazonaws.cn-north-1.ecr.dkr")
-    assert [e.service for e in discover.endpoints_from_api([china], "cn-north-1")] == ["ecr.dkr"]
+    assert [e.service for e in endpoints.endpoints_from_api([china], "cn-north-1")] == ["ecr.dkr"]
 
 
 def test_private_dns_off_sets_the_regional_vpce_name_not_a_zonal_one():

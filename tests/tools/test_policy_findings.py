@@ -1,4 +1,4 @@
-"""sniproxy.tools.policy_findings, through discover.assess: what the findings say about each
+"""sniproxy.tools.policy_findings, through endpoints.assess: what the findings say about each
 endpoint's policy, and the fix commands, for real-shaped endpoints and route tables."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from sniproxy.tools import discover, policy
+from sniproxy.tools import endpoints, policy
 from sniproxy.tools.policy_findings import PolicyFiles, RouteTable
 from tests.tools.test_aws import (
     ACCOUNT,
@@ -33,10 +33,10 @@ def tables(*items: dict) -> dict[str, RouteTable]:
 
 
 def assess(raw: list[dict], tables_: dict[str, RouteTable] | None = None, files: PolicyFiles | None = None, **kw):
-    return discover.assess(site(**kw), discover.endpoints_from_api(raw, REGION), tables_, files)
+    return endpoints.assess(site(**kw), endpoints.endpoints_from_api(raw, REGION), tables_, files)
 
 
-def policy_lines(plan: discover.Plan) -> list[discover.Finding]:
+def policy_lines(plan: endpoints.Plan) -> list[endpoints.Finding]:
     return [f for f in plan.findings if "policy of" in f.message]
 
 
@@ -167,11 +167,11 @@ def test_proxy_on_the_main_route_table_associates_its_subnet_with_the_new_one():
 
 def test_the_gateway_on_the_proxy_table_is_the_one_judged():
     """A VPC may have several S3 gateway endpoints on different route tables."""
-    shared = discover.endpoints_from_api([gateway([RTB_MAIN], policy=DEFAULT_GATEWAY_POLICY)], REGION)[0]
-    own = discover.endpoints_from_api([gateway([RTB_SUBNET])], REGION)[0]
+    shared = endpoints.endpoints_from_api([gateway([RTB_MAIN], policy=DEFAULT_GATEWAY_POLICY)], REGION)[0]
+    own = endpoints.endpoints_from_api([gateway([RTB_SUBNET])], REGION)[0]
     own = dataclasses.replace(own, id="vpce-0zzzzzzzzzzzzzzzz")
-    plan = discover.assess(site(), [discover.endpoints_from_api([api()], REGION)[0],
-                                    discover.endpoints_from_api([dkr()], REGION)[0], shared, own])
+    plan = endpoints.assess(site(), [endpoints.endpoints_from_api([api()], REGION)[0],
+                                    endpoints.endpoints_from_api([dkr()], REGION)[0], shared, own])
     assert [f.level for f in plan.findings if f.subject == "s3"] == ["ok", "ok"]
     assert "vpce-0zzzzzzzzzzzzzzzz" in plan.findings[-1].message
 
