@@ -28,10 +28,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 
 
+_handed_out: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free on ``host`` now, and never one this process handed out before: two calls
+    in a row may otherwise get the same one back from the kernel."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -216,7 +225,12 @@ class Proxy:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(), cwd=str(REPO),
         )
         self.log = LineLog(self.proc.stderr)
-        self.log.wait_for(r"sniproxy(\.supervisor)?: ready|stopped|error", timeout=20)
+        line = self.log.wait_for(r"sniproxy(\.supervisor)?: ready|stopped|error", timeout=20)
+        if "ready" not in line:  # a startup failure: wait for the exit, and say what it was
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is not None:
             raise AssertionError("proxy exited: " + "\n".join(self.log.lines))
 
