@@ -453,7 +453,8 @@ def test_aws_reports_the_policy_findings_next_to_the_other_checks(fake_credentia
 
 
 def test_aws_missing_endpoint_and_restricted_policies(fake_credentials, tmp_path, capsys, monkeypatch):
-    from tests.tools.test_discover import api, gateway, stub_connect
+    from tests.tools.test_discover import stub_connect
+    from tests.tools.test_endpoints import api, gateway
 
     monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [])
     calls = [("describe_subnets", "add_response", {"Subnets": [subnet_item()]}, {"SubnetIds": [SUBNET]}),

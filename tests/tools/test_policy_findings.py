@@ -20,7 +20,7 @@ from tests.tools.test_aws import (
     interface_endpoint,
     route_table,
 )
-from tests.tools.test_discover import ECR_POLICY, GATEWAY, S3_POLICY, api, dkr, gateway, s3_interface, site
+from tests.tools.test_endpoints import ECR_POLICY, GATEWAY, S3_POLICY, api, dkr, gateway, s3_interface, site
 
 RTB_B, RTB_C = "rtb-0bbbbbbbbbbbbbbbb", "rtb-0cccccccccccccccc"
 S3_FIX = (f"aws ec2 modify-vpc-endpoint --region {REGION} --vpc-endpoint-id {GATEWAY} "
