@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dns.message
@@ -208,6 +209,33 @@ class LineLog:
 
         with self._cond:
             return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+
+@contextmanager
+def socket_activated(config: Path, listen: list[str], *env: str) -> Iterator[tuple[subprocess.Popen, LineLog]]:
+    """``sniproxy run --config config`` under systemd-socket-activate, which binds each
+    ``"address:port"`` in ``listen``, then waits for the first connection before it execs the
+    proxy with those sockets. Yields once all are bound; stopped by PID at the end (SIGTERM,
+    then SIGKILL), and its log printed for the record."""
+    cmd = ["systemd-socket-activate", *(f"--listen={a}" for a in listen)]
+    for assignment in (*env, f"PYTHONPATH={REPO}"):
+        cmd += ["-E", assignment]
+    cmd += [sys.executable, "-m", "sniproxy", "run", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
+    log = LineLog(proc.stderr)
+    try:
+        for address in listen:
+            log.wait_for("Listening on " + re.escape(address))
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        print("proxy log:\n" + "\n".join(log.lines))
 
 
 class Proxy:

@@ -27,6 +27,7 @@ from tests.helpers import (
     free_port,
     recv_all,
     recv_exactly,
+    socket_activated,
     stall_after_hello,
 )
 from tests.integration.conftest import NAME, TEST_WORKERS, make_hello, proxy_config
@@ -155,12 +156,7 @@ def test_a_dual_stack_socket_from_systemd_sees_ipv4_clients_as_ipv4(tmp_path, dn
                         server='allow = ["127.0.0.0/8"]')
     path = tmp_path / "sniproxy.toml"
     path.write_text(text)
-    cmd = ["systemd-socket-activate", "-l", f"[::]:{port}", "-E", f"PYTHONPATH={REPO}",
-           sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
-    log = LineLog(proc.stderr)
-    try:
-        log.wait_for(rf"Listening on \[::\]:{port}")
+    with socket_activated(path, [f"[::]:{port}"]) as (proc, log):
         hello = make_hello(NAME)
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(hello)
@@ -168,10 +164,6 @@ def test_a_dual_stack_socket_from_systemd_sees_ipv4_clients_as_ipv4(tmp_path, dn
         assert recv_all(s) == hello
         line = log.wait_for(r'"close":')
         assert '"client":"127.0.0.1:' in line and '"close":"done"' in line
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        print("proxy log:\n" + "\n".join(log.lines))
 
 
 # -- 3. scrapes behind a wedged worker ---------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly
+from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly, socket_activated
 from tests.integration.conftest import NAME, make_hello, proxy_config
 from tests.integration.test_lifecycle import open_forwarding
 from tests.integration.test_proxy import route
@@ -74,17 +74,8 @@ def test_socket_activation_with_notify_reload_watchdog_and_stop(tmp_path, dns_se
     path = tmp_path / "sniproxy.toml"
     path.write_text(text)
     notify = NotifySocket(str(tmp_path / "notify"))
-    cmd = ["systemd-socket-activate"]
-    for a in addresses:
-        cmd += ["-l", f"{a}:{port}"]
-    cmd += ["-E", f"NOTIFY_SOCKET={notify.path}", "-E", "WATCHDOG_USEC=200000", "-E", f"PYTHONPATH={REPO}",
-            sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
-    log = LineLog(proc.stderr)
-    try:
-        # systemd-socket-activate binds, then waits for the first connection before exec.
-        for a in addresses:
-            log.wait_for(rf"Listening on {a}:{port}")
+    environ = (f"NOTIFY_SOCKET={notify.path}", "WATCHDOG_USEC=200000")
+    with socket_activated(path, [f"{a}:{port}" for a in addresses], *environ) as (proc, log):
         for a in addresses:
             s = open_forwarding_at(a, port)
             s.close()
@@ -101,11 +92,6 @@ def test_socket_activation_with_notify_reload_watchdog_and_stop(tmp_path, dns_se
         os.kill(proc.pid, signal.SIGTERM)
         notify.wait_for("STOPPING=1")
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        print("proxy log:\n" + "\n".join(log.lines))
 
 
 def open_forwarding_at(address: str, port: int) -> socket.socket:
@@ -131,12 +117,7 @@ def test_socket_activation_refuses_missing_and_extra_sockets(tmp_path, dns_serve
     text = proxy_config(port, dns_server, route(port=upstream.port), listen_address="127.0.6.4")
     path = tmp_path / "sniproxy.toml"
     path.write_text(text)
-    cmd = ["systemd-socket-activate", "-l", f"127.0.6.5:{port}", "-E", f"PYTHONPATH={REPO}",
-           sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
-    log = LineLog(proc.stderr)
-    try:
-        log.wait_for(rf"Listening on 127\.0\.6\.5:{port}")
+    with socket_activated(path, [f"127.0.6.5:{port}"]) as (proc, log):
         socket.create_connection(("127.0.6.5", port), timeout=10).close()  # systemd-socket-activate execs now
         assert proc.wait(20) == 2
         log.wait_for("<EOF>")
@@ -144,11 +125,6 @@ def test_socket_activation_refuses_missing_and_extra_sockets(tmp_path, dns_serve
             f"sniproxy: socket activation: the socket unit passes 127.0.6.5:{port}, which no [[listen]] names; "
             f"[[listen]] 127.0.6.4:{port} is not passed by the socket unit: make ListenStream= match [[listen]] "
             "(systemctl edit sniproxy.socket), then systemctl restart sniproxy"]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        print("proxy log:\n" + "\n".join(log.lines))
 
 
 def check(path, **environ: str) -> subprocess.CompletedProcess:
@@ -167,12 +143,7 @@ def test_check_as_exec_reload_under_socket_activation(tmp_path, dns_server, upst
     text = listens + "[resolver]" + proxy_config(port, dns_server, route(port=upstream.port)).split("[resolver]", 1)[1]
     path = tmp_path / "sniproxy.toml"
     path.write_text(text)
-    cmd = ["systemd-socket-activate", *(f"--listen={a}:{port}" for a in addresses), "-E", f"PYTHONPATH={REPO}",
-           sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
-    log = LineLog(proc.stderr)
-    try:
-        log.wait_for(rf"Listening on 127\.0\.6\.8:{port}")
+    with socket_activated(path, [f"{a}:{port}" for a in addresses]) as (proc, log):
         open_forwarding_at("127.0.6.7", port).close()
         log.wait_for("socket activation: 2 listeners from systemd")
         log.wait_for(r"sniproxy(\.supervisor)?: ready")
@@ -196,11 +167,6 @@ def test_check_as_exec_reload_under_socket_activation(tmp_path, dns_server, upst
                 f"sniproxy: the socket unit passes 127.0.6.7:{port} to the running sniproxy (pid {proc.pid}), and no "
                 f"[[listen]] names it any more: remove ListenStream=127.0.6.7:{port} (systemctl edit "
                 "sniproxy.socket), then systemctl restart sniproxy\n")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
-        print("proxy log:\n" + "\n".join(log.lines))
 
 
 def test_check_as_exec_reload_of_a_service_that_binds(tmp_path, dns_server, upstream, start_proxy):
@@ -408,12 +374,7 @@ def test_under_socket_activation_a_reload_cannot_change_the_listeners(tmp_path, 
     text = proxy_config(port, dns_server, route(port=upstream.port), listen_address="127.0.6.8")
     path = tmp_path / "sniproxy.toml"
     path.write_text(text)
-    cmd = ["systemd-socket-activate", "-l", f"127.0.6.8:{port}", "-E", f"PYTHONPATH={REPO}",
-           sys.executable, "-m", "sniproxy", "run", "--config", str(path)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
-    log = LineLog(proc.stderr)
-    try:
-        log.wait_for(rf"Listening on 127\.0\.6\.8:{port}")
+    with socket_activated(path, [f"127.0.6.8:{port}"]) as (proc, log):
         open_forwarding_at("127.0.6.8", port).close()
         log.wait_for("sniproxy: ready")
         extra = free_port("127.0.6.9")
@@ -425,7 +386,3 @@ def test_under_socket_activation_a_reload_cannot_change_the_listeners(tmp_path, 
         with pytest.raises(OSError):
             socket.create_connection(("127.0.6.9", extra), timeout=2)
         open_forwarding_at("127.0.6.8", port).close()  # the running config still serves
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        print("proxy log:\n" + "\n".join(log.lines))
