@@ -26,22 +26,39 @@ import dns.rdatatype
 import dns.rrset
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 _handed_out: set[tuple[str, int]] = set()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` now, and never one this process handed out before: two calls
-    in a row may otherwise get the same one back from the kernel."""
-    while True:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if (host, port) not in _handed_out:
-            _handed_out.add((host, port))
-            return port
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def free_port(*hosts: str) -> int:
+    """A port free now on every one of ``hosts`` (default 127.0.0.1), as on 443 in production,
+    and never one this process handed out before: two calls in a row may otherwise get the
+    same one back from the kernel."""
+    hosts = hosts or ("127.0.0.1",)
+    for _ in range(100):
+        with socket.socket(_family(hosts[0])) as probe:
+            probe.bind((hosts[0], 0))
+            port = probe.getsockname()[1]
+            if any((host, port) in _handed_out for host in hosts):
+                continue
+            others = [socket.socket(_family(host)) for host in hosts[1:]]
+            try:
+                for sock, host in zip(others, hosts[1:]):
+                    sock.bind((host, port))
+            except OSError:
+                continue
+            finally:
+                for sock in others:
+                    sock.close()
+        _handed_out.update((host, port) for host in hosts)
+        return port
+    raise AssertionError(f"no port free on all of {hosts} in 100 tries")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 
 from sniproxy.config import system_nameservers
-from tests.helpers import clean_env
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, clean_env, free_port
 
 GOOD = """
 [[listen]]
@@ -293,12 +291,6 @@ def _config(listen: str, extra: str = "", metrics_port: int | None = None) -> st
     if "[ecr]" not in extra:
         body += '[[route]]\nname = "r"\nsni = "a.example.com"\n'
     return body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,13 +4,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from sniproxy.privdrop import PrivilegeError, drop_privileges
+from tests.helpers import clean_env
 
-REPO = Path(__file__).resolve().parent.parent
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 
 # Binds a privileged port, drops to nobody, then proves what it can and cannot still do.
@@ -49,10 +48,6 @@ CHILD = textwrap.dedent(
     assert drop_privileges("nobody", "nogroup") is False
     """
 )
-
-
-def clean_env():
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LANG": "C.UTF-8"}
 
 
 @as_root

@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -21,13 +20,9 @@ from sniproxy.systemd import (
     match_listeners,
     watchdog_interval,
 )
+from tests.helpers import clean_env, free_port
 
-REPO = Path(__file__).resolve().parent.parent
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
-
-
-def clean_env(**extra):
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LANG": "C.UTF-8", **extra}
 
 
 # --- sd_notify ---------------------------------------------------------------------------
@@ -154,25 +149,6 @@ def test_listen_fds_refuses_an_fd_that_is_not_a_socket():
     assert out.stdout.strip() == "inherited fd 3 (unknown) is not a usable socket: Socket operation on non-socket", out.stderr
 
 
-def free_port(addresses) -> int:
-    """A port free on every one of ``addresses`` at this moment, as on 443 in production."""
-    for _ in range(20):
-        with socket.socket() as probe:
-            probe.bind((addresses[0], 0))
-            port = probe.getsockname()[1]
-            others = [socket.socket() for _ in addresses[1:]]
-            try:
-                for sock, address in zip(others, addresses[1:]):
-                    sock.bind((address, port))
-                return port
-            except OSError:
-                continue
-            finally:
-                for sock in others:
-                    sock.close()
-    raise RuntimeError("no common free port")
-
-
 ACTIVATED_CHILD = textwrap.dedent(
     """
     import json, os, select, sys
@@ -202,7 +178,7 @@ ACTIVATED_CHILD = textwrap.dedent(
 @pytest.mark.parametrize("fdnames", [None, "tls-a:tls-b:tls-c"])
 def test_socket_activation_passes_every_listener(fdnames):
     addresses = ["127.0.6.2", "127.0.6.3", "127.0.6.4"]
-    port = free_port(addresses)
+    port = free_port(*addresses)
     wanted = [[a, port] for a in addresses] + [["127.0.6.9", port]]
     cmd = [SOCKET_ACTIVATE]
     for address in addresses:

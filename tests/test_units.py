@@ -26,17 +26,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, clean_env
+
 UNITS = REPO / "systemd"
 INSTALLED_BINARY = "/opt/sniproxy/bin/sniproxy"
 MAX_EXPOSURE = 2.0  # systemd calls below 2.0 "OK"; the unit scores 1.4 as written
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian: systemd)")
-
-
-def clean_env(**extra):
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LANG": "C.UTF-8", **extra}
 
 
 def settings(name: str) -> dict[str, list[tuple[str, str]]]:

@@ -25,10 +25,10 @@ from sniproxy.config import Listen, MetricsConfig, ServerConfig
 from sniproxy.metrics import READY_PATH
 from sniproxy.tools import discover, endpoints
 from sniproxy.tools.hosts import hosts_lines
+from tests.helpers import REPO
 
 from .cfn import Stack, load
 
-REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "sniproxy-fleet.yaml"
 LISTEN_PORT = config_mod.default(Listen, "port")
 METRICS_PORT = config_mod.default(MetricsConfig, "port")

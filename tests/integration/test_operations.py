@@ -66,8 +66,8 @@ class NotifySocket:
 def test_socket_activation_with_notify_reload_watchdog_and_stop(tmp_path, dns_server, upstream):
     """systemd-socket-activate binds three addresses and passes them in; the proxy adopts
     them, says READY, pings the watchdog from its loop, and reports RELOADING/STOPPING."""
-    port = free_port("127.0.6.1")
     addresses = ["127.0.6.1", "127.0.6.2", "127.0.6.3"]
+    port = free_port(*addresses)
     listens = "".join(f'[[listen]]\naddress = "{a}"\nport = {port}\n' for a in addresses)
     config = proxy_config(port, dns_server, route(port=upstream.port)).split("[resolver]", 1)
     text = listens + "[resolver]" + config[1]
@@ -137,8 +137,8 @@ def test_check_as_exec_reload_under_socket_activation(tmp_path, dns_server, upst
     """The addresses the running service holds pass; a [[listen]] added or dropped does not,
     since systemd's sockets change only on restart: the error says which ListenStream= to
     add or remove. Whether systemd passes MAINPID or not (an operator's own check)."""
-    port = free_port("127.0.6.7")
     addresses = ["127.0.6.7", "127.0.6.8"]
+    port = free_port(*addresses)
     listens = "".join(f'[[listen]]\naddress = "{a}"\nport = {port}\n' for a in addresses)
     text = listens + "[resolver]" + proxy_config(port, dns_server, route(port=upstream.port)).split("[resolver]", 1)[1]
     path = tmp_path / "sniproxy.toml"

@@ -26,6 +26,7 @@ import pytest
 import trustme
 
 from sniproxy.tools import doctor
+from tests.helpers import free_port
 from tests.tools.test_aws import (
     RTB_SUBNET,
     SUBNET,
@@ -136,12 +137,6 @@ class TlsServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sock.close()
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
