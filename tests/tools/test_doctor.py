@@ -16,17 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import pytest
 import trustme
 
 from sniproxy.tools import doctor
-from tests.helpers import free_port
+from tests.helpers import DnsServer, free_port
 from tests.tools.test_aws import (
     RTB_SUBNET,
     SUBNET,
@@ -44,52 +40,6 @@ assert clean_env and fake_credentials  # fixtures, used by name below
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNS_ADDRESS = "127.0.5.53"
 GOOD, WRONG, REFUSED = "127.0.5.10", "127.0.5.11", "127.0.5.12"
-
-
-class DnsServer:
-    """A UDP DNS server answering from a table; unknown names get NXDOMAIN."""
-
-    def __init__(self, records: dict[str, list[str]], ttl: int = 60):
-        self.records = records
-        self.ttl = ttl
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((DNS_ADDRESS, 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.queries: list[tuple[str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wire, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            query = dns.message.from_wire(wire)
-            question = query.question[0]
-            name = question.name.to_text(omit_final_dot=True)
-            rdtype = dns.rdatatype.to_text(question.rdtype)
-            self.queries.append((name, rdtype))
-            response = dns.message.make_response(query)
-            response.flags |= dns.flags.RA
-            if name not in self.records:
-                response.set_rcode(dns.rcode.NXDOMAIN)
-            else:
-                family = [a for a in self.records[name] if (":" in a) == (rdtype == "AAAA")]
-                if family:
-                    response.answer.append(dns.rrset.from_text_list(
-                        question.name, self.ttl, "IN", rdtype, family))
-            self.sock.sendto(response.to_wire(), peer)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
 
 
 class TlsServer:
@@ -153,7 +103,11 @@ def site(ca, tmp_path):
     authority, _ = ca
     records = {"good.test": [GOOD], "wrong.test": [WRONG], "refused.test": [REFUSED],
                "vpce-0123abcd-uz5j3lr2.dkr.ecr.eu-west-2.vpce.amazonaws.com": [GOOD]}
-    with DnsServer(records) as dns_server, \
+    dns_server = DnsServer(DNS_ADDRESS)
+    for name, addresses in records.items():
+        for address in addresses:
+            dns_server.add(name, address)
+    with closing(dns_server), \
             TlsServer(GOOD, authority.issue_cert("good.test")) as good, \
             TlsServer(WRONG, authority.issue_cert("other.test")) as wrong:
         yield {"dns": dns_server, "good": good, "wrong": wrong, "tmp": tmp_path,
