@@ -117,6 +117,27 @@ def tmpdir_cli(tmp_path_factory) -> Path:
     return d
 
 
+def collect(procs: dict[str, subprocess.Popen], timeout: float, late: str = "") -> dict[str, Run]:
+    """Wait for processes started together; one still running after ``timeout`` is killed,
+    and its stderr says so. None is left behind, whatever happens."""
+    results = {}
+    try:
+        for name, proc in procs.items():
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += f"\n<still running after {timeout:g} s: {late or 'it did not exit'}>"
+            results[name] = Run(proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 @pytest.fixture(scope="module")
 def subprocess_runs(tmpdir_cli) -> dict[str, Run]:
     d = tmpdir_cli
@@ -130,17 +151,7 @@ def subprocess_runs(tmpdir_cli) -> dict[str, Run]:
         )
         for name in SUBPROCESS
     }
-    results = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=60)
-            results[name] = Run(proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    return collect(procs, timeout=60)
 
 
 @pytest.fixture
@@ -406,22 +417,7 @@ def run_results(cases) -> dict[str, Run]:
     d, table = cases
     procs = {name: sniproxy("run", "--config", str(d / f"{name}.toml"),
                             prefix=unprivileged() if name == "port_443_unprivileged" else None) for name in STARTUP}
-    results = {}
-    try:
-        for name, proc in procs.items():
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                err += "\n<still running after 30 s: the bad config was not refused>"
-            results[name] = Run(proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    return collect(procs, timeout=30, late="the bad config was not refused")
 
 
 @pytest.mark.parametrize("name", STARTUP)
