@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import config as config_mod
-from . import preflight, regions
+from . import regions
+from .engine.listener import listen_name
 from .errors import BindError, ConfigError, SniproxyError
 from .hostnames import format_address
-from .listener import listen_name
+from .process import preflight
 from .tools.hosts import hosts_lines
 
 
@@ -125,7 +126,7 @@ def _inherited_sockets(config: config_mod.Config) -> dict:
     keeps it open and the kernel keeps queueing connections nobody accepts), and a [[listen]]
     entry with no socket loses what the socket unit gives (FreeBind=, connections queued
     across restarts). Either is a deployment mistake, refused in one line that says the fix."""
-    from .systemd import activation_mismatch, listen_fds, match_listeners, unit_name
+    from .process.systemd import activation_mismatch, listen_fds, match_listeners, unit_name
 
     fds = listen_fds()
     if not fds:
@@ -156,14 +157,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from .accesslog import AccessLog
-    from .lifecycle import Flag, Lifecycle
-    from .listener import bind
-    from .privdrop import drop_privileges
+    from .engine.listener import bind
+    from .observe.accesslog import AccessLog
+    from .process.lifecycle import Flag, Lifecycle
+    from .process.privdrop import drop_privileges
 
     worker = args.worker_channel is not None
     if worker:
-        from .supervisor import read_initial_config
+        from .process.supervisor import read_initial_config
 
         channel = socket.socket(fileno=args.worker_channel)
         text = read_initial_config(channel)
@@ -206,8 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning("running as root: set [server] user to drop privileges after binding")
 
     async def supervise() -> None:
-        from .supervisor import Supervisor
-        from .systemd import Notifier
+        from .process.supervisor import Supervisor
+        from .process.systemd import Notifier
 
         # Like nginx's master, the supervisor keeps its privileges (to start workers and
         # reopen logs); it never touches a connection. Each worker drops them once started.
@@ -218,8 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         await lifecycle.run()  # no privilege drop: the supervisor keeps root
 
     async def serve() -> None:
-        from .server import Server
-        from .systemd import Notifier
+        from .process.server import Server
+        from .process.systemd import Notifier
 
         loop = asyncio.get_running_loop()
         if access is not None:
@@ -228,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server.sockets = sockets
         server.fixed_listeners = socket_activated
         if worker:
-            from .supervisor import WorkerChannel
+            from .process.supervisor import WorkerChannel
 
             notifier = WorkerChannel(channel, server.snapshot, lambda: lifecycle.signal(Flag.STOP))
             lifecycle = Lifecycle(server, notifier, serves_metrics=False, takes_reloads=False, delays_drain=False)
@@ -247,7 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _worker_sockets(config: config_mod.Config, fds: str) -> dict:
     """A worker's listeners: the supervisor's sockets, matched to [[listen]] by address."""
-    from .systemd import match_listeners
+    from .process.systemd import match_listeners
 
     socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
     match = match_listeners(socks, [entry.key for entry in config.listen])
@@ -257,7 +258,7 @@ def _worker_sockets(config: config_mod.Config, fds: str) -> dict:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .splice import splice_enabled
+    from .engine.splice import splice_enabled
 
     config = _load(args)
     splice_enabled(config.server.splice)  # "on" where splice(2) does not work is an error
@@ -351,7 +352,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .lifecycle import version
+        from .process.lifecycle import version
 
         print(f"sniproxy {version()}")
         parser.exit()

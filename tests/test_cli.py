@@ -482,7 +482,7 @@ def test_stderr_lines_carry_a_timestamp_except_on_journald(tmp_path, monkeypatch
 
 def test_version(capsys):
     from sniproxy.cli import main
-    from sniproxy.lifecycle import version
+    from sniproxy.process.lifecycle import version
 
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

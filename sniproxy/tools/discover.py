@@ -21,10 +21,10 @@ from sniproxy import config as config_mod
 from sniproxy.config import Config
 from sniproxy.errors import ConfigError
 from sniproxy.tools import policy
-from sniproxy.tools.endpoints import Endpoint, Plan, Site, assess, endpoints_from_api, s3_gateway
+from sniproxy.tools.endpoints import assess, endpoints_from_api, s3_gateway
 from sniproxy.tools.findings import findings_table
 from sniproxy.tools.hosts import hosts_lines
-from sniproxy.tools.policy_findings import PolicyFiles, RouteTable
+from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
 
 AMAZON_DNS = "169.254.169.253"
 LISTEN_PORT = config_mod.default(config_mod.Listen, "port")
@@ -230,21 +230,21 @@ def locate(args: argparse.Namespace, connect, region: str | None = None) -> Loca
     return Location(client, region, vpc_id, subnet_id, local)
 
 
-def survey(where: Location) -> tuple[str, list[Endpoint], dict[str, RouteTable]]:
+def survey(where: Location) -> tuple[str, list[Endpoint], dict[str, VpcRouteTable]]:
     """The proxy subnet's route table id, the VPC's ECR/S3 endpoints, and the route tables the
     S3 gateway endpoint of that table is on (its policy covers all of them)."""
     route_table = where.client.route_table(where.vpc_id, where.subnet_id)
     rtb = route_table["RouteTableId"]
     endpoints = endpoints_from_api(where.client.vpc_endpoints(where.vpc_id), where.region)
-    tables = {rtb: RouteTable.from_api(route_table)}
+    tables = {rtb: VpcRouteTable.from_api(route_table)}
     gateway = s3_gateway(rtb, [e for e in endpoints if e.service == "s3"])
     others = [t for t in (gateway.route_table_ids if gateway else ()) if t != rtb]
     if rtb in (gateway.route_table_ids if gateway else ()) and others:
-        tables.update((t["RouteTableId"], RouteTable.from_api(t)) for t in where.client.route_tables(others))
+        tables.update((t["RouteTableId"], VpcRouteTable.from_api(t)) for t in where.client.route_tables(others))
     return rtb, endpoints, tables
 
 
-def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, RouteTable]]:
+def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, VpcRouteTable]]:
     for account in args.account:
         if not _ACCOUNT.match(account):
             raise UsageError(f"--account {account!r}: an account ID has 12 digits")

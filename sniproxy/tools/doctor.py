@@ -350,7 +350,7 @@ def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[C
     """What `discover` says about the ECR/S3 endpoints' policies, for the registries this config
     routes: read-only AWS calls, with the credentials of the environment or --profile."""
     from sniproxy.tools import aws, discover, endpoints, policy
-    from sniproxy.tools.policy_findings import PolicyFiles
+    from sniproxy.tools.model import PolicyFiles, Site
 
     try:
         region, accounts = policy.pick_region(config, args.region)
@@ -361,10 +361,10 @@ def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[C
         rtb, found, tables = discover.survey(where)
     except (discover.UsageError, aws.AwsError) as exc:
         return [Check(FAIL, "policy", POLICY_GROUP, region, str(exc))]
-    site = endpoints.Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
+    site = Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
                           route_table_id=rtb, accounts=accounts, listen=())
     files = PolicyFiles(config=config.source)
-    policies = endpoints.policy_findings(site, found, tables, files)
+    policies = endpoints.judge_policies(site, found, tables, files)
     plan = endpoints.assess(site, found, tables, files)
     findings = []
     for service in endpoints.SERVICES:

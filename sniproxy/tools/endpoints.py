@@ -6,77 +6,15 @@ from AWS); findings, each with its fix, and the upstream overrides for the confi
 
 from __future__ import annotations
 
-import dataclasses
-import re
-
 from sniproxy.tools import policy
 from sniproxy.tools.findings import BLOCK, OK, WARN, Finding
-from sniproxy.tools.policy_findings import PolicyFiles, RouteTable, ecr_finding, s3_finding
+from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
+from sniproxy.tools.policy_findings import ecr_finding, s3_finding
 
 SERVICES = ("ecr.api", "ecr.dkr", "s3")
 UPSTREAM_KEY = {"ecr.api": "api", "ecr.dkr": "dkr", "s3": "s3"}
 SERVICE_PREFIXES = ("com.amazonaws.", "cn.com.amazonaws.")
 
-# Regional vpce names: "vpce-<hex>-<id>.<service>..."; zonal names add "-<az>" after the id.
-_REGIONAL = re.compile(r"^(\*\.)?vpce-[0-9a-f]+-[0-9a-z]+\.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """One VPC endpoint for ECR or S3, reduced to what the assessment needs."""
-
-    id: str
-    service: str
-    """"ecr.api", "ecr.dkr" or "s3"."""
-    type: str
-    """"Interface" or "Gateway"."""
-    state: str
-    """Lower-case, as the API spells it: "available", "pending", "pendingacceptance", ..."""
-    private_dns: bool
-    inbound_only: bool
-    """Private DNS answers only queries from Route 53 inbound resolver endpoints (S3)."""
-    dns_names: tuple[str, ...]
-    route_table_ids: tuple[str, ...]
-    policy: str | None = None
-    """The endpoint policy document, as the JSON text EC2 returns."""
-
-    @property
-    def available(self) -> bool:
-        return self.state == "available"
-
-    @property
-    def regional_name(self) -> str | None:
-        """The regional vpce DNS name (not a zonal one, not the private name)."""
-        for name in self.dns_names:
-            if _REGIONAL.match(name):
-                return name
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """Where the proxy runs."""
-
-    region: str
-    vpc_id: str
-    vpc_cidr: str | None
-    """Primary IPv4 CIDR of the VPC when known (from IMDS)."""
-    subnet_id: str | None
-    route_table_id: str
-    """The route table governing the proxy's subnet (or the main table)."""
-    accounts: tuple[str, ...]
-    listen: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    upstreams: dict[str, str]
-    """[ecr.upstreams] overrides: "api"/"dkr"/"s3" -> vpce DNS name."""
-    findings: tuple[Finding, ...]
-
-    @property
-    def blocking(self) -> bool:
-        return any(f.level == BLOCK for f in self.findings)
 
 
 def service_of(service_name: str, region: str) -> str | None:
@@ -208,7 +146,7 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
     return findings
 
 
-def policy_findings(site: Site, endpoints: list[Endpoint], tables: dict[str, RouteTable] | None = None,
+def judge_policies(site: Site, endpoints: list[Endpoint], tables: dict[str, VpcRouteTable] | None = None,
                     files: PolicyFiles | None = None) -> dict[str, Finding]:
     """Service -> the finding about the policy of the endpoint it goes through, if any."""
     files = files or PolicyFiles()
@@ -223,11 +161,11 @@ def policy_findings(site: Site, endpoints: list[Endpoint], tables: dict[str, Rou
     return out
 
 
-def assess(site: Site, endpoints: list[Endpoint], tables: dict[str, RouteTable] | None = None,
+def assess(site: Site, endpoints: list[Endpoint], tables: dict[str, VpcRouteTable] | None = None,
            files: PolicyFiles | None = None) -> Plan:
     """Findings for the site, its endpoints and their policies, and the upstream overrides the
     config needs. `tables` holds the route tables the S3 gateway endpoint is on."""
-    policies = policy_findings(site, endpoints, tables, files)
+    policies = judge_policies(site, endpoints, tables, files)
     upstreams: dict[str, str] = {}
     findings = []
     if site.subnet_id is None:

@@ -9,67 +9,12 @@ Pure: facts in, findings out.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shlex
-from typing import TYPE_CHECKING
 
 from sniproxy.tools import exposure
 from sniproxy.tools.findings import OK, WARN, Finding
-from sniproxy.tools.policy import DEFAULT_OUT, FILES, LAYER_ACTION, layer_arn
-
-if TYPE_CHECKING:
-    from sniproxy.tools.endpoints import Endpoint, Site
-
-
-@dataclasses.dataclass(frozen=True)
-class RouteTable:
-    """A route table, reduced to who uses it and what it routes."""
-
-    id: str
-    main: bool
-    """The VPC's main table: every subnet without a table of its own uses it."""
-    associations: tuple[tuple[str, str], ...] = ()
-    """(subnet id, association id) of the subnets explicitly associated with it."""
-    routes: tuple[dict, ...] = ()
-    vgws: tuple[str, ...] = ()
-    """Virtual private gateways propagating routes into it."""
-
-    @property
-    def subnets(self) -> tuple[str, ...]:
-        return tuple(subnet for subnet, _ in self.associations)
-
-    @classmethod
-    def from_api(cls, item: dict) -> RouteTable:
-        associations = [a for a in item.get("Associations", [])
-                        if a.get("AssociationState", {}).get("State", "associated") == "associated"]
-        return cls(
-            id=item["RouteTableId"],
-            main=any(a.get("Main") for a in associations),
-            associations=tuple((a["SubnetId"], a.get("RouteTableAssociationId", ""))
-                               for a in associations if a.get("SubnetId")),
-            routes=tuple(item.get("Routes", [])),
-            vgws=tuple(v["GatewayId"] for v in item.get("PropagatingVgws", []) if "GatewayId" in v),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyFiles:
-    """Where the generated policies are (or would be written), for the fix commands."""
-
-    directory: str = DEFAULT_OUT
-    written: bool = False
-    config: str = "FILE"
-    """The config `sniproxy policy` would read them from, when they are not written yet."""
-
-    def path(self, kind: str) -> str:
-        return os.path.join(self.directory, FILES[kind])
-
-    def first(self) -> list[str]:
-        if self.written:
-            return []
-        return [f"first write the policies: sniproxy policy --config {self.config} --out {self.directory}"]
-
+from sniproxy.tools.model import Endpoint, PolicyFiles, Site, VpcRouteTable
+from sniproxy.tools.policy import LAYER_ACTION, layer_arn
 
 # Route fields -> `aws ec2 create-route` flags, to copy a route table's routes to a new one.
 ROUTE_DESTINATIONS = {"DestinationCidrBlock": "--destination-cidr-block",
@@ -135,7 +80,7 @@ def ecr_finding(site: Site, endpoint: Endpoint, files: PolicyFiles) -> Finding:
                    "\n".join([_modify(site, endpoint, files.path("ecr")), *files.first()]))
 
 
-def sharing(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable]) -> list[str]:
+def sharing(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable]) -> list[str]:
     """Who else the S3 gateway endpoint's policy applies to; empty when only the proxy's subnet."""
     ours = tables.get(site.route_table_id)
     lines = []
@@ -159,7 +104,7 @@ def sharing(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable]) -> li
     return said
 
 
-def dedicated_commands(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable], path: str) -> list[str]:
+def dedicated_commands(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable], path: str) -> list[str]:
     """Give the proxy's subnet an S3 gateway endpoint of its own, with the restricted policy."""
     region, ours = site.region, tables.get(site.route_table_id)
     create = (f"aws ec2 create-vpc-endpoint --region {region} --vpc-id {site.vpc_id} --vpc-endpoint-type Gateway "
@@ -194,7 +139,7 @@ def dedicated_commands(site: Site, endpoint: Endpoint, tables: dict[str, RouteTa
     return lines
 
 
-def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, RouteTable], files: PolicyFiles) -> Finding:
+def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable], files: PolicyFiles) -> Finding:
     verdict = exposure.judge_s3(endpoint.policy, site.region, site.accounts)
     kind = "gateway" if endpoint.type == "Gateway" else "interface endpoint"
     what = f"policy of {kind} {endpoint.id}"

@@ -22,8 +22,8 @@ from cfnlint.api import ManualArgs, lint_file
 
 from sniproxy import config as config_mod
 from sniproxy.config import Listen, MetricsConfig, ServerConfig
-from sniproxy.metrics import READY_PATH
-from sniproxy.tools import discover, endpoints
+from sniproxy.observe.metrics import READY_PATH
+from sniproxy.tools import discover, model
 from sniproxy.tools.hosts import hosts_lines
 from tests.helpers import REPO
 
@@ -195,10 +195,10 @@ def test_creating_endpoints_needs_route_tables(template):
 def test_hosts_output_is_what_sniproxy_hosts_prints_for_each_address(template, region):
     stack = Stack(template, REQUIRED, region=region, account="460811381319")
     # The config discover writes on an instance, read back from the path the units use.
-    site = endpoints.Site(region=region, vpc_id=REQUIRED["VpcId"], vpc_cidr="10.0.0.0/16",
+    site = model.Site(region=region, vpc_id=REQUIRED["VpcId"], vpc_cidr="10.0.0.0/16",
                          subnet_id=REQUIRED["SubnetA"], route_table_id="rtb-0aaaabbbbccccdddd",
                          accounts=("460811381319",), listen=(INSTANCE_IP,))
-    text = discover.render_toml(site, endpoints.Plan(upstreams={}, findings=()))
+    text = discover.render_toml(site, model.Plan(upstreams={}, findings=()))
     config = discover.parse(text, config_mod.DEFAULT_PATH)
     expected = [line for address in (REQUIRED["AddressA"], REQUIRED["AddressB"])
                 for line in hosts_lines(config, address)]
@@ -240,16 +240,16 @@ FAKE_SNIPROXY = """\
 import json, os, sys
 from sniproxy import config
 from sniproxy.cli import parser
-from sniproxy.tools import discover, endpoints
+from sniproxy.tools import discover, model
 
 with open(os.environ["REHEARSAL_LOG"], "a") as log:
     log.write(json.dumps(["sniproxy", *sys.argv[1:]]) + "\\n")
 args = parser().parse_args(sys.argv[1:])
 if args.command == "discover":
-    site = endpoints.Site(region=args.region, vpc_id="vpc-0a1b2c3d4e5f60718", vpc_cidr="10.0.0.0/16",
+    site = model.Site(region=args.region, vpc_id="vpc-0a1b2c3d4e5f60718", vpc_cidr="10.0.0.0/16",
                          subnet_id="subnet-0aaaa1111bbbb2222", route_table_id="rtb-0aaaabbbbccccdddd",
                          accounts=tuple(args.account), listen=(os.environ["INSTANCE_IP"],))
-    text = discover.render_toml(site, endpoints.Plan(upstreams={}, findings=()), discover._service(args))
+    text = discover.render_toml(site, model.Plan(upstreams={}, findings=()), discover._service(args))
     discover.parse(text)
     discover.write_file(args.write, text)
     if os.environ.get("DISCOVER_BLOCKS"):

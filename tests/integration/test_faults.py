@@ -172,7 +172,7 @@ def test_a_dual_stack_socket_from_systemd_sees_ipv4_clients_as_ipv4(tmp_path, dn
 def test_concurrent_scrapes_do_not_queue_behind_a_wedged_worker(dns_server, upstream, start_proxy):
     """Before: 5 concurrent scrapes took 2, 4, 6, 8 and 10 s. Now they share one collection,
     and a worker that did not answer is not waited for again until it does."""
-    from sniproxy.supervisor import SNAPSHOT_TIMEOUT
+    from sniproxy.process.supervisor import SNAPSHOT_TIMEOUT
 
     port = free_port()
     proxy = start_proxy(proxy_config(port, dns_server, route(port=upstream.port), server="workers = 2"))

@@ -118,7 +118,7 @@ def test_bulk_64mib_each_way_is_byte_exact(dns_server, upstream, start_proxy):
 def test_a_busy_pair_moves_to_splice_mid_stream_byte_exact(dns_server, upstream, start_proxy):
     """splice = "auto": the pump starts, and once a pair has carried 1 MiB the sweep hands
     it to splice(2) at a moment with nothing buffered: no byte lost, duplicated or reordered."""
-    from sniproxy.splice import probe
+    from sniproxy.engine.splice import probe
 
     if probe() is not None:
         pytest.skip(f"splice(2) unavailable: {probe()}")
@@ -431,7 +431,7 @@ def test_no_descriptor_leaks_after_churn_with_resets(dns_server, upstream, start
     _wait_until(lambda: proxy.fds() <= before, timeout=5, what=lambda: f"{proxy.fds()} sockets, {before} before")
     assert proxy.fds() <= before
     # splice(2) keeps a bounded pool of empty pipes per process; anything past it is a leak
-    from sniproxy.splice import POOL_LIMIT
+    from sniproxy.engine.splice import POOL_LIMIT
 
     assert proxy.fds("pipe") <= 2 * POOL_LIMIT * len(proxy.pids()) + 2 * len(proxy.pids())
     assert proxy.proc.poll() is None

@@ -161,7 +161,7 @@ SUBNET_FILTER = [{"Name": "association.subnet-id", "Values": [SUBNET]}]
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def no_aws_env(monkeypatch):
     """No AWS_* from the machine, fake credentials, no config files: nothing can reach AWS."""
     import os
     for name in list(os.environ):
@@ -250,7 +250,7 @@ def imds_server(data: dict[str, str], address: str = "127.0.5.1"):
         thread.join(timeout=5)
 
 
-def test_imds_endpoint_honours_botocore_variable(clean_env, monkeypatch):
+def test_imds_endpoint_honours_botocore_variable(no_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.5.1:8080/")
     assert aws.imds_endpoint() == "http://127.0.5.1:8080"
     monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT")
@@ -259,7 +259,7 @@ def test_imds_endpoint_honours_botocore_variable(clean_env, monkeypatch):
     assert aws.imds_endpoint() == "http://[fd00:ec2::254]"
 
 
-def test_imds_v2_token_then_gets(clean_env):
+def test_imds_v2_token_then_gets(no_aws_env):
     with imds_server(instance_data()) as (server, url):
         metadata = aws.Imds(url).fetch()
     assert server.log[0] == ("PUT", "/latest/api/token")
@@ -272,7 +272,7 @@ def test_imds_v2_token_then_gets(clean_env):
     assert metadata.primary.local_ipv4s == ("10.20.1.10", "10.20.1.11")
 
 
-def test_imds_without_token_is_unavailable(clean_env, monkeypatch):
+def test_imds_without_token_is_unavailable(no_aws_env, monkeypatch):
     # A server that rejects the token (as IMDS does with a wrong hop count) -> fallback.
     monkeypatch.setattr(ImdsHandler, "do_PUT", lambda self: self._send(403))
     with imds_server(instance_data()) as (server, url):
@@ -280,14 +280,14 @@ def test_imds_without_token_is_unavailable(clean_env, monkeypatch):
     assert server.log == [] or all(m == "PUT" for m, _ in server.log)
 
 
-def test_imds_refused_is_unavailable(clean_env):
+def test_imds_refused_is_unavailable(no_aws_env):
     with socket.socket() as sock:  # a port that was free a moment ago: refused
         sock.bind(("127.0.5.1", 0))
         port = sock.getsockname()[1]
     assert aws.Imds(f"http://127.0.5.1:{port}").fetch() is None
 
 
-def test_imds_silent_server_times_out_in_one_second(clean_env):
+def test_imds_silent_server_times_out_in_one_second(no_aws_env):
     with socket.socket() as sock:  # listens, never answers
         sock.bind(("127.0.5.1", 0))
         sock.listen(8)
@@ -297,7 +297,7 @@ def test_imds_silent_server_times_out_in_one_second(clean_env):
     assert 0.9 <= elapsed < 3
 
 
-def test_imds_disabled_by_botocore_variable(clean_env, monkeypatch):
+def test_imds_disabled_by_botocore_variable(no_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with imds_server(instance_data()) as (server, url):
         assert aws.Imds(url).fetch() is None
@@ -306,7 +306,7 @@ def test_imds_disabled_by_botocore_variable(clean_env, monkeypatch):
 
 # --- API calls through Stubber ---------------------------------------------------------------
 
-def test_vpc_endpoints_follows_next_token(clean_env):
+def test_vpc_endpoints_follows_next_token(no_aws_env):
     first = [interface_endpoint("ecr.api", "vpce-0aaa1111bbbb22223", "k2x9q7ma")]
     second = [interface_endpoint("ecr.dkr", "vpce-0123abcd", "uz5j3lr2"),
               gateway_endpoint("vpce-0s3gw000000000000", [RTB_SUBNET])]
@@ -321,7 +321,7 @@ def test_vpc_endpoints_follows_next_token(clean_env):
         "vpce-0aaa1111bbbb22223", "vpce-0123abcd", "vpce-0s3gw000000000000"]
 
 
-def test_route_table_of_subnet(clean_env):
+def test_route_table_of_subnet(no_aws_env):
     with stubbed() as (client, ec2, _):
         ec2.add_response("describe_route_tables",
                          {"RouteTables": [route_table(RTB_SUBNET, subnet=SUBNET)]},
@@ -329,7 +329,7 @@ def test_route_table_of_subnet(clean_env):
         assert client.route_table(VPC, SUBNET)["RouteTableId"] == RTB_SUBNET
 
 
-def test_route_tables_by_id(clean_env):
+def test_route_tables_by_id(no_aws_env):
     ids = ["rtb-0bbbbbbbbbbbbbbbb", "rtb-0cccccccccccccccc"]
     with stubbed() as (client, ec2, _):
         ec2.add_response("describe_route_tables",
@@ -339,7 +339,7 @@ def test_route_tables_by_id(clean_env):
         assert [t["RouteTableId"] for t in client.route_tables(ids)] == ids
 
 
-def test_route_table_falls_back_to_main(clean_env):
+def test_route_table_falls_back_to_main(no_aws_env):
     with stubbed() as (client, ec2, _):
         ec2.add_response("describe_route_tables", {"RouteTables": []},
                          {"Filters": SUBNET_FILTER})
@@ -349,14 +349,14 @@ def test_route_table_falls_back_to_main(clean_env):
         assert client.route_table(VPC, SUBNET)["RouteTableId"] == RTB_MAIN
 
 
-def test_unknown_vpc_has_no_main_table(clean_env):
+def test_unknown_vpc_has_no_main_table(no_aws_env):
     with stubbed() as (client, ec2, _):
         ec2.add_response("describe_route_tables", {"RouteTables": []}, {"Filters": MAIN_FILTER})
         with pytest.raises(aws.AwsError, match=f"VPC {VPC} not found in region {REGION}"):
             client.route_table(VPC, None)
 
 
-def test_unknown_subnet(clean_env):
+def test_unknown_subnet(no_aws_env):
     with stubbed() as (client, ec2, _):
         ec2.add_client_error("describe_subnets", "InvalidSubnetID.NotFound",
                              "The subnet ID 'subnet-0nope' does not exist", 400)
@@ -364,7 +364,7 @@ def test_unknown_subnet(clean_env):
             client.subnet("subnet-0nope")
 
 
-def test_account_from_sts(clean_env):
+def test_account_from_sts(no_aws_env):
     with stubbed() as (client, _, sts):
         sts.add_response("get_caller_identity", identity(), {})
         assert client.account() == ACCOUNT
@@ -382,7 +382,7 @@ def test_account_from_sts(clean_env):
      "UnauthorizedOperation", "You are not authorized to perform this operation.",
      "ec2:DescribeRouteTables"),
 ], ids=["sts", "vpc-endpoints", "route-tables"])
-def test_access_denied_names_the_iam_action(clean_env, call, method, service, code, message,
+def test_access_denied_names_the_iam_action(no_aws_env, call, method, service, code, message,
                                             action):
     with stubbed() as (client, ec2, sts):
         stub = ec2 if service == "ec2" else sts
@@ -396,7 +396,7 @@ def test_access_denied_names_the_iam_action(clean_env, call, method, service, co
     assert action in aws.IAM_ACTIONS
 
 
-def test_throttling_reports_that_botocore_gave_up(clean_env):
+def test_throttling_reports_that_botocore_gave_up(no_aws_env):
     with stubbed() as (client, ec2, _):
         ec2.add_client_error("describe_vpc_endpoints", "RequestLimitExceeded",
                              "Request limit exceeded.", 503,
@@ -428,7 +428,7 @@ class ThrottlingEc2(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def test_botocore_really_retries_throttling(clean_env, monkeypatch):
+def test_botocore_really_retries_throttling(no_aws_env, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.5.1", 0), ThrottlingEc2)
     server.requests = 0
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -448,26 +448,26 @@ def test_botocore_really_retries_throttling(clean_env, monkeypatch):
     assert "gave up after 2 attempts (RequestLimitExceeded)" in str(caught.value)
 
 
-def test_no_credentials(clean_env):
+def test_no_credentials(no_aws_env):
     client = aws.Aws(boto3.Session(region_name=REGION), REGION)
     with pytest.raises(aws.AwsError) as caught:
         client.account()
     assert str(caught.value).startswith("no AWS credentials found:")
 
 
-def test_region_not_found(clean_env):
+def test_region_not_found(no_aws_env):
     with pytest.raises(aws.AwsError, match="region 'eu-west-9' not found"):
         aws.check_region(fake_session(), "eu-west-9")
     aws.check_region(fake_session(), "eu-west-2")
     aws.check_region(fake_session(), "cn-north-1")
 
 
-def test_profile_not_found(clean_env):
+def test_profile_not_found(no_aws_env):
     with pytest.raises(aws.AwsError, match="AWS profile 'nope' not found"):
         aws.session("nope")
 
 
-def test_expired_and_opt_in(clean_env):
+def test_expired_and_opt_in(no_aws_env):
     with stubbed() as (client, ec2, sts):
         sts.add_client_error("get_caller_identity", "ExpiredToken",
                              "The security token included in the request is expired", 403)
@@ -479,7 +479,7 @@ def test_expired_and_opt_in(clean_env):
             client.vpc_endpoints(VPC)
 
 
-def test_missing_profile_from_environment_is_named(clean_env, monkeypatch):
+def test_missing_profile_from_environment_is_named(no_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_PROFILE", "ghost")
     with pytest.raises(aws.AwsError, match="AWS profile 'ghost' not found"):
         aws.session(None)

@@ -26,10 +26,10 @@ from tests.tools.test_aws import (
     SUBNET_FILTER,
     VPC,
     VPC_FILTER,
-    clean_env,
     identity,
     imds_server,
     instance_data,
+    no_aws_env,
     route_table,
     subnet_item,
 )
@@ -44,7 +44,7 @@ from tests.tools.test_endpoints import (
     site,
 )
 
-assert clean_env  # a fixture, used by name below
+assert no_aws_env  # a fixture, used by name below
 
 SHOW = os.environ.get("SNIPROXY_SHOW_FINDINGS") == "1"  # print the findings tables, for the docs
 
@@ -163,7 +163,7 @@ def stub_connect(ec2_calls, sts_calls=(), stubs=None):
 
 
 @pytest.fixture
-def fake_credentials(clean_env, monkeypatch):
+def fake_credentials(no_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
 
@@ -270,7 +270,7 @@ def test_main_access_denied_is_one_line(fake_credentials, capsys):
                                       "discover)")
 
 
-def test_main_without_credentials_is_one_line(clean_env, capsys):
+def test_main_without_credentials_is_one_line(no_aws_env, capsys):
     code = discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"]))
     assert code == 2
     assert one_line_error(capsys).startswith("discover: error: no AWS credentials found:")

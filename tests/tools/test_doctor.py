@@ -22,22 +22,21 @@ import pytest
 import trustme
 
 from sniproxy.tools import doctor
-from tests.helpers import DnsServer, free_port
+from tests.helpers import DnsServer, clean_env, free_port
 from tests.tools.test_aws import (
     RTB_SUBNET,
     SUBNET,
     SUBNET_FILTER,
     VPC,
     VPC_FILTER,
-    clean_env,
+    no_aws_env,
     route_table,
     subnet_item,
 )
 from tests.tools.test_discover import fake_credentials
 
-assert clean_env and fake_credentials  # fixtures, used by name below
+assert no_aws_env and fake_credentials  # fixtures, used by name below
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DNS_ADDRESS = "127.0.5.53"
 GOOD, WRONG, REFUSED = "127.0.5.10", "127.0.5.11", "127.0.5.12"
 
@@ -326,8 +325,7 @@ def test_bad_cafile_is_one_line(site, tmp_path, capsys):
 @contextlib.contextmanager
 def running_sniproxy(path: str):
     """A real `python -m sniproxy run` with a clean environment, ready when its metrics are."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
-           "HOME": os.environ.get("HOME", "/root")}
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "sniproxy", "run", "--config", path],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(20, proc.kill)  # a hung start ends in EOF, not a hung test
@@ -436,7 +434,7 @@ def test_aws_problems_are_one_failed_check(fake_credentials, tmp_path, capsys, m
     assert line.endswith(detail)
 
 
-def test_aws_without_credentials_is_one_failed_check(clean_env, tmp_path, capsys, monkeypatch):
+def test_aws_without_credentials_is_one_failed_check(no_aws_env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(doctor, "run_checks", lambda config, cafile: [])
     code = doctor.main(aws_args(ecr_config(tmp_path), argv=["--vpc-id", VPC]))
     out = capsys.readouterr().out

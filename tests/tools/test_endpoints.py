@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sniproxy.tools import endpoints, policy
+from sniproxy.tools import endpoints, model, policy
 from tests.tools.test_aws import (
     ACCOUNT,
     REGION,
@@ -41,18 +41,18 @@ def gateway(route_tables, **kw):
     return gateway_endpoint(GATEWAY, route_tables, **{"policy": S3_POLICY, **kw})
 
 
-def site(**kw) -> endpoints.Site:
+def site(**kw) -> model.Site:
     values = dict(region=REGION, vpc_id=VPC, vpc_cidr="10.20.0.0/16", subnet_id=SUBNET,
                   route_table_id=RTB_SUBNET, accounts=(ACCOUNT,), listen=("10.20.1.10",))
     values.update(kw)
-    return endpoints.Site(**values)
+    return model.Site(**values)
 
 
-def plan_for(raw: list[dict], **kw) -> endpoints.Plan:
+def plan_for(raw: list[dict], **kw) -> model.Plan:
     return endpoints.assess(site(**kw), endpoints.endpoints_from_api(raw, REGION))
 
 
-def levels(plan: endpoints.Plan) -> dict[str, list[str]]:
+def levels(plan: model.Plan) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for finding in plan.findings:
         out.setdefault(finding.subject, []).append(finding.level)

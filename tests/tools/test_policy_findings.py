@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from sniproxy.tools import endpoints, policy
-from sniproxy.tools.policy_findings import PolicyFiles, RouteTable
+from sniproxy.tools import endpoints, model, policy
+from sniproxy.tools.findings import Finding
+from sniproxy.tools.model import PolicyFiles, VpcRouteTable
 from tests.tools.test_aws import (
     ACCOUNT,
     DEFAULT_GATEWAY_POLICY,
@@ -28,15 +29,15 @@ S3_FIX = (f"aws ec2 modify-vpc-endpoint --region {REGION} --vpc-endpoint-id {GAT
 FIRST = "first write the policies: sniproxy policy --config FILE --out sniproxy-policies"
 
 
-def tables(*items: dict) -> dict[str, RouteTable]:
-    return {item["RouteTableId"]: RouteTable.from_api(item) for item in items}
+def tables(*items: dict) -> dict[str, VpcRouteTable]:
+    return {item["RouteTableId"]: VpcRouteTable.from_api(item) for item in items}
 
 
-def assess(raw: list[dict], tables_: dict[str, RouteTable] | None = None, files: PolicyFiles | None = None, **kw):
+def assess(raw: list[dict], tables_: dict[str, VpcRouteTable] | None = None, files: PolicyFiles | None = None, **kw):
     return endpoints.assess(site(**kw), endpoints.endpoints_from_api(raw, REGION), tables_, files)
 
 
-def policy_lines(plan: endpoints.Plan) -> list[endpoints.Finding]:
+def policy_lines(plan: model.Plan) -> list[Finding]:
     return [f for f in plan.findings if "policy of" in f.message]
 
 

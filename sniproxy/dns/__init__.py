@@ -1,0 +1,1 @@
+"""Upstream name resolution: dnspython against the configured servers, and a TTL cache that serves stale answers."""

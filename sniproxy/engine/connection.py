@@ -1,0 +1,564 @@
+"""One proxied connection, from accept to close, on the engine's event set.
+
+    PROXY_HEADER -> HELLO -> RESOLVING -> CONNECTING -> FORWARDING -> CLOSED
+    (any state may go to CLOSED; HELLO skips RESOLVING when the name is cached)
+
+The connection owns both descriptors. It gets a small ``Context`` (routes, resolver, limits,
+stats, access log, timeouts, splice policy, loop guard) and an ``on_closed`` callback; it
+never sees the server. Deadlines (handshake, connect, idle) are fields read by the server's
+once-a-second sweep: there are no per-connection timers or tasks, except a task for a DNS
+cache miss.
+"""
+
+from __future__ import annotations
+
+import _socket as _csocket
+import asyncio
+import enum
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ..allow import Allowlist, ClientLimits, client_key
+from ..dns.resolver import ResolveError, Resolver
+from ..errors import HelloError
+from ..hostnames import format_address
+from ..observe.accesslog import AccessLog, format_line
+from ..observe.stats import RouteStats, Stats
+from ..protocol.proxyproto import NEED_DATA as PROXY_NEED_DATA
+from ..protocol.proxyproto import ProxyProtocolError
+from ..protocol.proxyproto import parse as parse_proxy_header
+from ..protocol.tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
+from ..routes import Route, RouteTable
+from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
+from .forward import Flow, Result
+
+log = logging.getLogger("sniproxy.engine.connection")
+
+#: The clock of every connection time and deadline: high resolution (the event loop's own
+#: clock moves in 1 ms steps, too coarse for connect times on a LAN).
+clock = time.monotonic
+_readv = os.readv
+_socket = _csocket.socket
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_IPPROTO_TCP, _TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
+
+
+class State(enum.IntEnum):
+    """An IntEnum: its members hash as ints, and the transition table is looked up on every
+    transition (a plain Enum hashes through a Python method)."""
+
+    PROXY_HEADER = 1
+    HELLO = 2
+    RESOLVING = 3
+    CONNECTING = 4
+    FORWARDING = 5
+    CLOSED = 6
+
+
+#: The only transitions there are; ``_enter`` refuses any other.
+_NEXT: dict[State, frozenset[State]] = {
+    State.PROXY_HEADER: frozenset({State.HELLO, State.CLOSED}),
+    State.HELLO: frozenset({State.RESOLVING, State.CONNECTING, State.CLOSED}),
+    State.RESOLVING: frozenset({State.CONNECTING, State.CLOSED}),
+    State.CONNECTING: frozenset({State.FORWARDING, State.CLOSED}),
+    State.FORWARDING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+#: States whose deadline is the handshake timeout (a tuple: membership by identity).
+_HANDSHAKE = (State.PROXY_HEADER, State.HELLO)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a connection may touch. A reload builds a new one and the server swaps it in
+    one assignment; running connections keep the one they started with."""
+
+    events: EventSet
+    routes: RouteTable
+    resolver: Resolver
+    limits: ClientLimits
+    stats: Stats
+    access_log: AccessLog | None
+    handshake_timeout: float
+    connect_timeout: float
+    idle_timeout: float
+    splice_after: float
+    """Bytes a direction copies before it moves to splice(2) (0: at once; inf: never)."""
+    refuse_alert: bool
+    is_loop: Callable[[str, int], bool]
+    """Would connecting to (ip, port) reach one of our own listeners?"""
+    spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]
+    """Run a coroutine as a task the server keeps a reference to (DNS cache misses only)."""
+
+
+@dataclass(slots=True)
+class ListenerInfo:
+    """What a connection knows of the listener that accepted it. A reload replaces it."""
+
+    name: str
+    allow: Allowlist
+    proxy_protocol: bool
+
+
+class Connection:
+    __slots__ = (
+        "ctx", "listener", "on_closed", "state", "client_fd", "upstream_fd", "client_ip",
+        "client_port", "holds_slot", "received", "reader", "client_readable", "client_eof", "hello_bytes",
+        "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "addresses",
+        "attempt", "loops", "failures", "upstream_addr", "up", "down", "started", "connect_started",
+        "deadline", "task", "close_reason", "idle_mark", "idle_since",
+    )
+
+    def __init__(self, ctx: Context, listener: ListenerInfo, fd: int, peer: tuple,
+                 on_closed: Callable[[Connection], None]):
+        self.ctx = ctx
+        self.listener = listener
+        self.on_closed = on_closed
+        self.state = State.PROXY_HEADER if listener.proxy_protocol else State.HELLO
+        self.client_fd = fd
+        self.upstream_fd = -1
+        self.client_ip = client_key(peer[0]) if peer else ""
+        self.client_port: int | None = peer[1] if peer else None
+        self.holds_slot = False  # counted in ctx.limits, to be released on close
+        self.received = b""  # every client byte before FORWARDING, forwarded as received
+        self.reader: HelloReader | None = None  # only when the hello is not one record in one read
+        self.client_readable = True  # the client's readiness before its Flow exists
+        self.client_eof = False  # and whether its FIN has been seen (EPOLLRDHUP)
+        self.hello_bytes = 0  # the ClientHello's records, as received
+        self.hello_reads = 0
+        self.hello_records = 0
+        self.hello_seconds = 0.0
+        self.hello: ClientHello | None = None
+        self.route: Route | None = None
+        self.route_stats: RouteStats | None = None
+        self.addresses: tuple[str, ...] = ()
+        self.attempt = 0
+        self.loops = 0
+        self.failures: list[str] = []
+        self.upstream_addr: str | None = None
+        self.up: Flow | None = None  # client -> upstream
+        self.down: Flow | None = None  # upstream -> client
+        self.started = clock()
+        self.connect_started = 0.0
+        self.deadline = self.started + ctx.handshake_timeout
+        self.task: asyncio.Task | None = None
+        self.close_reason = "client_closed"
+        self.idle_mark = -1
+        self.idle_since = self.started
+
+    # Live byte counters, read by the stats snapshot while the connection runs.
+    @property
+    def to_upstream(self) -> int:
+        return self.up.nbytes if self.up is not None else 0
+
+    @property
+    def to_client(self) -> int:
+        return self.down.nbytes if self.down is not None else 0
+
+    def on_error(self, exc: Exception) -> None:
+        """A bug in this connection's handling: it alone is closed, as internal_error."""
+        if self.state is State.FORWARDING:
+            self._close("internal_error", reset_client=True, reset_upstream=True)
+        elif self.state is not State.CLOSED:
+            self.refuse("internal_error", detail=repr(exc))
+
+    def _enter(self, state: State) -> None:
+        if state not in _NEXT[self.state]:
+            raise RuntimeError(f"connection state {self.state.name.lower()} -> {state.name.lower()}")
+        self.state = state
+
+    # -- accept ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Just accepted: admit the client (unless a PROXY header will name it), watch the
+        socket, and read at once: the hello has usually arrived with the handshake's ACK."""
+        if self.state is State.HELLO and not self._admit():
+            return
+        try:
+            self.ctx.events.add(self.client_fd, self)
+        except OSError:
+            self._close("internal_error", reset_client=True)
+            return
+        self._read_client()
+
+    def _admit(self) -> bool:
+        """Allowlist and per-client limit, on the real client address."""
+        if not self.listener.allow.allows(self.client_ip):
+            self.refuse("denied", detail=f"{self.client_ip} is not in the allowlist of {self.listener.name}")
+            return False
+        if not self.ctx.limits.try_acquire(self.client_ip):
+            self.refuse("client_limit", detail=f"{self.client_ip} holds {self.ctx.limits.max_per_client} connections")
+            return False
+        self.holds_slot = True
+        return True
+
+    # -- events ----------------------------------------------------------------------------
+
+    def on_event(self, fd: int, events: int) -> None:
+        state = self.state
+        if state is State.FORWARDING:
+            self._forward_event(fd, events)
+        elif fd == self.client_fd:
+            if events & ERR:  # reset before forwarding: the client left
+                self._close("client_closed")
+                return
+            if not events & IN:
+                return  # writable: the first event of every registration; nothing to read
+            if events & RDHUP:
+                self.client_eof = True
+            if state in _HANDSHAKE:
+                self._read_client()
+            else:  # resolving or connecting: remember; the client Flow reads it later
+                self.client_readable = True
+        elif state is State.CONNECTING:
+            if events & ERR:
+                self._connect_failed(errno_name(socket_error(fd)))
+            elif events & OUT:
+                self._connected(events)
+
+    def _forward_event(self, fd: int, events: int) -> None:
+        """Input on a socket is for the Flow reading it; output, for the Flow writing to it."""
+        if fd == self.client_fd:
+            reads, writes = self.up, self.down
+            side = "client"
+        else:
+            reads, writes = self.down, self.up
+            side = "upstream"
+        if events & ERR:
+            self._reset(side, reads)
+            return
+        if events & OUT and not writes.writable:  # it was waiting for room: edge-triggered,
+            writes.writable = True                # every other event carries OUT as well
+            self._run(writes)
+        if events & IN and self.state is State.FORWARDING:
+            reads.readable = True
+            if events & RDHUP:
+                reads.eof_pending = True
+            self._run(reads)
+
+    # -- hello -----------------------------------------------------------------------------
+
+    def _read_client(self) -> None:
+        scratch = self.ctx.events.scratch
+        try:
+            n = _readv(self.client_fd, scratch.views)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close("client_closed")
+            return
+        if n == 0:
+            log.debug("%s: closed before a complete ClientHello", self._client())
+            self._close("client_closed")
+            return
+        self.hello_reads += 1
+        # A short read drained the socket: the client Flow need not try again until an edge
+        # says there is more (or the FIN, seen as EPOLLRDHUP, is still to be read).
+        self.client_readable = n == len(scratch.buffer) or self.client_eof
+        data = bytes(scratch.buffer[:n])
+        if self.state is State.PROXY_HEADER:
+            data = self._proxy_header(data)
+            if not data:
+                return
+        try:
+            if self.reader is None and not self.received:
+                hello = parse_single_record(data)
+                if hello is not None:
+                    self.received = data
+                    self.hello_bytes = first_record_size(data)
+                    self.hello_records = 1
+                    self._routed(hello)
+                    return
+                self.reader = HelloReader()
+            hello = self.reader.feed(data)
+        except HelloError as exc:
+            self.refuse(exc.reason, detail=str(exc))
+            return
+        if hello is NEED_DATA:
+            return
+        reader = self.reader
+        self.received = bytes(reader.received)
+        self.hello_bytes = reader.consumed
+        self.hello_records = reader.records
+        self.reader = None
+        self._routed(hello)
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """A PROXY v1/v2 header from a load balancer precedes the hello: returns the bytes
+        after it, or b"" when it is incomplete or refused."""
+        buf = self.received + data
+        try:
+            header = parse_proxy_header(buf)
+        except ProxyProtocolError as exc:
+            self.refuse("bad_proxy_header", detail=str(exc))
+            return b""
+        if header is PROXY_NEED_DATA:
+            self.received = buf
+            return b""
+        self.received = b""
+        if header.source is not None:
+            self.client_ip = client_key(header.source[0])
+            self.client_port = header.source[1]
+        self._enter(State.HELLO)
+        if not self._admit():
+            return b""
+        return buf[header.length_consumed:]
+
+    def _routed(self, hello: ClientHello) -> None:
+        """A complete hello: route it, then resolve (or use the cache) and connect."""
+        self.hello = hello
+        self.hello_seconds = clock() - self.started
+        if hello.sni is None:
+            self.refuse("no_sni", alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
+            return
+        route = self.ctx.routes.match(hello.sni)
+        if route is None:
+            self.refuse("no_route", alert=True, detail=f"no route for {hello.sni}")
+            return
+        self.route = route
+        self.route_stats = rs = self.ctx.stats.route(route.name)
+        rs.observe_hello(self.hello_bytes, self.hello_records, self.hello_reads, self.hello_seconds,
+                         hello.pq_group, hello.ech)
+        host = route.upstream_for(hello.sni)
+        addresses = self.ctx.resolver.cached(host)
+        if addresses is not None:
+            self._enter(State.CONNECTING)
+            self._connect_to(addresses)
+            return
+        self._enter(State.RESOLVING)
+        self.task = self.ctx.spawn(self._resolve(host))
+
+    async def _resolve(self, host: str) -> None:
+        try:
+            addresses = await self.ctx.resolver.resolve(host)
+            if self.state is State.RESOLVING:
+                self._enter(State.CONNECTING)
+                self._connect_to(addresses)
+        except ResolveError as exc:
+            if self.state is State.RESOLVING:
+                log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
+                self.refuse("resolve_failed", detail=str(exc))
+        except Exception as exc:  # a bug costs this connection, logged, never a hung one
+            log.error("internal error while resolving %s", host, exc_info=exc)
+            self.on_error(exc)
+        finally:
+            self.task = None
+
+    # -- upstream --------------------------------------------------------------------------
+
+    def _connect_to(self, addresses: tuple[str, ...]) -> None:
+        self.addresses = addresses
+        self.attempt = 0
+        self._try_next()
+
+    def _try_next(self) -> None:
+        """Connect to the next address that is not our own listener; refuse when none is left."""
+        route = self.route
+        while self.attempt < len(self.addresses):
+            ip = self.addresses[self.attempt]
+            self.attempt += 1
+            if self.ctx.is_loop(ip, route.port):
+                self.loops += 1
+                continue
+            try:
+                # The C socket type: no Python-level wrapper for a descriptor kept as a number.
+                sock = _socket(_AF_INET6 if ":" in ip else _AF_INET, _STREAM)
+            except OSError as exc:  # out of descriptors: the next address would fare no better
+                self.failures.append(f"{ip}: {exc.strerror or exc}")
+                break
+            try:
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+                code = sock.connect_ex((ip, route.port))
+            except OSError as exc:
+                sock.close()
+                self.failures.append(f"{ip}: {exc.strerror or exc}")
+                continue
+            if code not in (0, errno.EINPROGRESS):
+                sock.close()
+                self.failures.append(f"{ip}: {os.strerror(code)}")
+                continue
+            fd = self.upstream_fd = sock.detach()
+            self.upstream_addr = format_address(ip, route.port)
+            self.connect_started = clock()
+            self.deadline = self.connect_started + self.ctx.connect_timeout
+            try:
+                self.ctx.events.add(fd, self)  # a finished connect reports OUT at once
+            except OSError:
+                self._drop_upstream()
+                self.failures.append(f"{ip}: cannot watch the socket")
+                continue
+            return
+        if self.loops and self.loops == len(self.addresses):
+            log.error("route %s: %s resolves to this proxy's own listener; refusing a loop",
+                      route.name, route.upstream_for(self.hello.sni))
+            self.refuse("loop", detail="every address is one of our own listeners")
+        else:
+            log.warning("route %s: cannot connect to %s port %d: %s", route.name,
+                        route.upstream_for(self.hello.sni), route.port, "; ".join(self.failures))
+            self.refuse("connect_failed", detail="; ".join(self.failures))
+
+    def _connect_failed(self, why: str) -> None:
+        self.failures.append(f"{self.addresses[self.attempt - 1]}: {why}")
+        self._drop_upstream()
+        self._try_next()
+
+    def _drop_upstream(self) -> None:
+        self.ctx.events.close(self.upstream_fd)
+        self.upstream_fd = -1
+        self.upstream_addr = None
+
+    def _connected(self, events: int) -> None:
+        """The upstream accepted: forward the hello as received, then both ways."""
+        ctx = self.ctx
+        now = clock()
+        rs = self.route_stats
+        rs.connections += 1
+        rs.active += 1
+        rs.connect.observe(now - self.connect_started)
+        self._enter(State.FORWARDING)
+        self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, head=self.received,
+                       readable=self.client_readable, eof_pending=self.client_eof)
+        # The upstream is read once it has sent something: this event says whether it has.
+        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, readable=bool(events & IN),
+                         eof_pending=bool(events & RDHUP))
+        self.received = b""
+        self.failures = []
+        self.idle_since = now
+        ctx.stats.live.add(self)
+        self._run(self.up)
+        if self.down.readable and self.state is State.FORWARDING:
+            self._run(self.down)
+
+    # -- forwarding ------------------------------------------------------------------------
+
+    def _run(self, flow: Flow) -> None:
+        result = flow.run(self.ctx.events.scratch)
+        if result is Result.WAIT:
+            return
+        if result is Result.EOF:
+            if self.up.done and self.down.done:
+                self._close("done")
+            else:  # the other direction's FIN will end the pair: its close sends the FIN
+                (self.down if flow is self.up else self.up).last = True
+        elif result is Result.MORE:
+            self.ctx.events.post(self._resume_up if flow is self.up else self._resume_down)
+        elif result is Result.SRC_FAILED:
+            self._reset("client" if flow is self.up else "upstream", flow)
+        elif flow is self.up:  # DST_FAILED
+            self._reset("upstream", self.down)
+        else:
+            self._reset("client", self.up)
+
+    def _resume_up(self) -> None:
+        if self.state is State.FORWARDING:
+            self._run(self.up)
+
+    def _resume_down(self) -> None:
+        if self.state is State.FORWARDING:
+            self._run(self.down)
+
+    def _reset(self, side: str, sent_by: Flow) -> None:
+        """A reset (or a failed write) on ``side``, whose bytes ``sent_by`` carries: pass it on
+        to the other side as a reset. Once that side's FIN has been passed on, though, it had
+        finished: a reset then only refuses late bytes (a TLS close_notify after the server
+        closed), and the pair ends as done, without a reset."""
+        if sent_by.done:
+            self._close("done")
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            why = self.up.error or self.down.error
+            log.debug("%s: %s reset (%s)", self._client(), side, why or "EPOLLERR")
+        self._close(f"{side}_reset", reset_client=side == "upstream", reset_upstream=side == "client")
+
+    # -- close -----------------------------------------------------------------------------
+
+    def refuse(self, reason: str, alert: bool = False, detail: str = "") -> None:
+        """Close a connection that never reaches FORWARDING, counting why (and, at debug
+        level, saying why in one line)."""
+        self.ctx.stats.reject(reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: refused (%s)%s", self._client(), reason, f": {detail}" if detail else "")
+        if alert and self.ctx.refuse_alert:
+            try:
+                os.write(self.client_fd, UNRECOGNIZED_NAME_ALERT)
+            except OSError:
+                pass
+        self._close(reason)
+
+    def abort(self, reason: str) -> None:
+        """The sweep's deadlines and the end of drain: close now."""
+        if self.state is State.FORWARDING:
+            self._close(reason)
+        elif self.state is not State.CLOSED:
+            self.refuse(reason)
+
+    def expire(self, now: float) -> None:
+        """Called by the sweep: act on a deadline that has passed."""
+        state = self.state
+        if state in _HANDSHAKE:
+            if now >= self.deadline:
+                self.refuse("handshake_timeout", detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
+        elif state is State.CONNECTING:
+            if now >= self.deadline:
+                self._connect_failed("timeout")
+        elif state is State.FORWARDING:
+            total = self.up.nbytes + self.down.nbytes
+            if total != self.idle_mark:
+                self.idle_mark = total
+                self.idle_since = now
+            elif now - self.idle_since >= self.ctx.idle_timeout:
+                self._close("idle")
+
+    def _close(self, reason: str, reset_client: bool = False, reset_upstream: bool = False) -> None:
+        if self.state is State.CLOSED:
+            return
+        forwarding = self.state is State.FORWARDING
+        self.state = State.CLOSED
+        self.close_reason = reason
+        ctx = self.ctx
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if reset_client:
+            close_with_reset(self.client_fd)
+        ctx.events.close(self.client_fd)
+        if self.upstream_fd >= 0:
+            if reset_upstream:
+                close_with_reset(self.upstream_fd)
+            ctx.events.close(self.upstream_fd)
+        if self.holds_slot:
+            ctx.limits.release(self.client_ip)
+            self.holds_slot = False
+        duration = clock() - self.started
+        if forwarding:
+            self.up.release()
+            self.down.release()
+            ctx.stats.live.discard(self)
+            rs = self.route_stats
+            rs.active -= 1
+            rs.to_upstream += self.up.nbytes
+            rs.to_client += self.down.nbytes
+            rs.duration.observe(duration)
+        if ctx.access_log is not None:
+            ctx.access_log.write(self._log_line(duration))
+        self.on_closed(self)
+
+    def _log_line(self, duration: float) -> str:
+        hello = self.hello
+        route = self.route
+        return format_line(
+            time.time(), self._client(), self.listener.name, hello, route.name if route else None,
+            self.upstream_addr if self.up is not None else None, self.to_upstream, self.to_client,
+            duration, self.close_reason, self.hello_bytes, self.hello_records, self.hello_reads,
+            self.hello_seconds,
+        )
+
+    def _client(self) -> str | None:
+        return format_address(self.client_ip, self.client_port) if self.client_ip else None

@@ -1,0 +1,421 @@
+"""Sans-I/O TLS ClientHello reader: bytes in, ``ClientHello`` or ``NEED_DATA`` out.
+
+Two layers, kept apart as in mitmproxy: ``HelloReader`` reassembles the handshake
+message from TLS records (any number of records, any TCP segmentation); ``parse_client_hello``
+parses that message (RFC 8446 section 4.1.2). Nothing here touches a socket, and the
+reader never rebuilds bytes: the caller forwards exactly what it fed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ..errors import BadHello, NotTLS, WireError
+from ..hostnames import normalize_host
+from .wire import Buffer
+
+
+class ContentType(IntEnum):
+    ALERT = 21
+    HANDSHAKE = 22
+
+
+class HandshakeType(IntEnum):
+    CLIENT_HELLO = 1
+
+
+class ExtensionType(IntEnum):
+    SERVER_NAME = 0
+    APPLICATION_LAYER_PROTOCOL_NEGOTIATION = 16
+    KEY_SHARE = 51
+    ENCRYPTED_CLIENT_HELLO = 0xFE0D
+
+
+#: Post-quantum hybrid key-exchange groups a hello may offer a key share for (IANA TLS
+#: Supported Groups), named as the hello-diagnostics metrics label them.
+PQ_GROUPS = {
+    0x11EB: "SecP256r1MLKEM768",
+    0x11EC: "X25519MLKEM768",
+    0x11ED: "SecP384r1MLKEM1024",
+    0x6399: "X25519Kyber768Draft00",
+    0x639A: "SecP256r1Kyber768Draft00",
+}
+
+
+class NameType(IntEnum):
+    HOST_NAME = 0
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+#: Largest ClientHello message body accepted. Post-quantum key shares make today's hellos
+#: ~1.8 KB; 64 KiB leaves room for years of growth while bounding what a client can make us hold.
+MAX_HELLO = 64 * 1024
+#: RFC 8446 section 5.1: TLSPlaintext.length must not exceed 2^14.
+MAX_RECORD = 1 << 14
+RECORD_HEADER = 5
+
+#: A fatal unrecognized_name alert (RFC 6066 section 3), sent before refusing an unknown SNI.
+UNRECOGNIZED_NAME_ALERT = bytes((ContentType.ALERT, 3, 3, 0, 2, 2, 112))
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """A read-only view of the parts of a ClientHello the proxy cares about."""
+
+    sni: str | None
+    """Normalised host name (lower case, no trailing dot); None when absent, an IP literal or invalid."""
+    alpn: tuple[str, ...]
+    """Offered ALPN protocols, in order."""
+    extensions: tuple[int, ...]
+    """Extension types in the order sent (GREASE values included)."""
+    legacy_version: int
+    key_shares: tuple[int, ...] = ()
+    """Groups of the key shares offered, in order (GREASE values included)."""
+    pq_group: str | None = None
+    """The first post-quantum hybrid group with a key share offered, by name."""
+    ech: bool = False
+    """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
+
+
+def _hello(sni: str | None, alpn: tuple[str, ...], types: tuple[int, ...], legacy_version: int,
+           key_shares: tuple[int, ...]) -> ClientHello:
+    """A ClientHello with the facts derived from what was parsed: the one place both parsers
+    build it."""
+    pq_group = None
+    for group in key_shares:
+        pq_group = PQ_GROUPS.get(group)
+        if pq_group is not None:
+            break
+    return ClientHello(sni, alpn, types, legacy_version, key_shares, pq_group, _ECH in types)
+
+
+#: A proxy sees the same few names all day: remember how each raw SNI normalises.
+_SNI_CACHE: dict[bytes, str | None] = {}
+_SNI_CACHE_SIZE = 1024
+_MISSING = object()
+
+
+def pull_server_name(buf: Buffer) -> str | None:
+    """ServerNameList (RFC 6066 section 3): exactly one host_name entry."""
+    sni = None
+    seen = False
+    with buf.pull_block(2) as length:
+        if length == 0:
+            raise BadHello("empty server_name list")
+        while not buf.eof():
+            name_type = buf.pull_uint8()
+            with buf.pull_block(2) as n:
+                if name_type != NameType.HOST_NAME:
+                    raise BadHello(f"unknown server name type {name_type}")
+                if n == 0 or seen:
+                    raise BadHello("empty or repeated host_name")
+                seen = True
+                sni = _normalized(buf.pull_bytes(n))
+    return sni
+
+
+def _normalized(raw: bytes) -> str | None:
+    sni = _SNI_CACHE.get(raw, _MISSING)
+    if sni is _MISSING:
+        try:
+            sni = normalize_host(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            sni = None
+        if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
+            _SNI_CACHE.clear()
+        _SNI_CACHE[raw] = sni
+    return sni  # type: ignore[return-value]
+
+
+def pull_alpn(buf: Buffer) -> tuple[str, ...]:
+    """ProtocolNameList (RFC 7301 section 3.1)."""
+    protocols = []
+    with buf.pull_block(2) as length:
+        if length == 0:
+            raise BadHello("empty ALPN list")
+        while not buf.eof():
+            with buf.pull_block(1) as n:
+                if n == 0:
+                    raise BadHello("empty ALPN protocol name")
+                protocols.append(buf.pull_bytes(n).decode("latin-1"))
+    return tuple(protocols)
+
+
+def pull_key_share(buf: Buffer) -> tuple[int, ...]:
+    """KeyShareClientHello (RFC 8446 section 4.2.8): the groups, keys skipped."""
+    groups = []
+    with buf.pull_block(2):
+        while not buf.eof():
+            groups.append(buf.pull_uint16())
+            with buf.pull_block(2) as n:
+                if n == 0:
+                    raise BadHello("empty key_exchange in key_share")
+                buf.skip(n)
+    return tuple(groups)
+
+
+_EXTENSION_PARSERS = {
+    ExtensionType.SERVER_NAME: ("sni", pull_server_name),
+    ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION: ("alpn", pull_alpn),
+    ExtensionType.KEY_SHARE: ("key_shares", pull_key_share),
+}
+
+
+def pull_client_hello(buf: Buffer) -> ClientHello:
+    legacy_version = buf.pull_uint16()
+    if legacy_version >> 8 != 3:
+        raise BadHello(f"legacy_version {legacy_version:#06x}")
+    buf.skip(32)  # random
+    with buf.pull_block(1) as n:
+        if n > 32:
+            raise BadHello("legacy_session_id longer than 32 bytes")
+        buf.skip(n)
+    with buf.pull_block(2) as n:
+        if n == 0 or n % 2:
+            raise BadHello("bad cipher_suites length")
+        buf.skip(n)
+    with buf.pull_block(1) as n:
+        if n == 0:
+            raise BadHello("no compression methods")
+        buf.skip(n)
+    found: dict[str, object] = {"sni": None, "alpn": (), "key_shares": ()}
+    types: list[int] = []
+    if not buf.eof():  # extensions may be absent before TLS 1.3
+        with buf.pull_block(2):
+            # The hot loop of the proxy's per-connection work (a hello has ~15-20
+            # extensions): plain offsets here, a Buffer only for the two we parse.
+            data, pos, end = buf.data, buf.pos, buf.end
+            while pos < end:
+                if end - pos < 4:
+                    raise BadHello("truncated extension header")
+                ext_type = (data[pos] << 8) | data[pos + 1]
+                n = (data[pos + 2] << 8) | data[pos + 3]
+                pos += 4
+                if n > end - pos:
+                    raise BadHello(f"extension {ext_type} overruns the extensions block")
+                types.append(ext_type)
+                parser = _EXTENSION_PARSERS.get(ext_type)
+                if parser is not None:
+                    key, pull = parser
+                    sub = Buffer(data, pos, pos + n)
+                    found[key] = pull(sub)
+                    if not sub.eof():
+                        raise BadHello(f"extension {ext_type} not consumed exactly")
+                pos += n
+            buf.pos = pos
+        if len(set(types)) != len(types):
+            raise BadHello("duplicate extension")
+    return _hello(found["sni"], found["alpn"], tuple(types), legacy_version, found["key_shares"])  # type: ignore[arg-type]
+
+
+def parse_client_hello(message: bytes | memoryview) -> ClientHello:
+    """Parse a ClientHello handshake body (without its 4-byte handshake header)."""
+    return _parse_body(Buffer(bytes(message)))
+
+
+def _parse_body(buf: Buffer) -> ClientHello:
+    try:
+        hello = pull_client_hello(buf)
+    except WireError as exc:
+        raise BadHello(str(exc)) from None
+    if not buf.eof():
+        raise BadHello("trailing bytes after extensions")
+    return hello
+
+
+def parse_single_record(data: bytes) -> ClientHello | None:
+    """The common case: ``data`` starts with one handshake record holding one whole
+    ClientHello (bytes after that record are the client's next data, forwarded as they are,
+    as ``HelloReader`` does). Parsed in place, without the cursor; anything unusual, valid
+    or not, declines (None), and the caller feeds a ``HelloReader``, which then makes every
+    check and gives every error. tests/test_tls.py holds the two to agreement."""
+    if len(data) < RECORD_HEADER + 4 or data[0] != _HANDSHAKE or data[1] != 3 or data[2] > 4:
+        return None
+    length = (data[3] << 8) | data[4]
+    end = RECORD_HEADER + length
+    if end > len(data) or length > MAX_RECORD or data[5] != _CLIENT_HELLO:
+        return None
+    if ((data[6] << 16) | (data[7] << 8) | data[8]) + 4 != length:
+        return None  # the message spans records, or the record holds more than the hello
+    try:
+        return _hello_in_place(data, RECORD_HEADER + 4, end)
+    except IndexError:
+        return None
+
+
+def first_record_size(data: bytes) -> int:
+    """Bytes of the first record, header included (a hello ``parse_single_record`` took)."""
+    return RECORD_HEADER + ((data[3] << 8) | data[4])
+
+
+#: Plain ints for the hot loop: an IntEnum member costs an attribute lookup through the
+#: enum machinery at every comparison.
+_HANDSHAKE = int(ContentType.HANDSHAKE)
+_CLIENT_HELLO = int(HandshakeType.CLIENT_HELLO)
+_ECH = int(ExtensionType.ENCRYPTED_CLIENT_HELLO)
+_SERVER_NAME = int(ExtensionType.SERVER_NAME)
+_ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
+_KEY_SHARE = int(ExtensionType.KEY_SHARE)
+_HOST_NAME = int(NameType.HOST_NAME)
+
+
+def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
+    """pull_client_hello's checks on plain offsets; None wherever it would raise."""
+    legacy_version = (d[pos] << 8) | d[pos + 1]
+    if legacy_version >> 8 != 3:
+        return None
+    pos += 34  # version, random
+    n = d[pos]
+    if n > 32:
+        return None
+    pos += 1 + n
+    n = (d[pos] << 8) | d[pos + 1]
+    if n == 0 or n % 2:
+        return None
+    pos += 2 + n
+    n = d[pos]
+    if n == 0:
+        return None
+    pos += 1 + n
+    if pos > end:
+        return None
+    sni = None
+    alpn: tuple[str, ...] = ()
+    key_shares: tuple[int, ...] = ()
+    types: list[int] = []
+    if pos < end:
+        if pos + 2 + ((d[pos] << 8) | d[pos + 1]) != end:
+            return None  # the extensions block must end the message exactly
+        pos += 2
+        while pos < end:
+            if end - pos < 4:
+                return None
+            ext_type = (d[pos] << 8) | d[pos + 1]
+            n = (d[pos + 2] << 8) | d[pos + 3]
+            pos += 4
+            stop = pos + n
+            if stop > end:
+                return None
+            types.append(ext_type)
+            if ext_type == _SERVER_NAME:
+                # ServerNameList with exactly one host_name entry, and nothing else.
+                if n < 5 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or d[pos + 2] != _HOST_NAME:
+                    return None
+                size = (d[pos + 3] << 8) | d[pos + 4]
+                if size == 0 or pos + 5 + size != stop:
+                    return None
+                sni = _normalized(d[pos + 5 : stop])
+            elif ext_type == _ALPN:
+                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or n == 2:
+                    return None
+                names = []
+                at = pos + 2
+                while at < stop:
+                    size = d[at]
+                    if size == 0 or at + 1 + size > stop:
+                        return None
+                    names.append(d[at + 1 : at + 1 + size].decode("latin-1"))
+                    at += 1 + size
+                alpn = tuple(names)
+            elif ext_type == _KEY_SHARE:
+                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n:
+                    return None
+                groups = []
+                at = pos + 2
+                while at < stop:
+                    if stop - at < 4:
+                        return None
+                    size = (d[at + 2] << 8) | d[at + 3]
+                    if size == 0 or at + 4 + size > stop:
+                        return None
+                    groups.append((d[at] << 8) | d[at + 1])
+                    at += 4 + size
+                key_shares = tuple(groups)
+            pos = stop
+        if len(set(types)) != len(types):
+            return None
+    return _hello(sni, alpn, tuple(types), legacy_version, key_shares)
+
+
+class HelloReader:
+    """Reassembles a ClientHello from TLS records fed in arbitrary chunks.
+
+    ``feed`` returns the ``ClientHello``, ``NEED_DATA``, or raises ``NotTLS``/``BadHello``.
+    Buffering is bounded: the message is capped at ``MAX_HELLO`` and records are checked as
+    their headers arrive, so a hostile length is refused before its bytes are.
+    """
+
+    __slots__ = ("received", "records", "_pos", "_message", "_length")
+
+    @property
+    def consumed(self) -> int:
+        """Bytes of the complete records read so far: the hello's size once it is complete."""
+        return self._pos
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        """Every byte fed so far, to be forwarded unchanged."""
+        self.records = 0
+        """Complete TLS records the hello has taken so far."""
+        self._pos = 0  # offset of the next record header in ``received``
+        self._message = bytearray()
+        self._length = -1  # handshake body length, once known
+
+    def feed(self, data: bytes) -> ClientHello | _NeedData:
+        received = self.received
+        received += data
+        if len(received) < RECORD_HEADER:
+            # Refuse HTTP, SSH and the like on their first bytes, not after the timeout.
+            if received[:1] and received[0] != ContentType.HANDSHAKE:
+                raise NotTLS(f"first byte {received[0]:#04x} is not a TLS handshake record")
+            if len(received) > 1 and received[1] != 3:
+                raise NotTLS("record version major is not 3")
+        while True:
+            pos = self._pos
+            if len(received) - pos < RECORD_HEADER:
+                return NEED_DATA
+            content_type, major, minor, hi, lo = received[pos : pos + RECORD_HEADER]
+            if content_type != ContentType.HANDSHAKE:
+                if pos == 0:
+                    raise NotTLS(f"first byte {content_type:#04x} is not a TLS handshake record")
+                raise BadHello(f"record type {content_type} inside the ClientHello")
+            if major != 3 or minor > 4:
+                raise NotTLS(f"record version {major}.{minor}")
+            length = (hi << 8) | lo
+            if length == 0 or length > MAX_RECORD:
+                raise BadHello(f"record length {length}")
+            end = pos + RECORD_HEADER + length
+            if len(received) < end:
+                if self._length < 0 and not self._message:
+                    self._check_header(received[pos + RECORD_HEADER : pos + RECORD_HEADER + 4])
+                return NEED_DATA
+            self._pos = end
+            self.records += 1
+            message = self._message
+            message += received[pos + RECORD_HEADER : end]
+            if self._length < 0 and len(message) >= 4:
+                self._length = self._check_header(message)
+            if self._length >= 0 and len(message) >= 4 + self._length:
+                if len(message) > 4 + self._length:
+                    raise BadHello("handshake data after the ClientHello")
+                return parse_client_hello(memoryview(message)[4:])
+
+    @staticmethod
+    def _check_header(head: bytes | bytearray) -> int:
+        """Check the handshake header as soon as its bytes arrive; -1 if not all here yet."""
+        if head[:1] and head[0] != HandshakeType.CLIENT_HELLO:
+            raise BadHello(f"handshake type {head[0]} is not ClientHello")
+        if len(head) < 4:
+            return -1
+        length = (head[1] << 16) | (head[2] << 8) | head[3]
+        if length > MAX_HELLO:
+            raise BadHello(f"ClientHello of {length} bytes exceeds {MAX_HELLO}")
+        return length

@@ -1,0 +1,752 @@
+"""The sans-I/O ClientHello reader, fed real captured hellos and hand-built bad ones.
+
+Every input is fed whole, one byte at a time and in seeded random chunkings; the reader must
+answer NEED_DATA until the last byte of the hello, then the ClientHello, and refuse bad input
+with NotTLS/BadHello (both HelloError) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sniproxy.errors import BadHello, HelloError, NotTLS
+from sniproxy.protocol.tls import (
+    MAX_HELLO,
+    MAX_RECORD,
+    NEED_DATA,
+    UNRECOGNIZED_NAME_ALERT,
+    ClientHello,
+    HelloReader,
+    parse_client_hello,
+    parse_single_record,
+)
+from tests.helpers import FIXTURES
+
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+NAMES = sorted(EXPECTED)
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / f"{name}.bin").read_bytes()
+
+
+# -- a minimal ClientHello builder (RFC 8446 4.1.2, RFC 6066 3, RFC 7301 3.1) -------------------
+
+
+def u8(n: int) -> bytes:
+    return n.to_bytes(1, "big")
+
+
+def u16(n: int) -> bytes:
+    return n.to_bytes(2, "big")
+
+
+def u24(n: int) -> bytes:
+    return n.to_bytes(3, "big")
+
+
+def vec8(b: bytes) -> bytes:
+    return u8(len(b)) + b
+
+
+def vec16(b: bytes) -> bytes:
+    return u16(len(b)) + b
+
+
+def ext(ext_type: int, body: bytes) -> bytes:
+    return u16(ext_type) + vec16(body)
+
+
+def host_name(name: bytes | str, name_type: int = 0) -> bytes:
+    return u8(name_type) + vec16(name.encode() if isinstance(name, str) else name)
+
+
+def sni_ext(*names: bytes | str) -> bytes:
+    return ext(0, vec16(b"".join(host_name(n) for n in names)))
+
+
+def alpn_ext(*protocols: bytes) -> bytes:
+    return ext(16, vec16(b"".join(vec8(p) for p in protocols)))
+
+
+def padding_ext(n: int) -> bytes:
+    return ext(21, bytes(n))
+
+
+CIPHERS = bytes.fromhex("1301 1302 1303 c02f c030")
+RANDOM = bytes(range(32))
+SUPPORTED_VERSIONS = ext(43, vec8(bytes.fromhex("0304 0303")))
+
+
+def hello_body(
+    *extensions: bytes,
+    version: int = 0x0303,
+    session_id: bytes = b"\x5a" * 32,
+    ciphers: bytes = CIPHERS,
+    compression: bytes = b"\x00",
+    raw_session_id: bytes | None = None,
+    raw_ciphers: bytes | None = None,
+    raw_compression: bytes | None = None,
+    raw_extensions: bytes | None = None,
+    no_extensions: bool = False,
+    trailer: bytes = b"",
+) -> bytes:
+    """A ClientHello body; the raw_* arguments replace a whole length-prefixed vector."""
+    sid = vec8(session_id) if raw_session_id is None else raw_session_id
+    cs = vec16(ciphers) if raw_ciphers is None else raw_ciphers
+    comp = vec8(compression) if raw_compression is None else raw_compression
+    if no_extensions:
+        exts = b""
+    elif raw_extensions is not None:
+        exts = raw_extensions
+    else:
+        exts = vec16(b"".join(extensions))
+    return u16(version) + RANDOM + sid + cs + comp + exts + trailer
+
+
+def handshake(body: bytes, msg_type: int = 1, length: int | None = None) -> bytes:
+    return u8(msg_type) + u24(len(body) if length is None else length) + body
+
+
+def record(payload: bytes, content_type: int = 22, version: int = 0x0301) -> bytes:
+    return u8(content_type) + u16(version) + vec16(payload)
+
+
+def records(message: bytes, size: int | list[int] = MAX_RECORD, version: int = 0x0301) -> bytes:
+    """Cut a handshake message into handshake records of ``size`` bytes (or the listed sizes)."""
+    sizes = iter(size) if isinstance(size, list) else None
+    out, pos = [], 0
+    while pos < len(message):
+        n = next(sizes) if sizes is not None else size
+        out.append(record(message[pos : pos + n], version=version))
+        pos += n
+    return b"".join(out)
+
+
+def tls(*extensions: bytes, **kw) -> bytes:
+    """A complete one-record ClientHello."""
+    return records(handshake(hello_body(*extensions, **kw)))
+
+
+# -- reading fixtures and feeding ---------------------------------------------------------------
+
+
+def split_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        ctype, version, length = data[pos], int.from_bytes(data[pos + 1 : pos + 3], "big"), int.from_bytes(data[pos + 3 : pos + 5], "big")
+        out.append((ctype, version, data[pos + 5 : pos + 5 + length]))
+        pos += 5 + length
+    assert pos == len(data), "fixture is not whole records"
+    return out
+
+
+def handshake_message(data: bytes) -> bytes:
+    return b"".join(payload for _, _, payload in split_records(data))
+
+
+def cut(data: bytes, points) -> list[bytes]:
+    points = sorted(set(p for p in points if 0 < p < len(data)))
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+def random_chunks(data: bytes, rng: random.Random, max_cuts: int = 40) -> list[bytes]:
+    k = rng.randint(0, min(max_cuts, max(len(data) - 1, 0)))
+    return cut(data, rng.sample(range(1, len(data)), k) if len(data) > 1 else [])
+
+
+def feed(chunks, reader: HelloReader | None = None):
+    """Feed chunks in order until a result: (result, chunks used). NEED_DATA if none came."""
+    reader = reader or HelloReader()
+    for i, chunk in enumerate(chunks, 1):
+        result = reader.feed(chunk)
+        if result is not NEED_DATA:
+            assert isinstance(result, ClientHello)
+            return result, i
+    return NEED_DATA, len(chunks)
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def is_grease(v: int) -> bool:
+    return v & 0x0F0F == 0x0A0A and v >> 8 == v & 0xFF
+
+
+def check_expected(hello: ClientHello, name: str) -> None:
+    want = EXPECTED[name]
+    assert hello.sni == want["sni"]
+    assert list(hello.alpn) == want["alpn"]
+    assert (0xFE0D in hello.extensions) == want["has_ech"]
+    assert any(map(is_grease, hello.extensions)) == want["has_grease"]
+    assert hello.legacy_version == 0x0303
+
+
+# -- real hellos ---------------------------------------------------------------------------------
+
+
+def test_every_fixture_has_expectations():
+    assert {p.stem for p in FIXTURES.glob("*.bin")} == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_shape_matches_expected(name):
+    data = fixture(name)
+    want = EXPECTED[name]
+    recs = split_records(data)
+    assert len(data) == want["total_length"]
+    assert len(recs) == want["record_count"]
+    assert all(ctype == 22 for ctype, _, _ in recs)
+    message = handshake_message(data)
+    assert int.from_bytes(message[1:4], "big") == want["handshake_length"] == len(message) - 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_whole(name):
+    data = fixture(name)
+    reader = HelloReader()
+    hello = reader.feed(data)
+    check_expected(hello, name)
+    assert bytes(reader.received) == data
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_one_byte_at_a_time(name):
+    data = fixture(name)
+    reader = HelloReader()
+    for i, b in enumerate(data[:-1]):
+        assert reader.feed(bytes([b])) is NEED_DATA, f"answered early at byte {i}"
+    check_expected(reader.feed(data[-1:]), name)
+    assert bytes(reader.received) == data
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_random_chunks(name, seed):
+    data = fixture(name)
+    chunks = random_chunks(data, random.Random(f"{name}/{seed}"))
+    hello, used = feed(chunks)
+    assert used == len(chunks)
+    check_expected(hello, name)
+
+
+TRAILERS = {
+    "application_data": record(b"hello", content_type=23, version=0x0303),
+    "change_cipher_spec": record(b"\x01", content_type=20, version=0x0303),
+    "handshake_record": record(b"\x01\x00\x00\x00"),
+    "garbage": b"GET / HTTP/1.1\r\n\r\n",
+    "partial_header": b"\x17\x03",
+}
+
+
+@pytest.mark.parametrize("trailer", TRAILERS.values(), ids=TRAILERS.keys())
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_with_trailing_bytes(name, trailer):
+    data = fixture(name)
+    # whole, in one chunk with the trailer: the hello, and every byte kept for forwarding
+    reader = HelloReader()
+    check_expected(reader.feed(data + trailer), name)
+    assert bytes(reader.received) == data + trailer
+    # byte by byte: the answer comes at the hello's last byte, the trailer is never needed
+    hello, used = feed(bytewise(data + trailer))
+    assert used == len(data)
+    check_expected(hello, name)
+    # the last chunk straddles the end of the hello
+    hello, used = feed([data[:-3], data[-3:] + trailer])
+    check_expected(hello, name)
+
+
+REFRAGMENT_SIZES = [1, 2, 3, 4, 5, 7, 64, 255, 1000, MAX_RECORD]
+
+
+@pytest.mark.parametrize("size", REFRAGMENT_SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_refragmented(name, size):
+    whole = HelloReader().feed(fixture(name))
+    data = records(handshake_message(fixture(name)), size)
+    hello, used = feed([data])
+    assert hello == whole
+    check_expected(hello, name)
+
+
+@pytest.mark.parametrize("name", ["curl", "chromium_pq"])
+def test_one_byte_records_fed_one_byte_at_a_time(name):
+    data = records(handshake_message(fixture(name)), 1)
+    assert len(data) == 6 * (EXPECTED[name]["handshake_length"] + 4)
+    hello, used = feed(bytewise(data))
+    assert used == len(data)
+    check_expected(hello, name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_random_records_random_chunks(name, seed):
+    rng = random.Random(f"records/{name}/{seed}")
+    message = handshake_message(fixture(name))
+    sizes = [rng.choice([1, 2, 3, rng.randint(1, 300), rng.randint(1, MAX_RECORD)]) for _ in range(len(message))]
+    data = b"".join(
+        record(part, version=rng.choice([0x0301, 0x0303]))
+        for part in (r[5:] for r in _records_list(message, sizes))
+    )
+    hello, used = feed(random_chunks(data, rng))
+    check_expected(hello, name)
+
+
+def _records_list(message: bytes, sizes: list[int]) -> list[bytes]:
+    out, pos, it = [], 0, iter(sizes)
+    while pos < len(message):
+        n = next(it)
+        out.append(record(message[pos : pos + n]))
+        pos += n
+    return out
+
+
+def test_large_multi_record_hello_with_padding():
+    body = hello_body(sni_ext("big.example.com"), alpn_ext(b"h2"), padding_ext(40_000), SUPPORTED_VERSIONS)
+    data = records(handshake(body))
+    assert 40_000 < len(data) and len(split_records(data)) == 3
+    hello, _ = feed([data])
+    assert (hello.sni, hello.alpn) == ("big.example.com", ("h2",))
+    assert hello.extensions == (0, 16, 21, 43)
+    hello, used = feed(random_chunks(data, random.Random(40)))
+    assert hello.sni == "big.example.com"
+
+
+def test_hello_of_exactly_max_size_is_accepted():
+    base = hello_body(sni_ext("max.example.com"), padding_ext(0))
+    body = hello_body(sni_ext("max.example.com"), padding_ext(MAX_HELLO - len(base)))
+    assert len(body) == MAX_HELLO
+    hello, _ = feed([records(handshake(body))])
+    assert hello.sni == "max.example.com"
+
+
+def test_no_extensions_block_tls12_style():
+    hello, _ = feed([tls(no_extensions=True)])
+    assert (hello.sni, hello.alpn, hello.extensions) == (None, (), ())
+
+
+def test_unknown_extensions_are_listed_not_parsed():
+    # a nonsense body inside an unknown extension is not our business
+    hello, _ = feed([tls(ext(0x2A2A, b""), ext(0x1234, b"\xff\x00\x01"), sni_ext("x.example.com"), alpn_ext(b"h2", b"http/1.1"))])
+    assert hello.extensions == (0x2A2A, 0x1234, 0, 16)
+    assert (hello.sni, hello.alpn) == ("x.example.com", ("h2", "http/1.1"))
+
+
+@pytest.mark.parametrize("version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304])
+def test_legacy_versions_accepted(version):
+    hello, _ = feed([tls(sni_ext("v.example.com"), version=version)])
+    assert hello.legacy_version == version
+
+
+def test_parse_client_hello_directly():
+    hello = parse_client_hello(hello_body(sni_ext("Direct.Example.com"), alpn_ext(b"h2")))
+    assert (hello.sni, hello.alpn) == ("direct.example.com", ("h2",))
+
+
+def test_unrecognized_name_alert_is_fatal_112():
+    assert UNRECOGNIZED_NAME_ALERT == bytes([21, 3, 3, 0, 2, 2, 112])
+
+
+# -- SNI normalisation: a bad name is no name, not a bad hello -------------------------------------
+
+SNI_CASES = [
+    (b"API.ECR.US-EAST-1.AMAZONAWS.COM", "api.ecr.us-east-1.amazonaws.com"),
+    (b"registry.example.com.", "registry.example.com"),
+    (b"Registry.Example.Com.", "registry.example.com"),
+    (b"10.0.0.1", None),
+    (b"127.0.0.1.", None),
+    (b"::1", None),
+    (b"[2001:db8::1]", None),
+    (b"2001:db8::1", None),
+    (b"exa mple.com", None),
+    (b"exa_mple.com", "exa_mple.com"),
+    (b"exa\x00mple.com", None),
+    (b"example.com/evil", None),
+    (b"-lead.example.com", None),
+    (b"a..b.example.com", None),
+    (b".", None),
+    (b"a" * 63 + b".example.com", "a" * 63 + ".example.com"),
+    (b"a" * 64 + b".example.com", None),
+    (b".".join([b"a" * 63] * 3 + [b"b" * 61]), ".".join(["a" * 63] * 3 + ["b" * 61])),
+    (b".".join([b"a" * 63] * 3 + [b"b" * 62]), None),  # 254
+    ("bücher.example.com".encode(), None),
+    (b"\xff\xfe.example.com", None),
+    (b"\x80", None),
+]
+
+
+@pytest.mark.parametrize("raw, expected", SNI_CASES, ids=[repr(r[:24]) for r, _ in SNI_CASES])
+def test_sni_normalisation(raw, expected):
+    data = tls(sni_ext(raw), alpn_ext(b"h2"))
+    hello, _ = feed([data])
+    assert hello.sni == expected
+    assert hello.alpn == ("h2",)  # the rest of the hello still parses
+    hello, _ = feed(bytewise(data))
+    assert hello.sni == expected
+
+
+# -- not TLS: refused on the first bytes -------------------------------------------------------------
+
+NOT_TLS = {
+    "http_get": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http_connect": b"CONNECT api.ecr.us-east-1.amazonaws.com:443 HTTP/1.1\r\n",
+    "ssh": b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+    "proxy_v1": b"PROXY TCP4 192.0.2.1 10.0.1.10 51234 443\r\n",
+    "proxy_v2": b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c",
+    "sslv2_hello": bytes.fromhex("80 2e 01 0301 0015 0000 0010") + bytes(37),
+    "alert_record": bytes.fromhex("15 0303 0002 0228"),
+    "application_data": bytes.fromhex("17 0303 0005") + b"hello",
+    "change_cipher_spec": bytes.fromhex("14 0303 0001 01"),
+    "zero": bytes(8),
+    "tls_ff": b"\xff" * 8,
+}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("data", NOT_TLS.values(), ids=NOT_TLS.keys())
+def test_not_tls_refused_on_first_bytes(data, n):
+    with pytest.raises(NotTLS) as exc:
+        HelloReader().feed(data[:n])
+    assert exc.value.reason == "not_tls"
+
+
+@pytest.mark.parametrize("data", NOT_TLS.values(), ids=NOT_TLS.keys())
+def test_not_tls_refused_on_first_byte_fed_alone(data):
+    reader = HelloReader()
+    with pytest.raises(NotTLS):
+        reader.feed(data[:1])
+
+
+@pytest.mark.parametrize("major", [0, 2, 4, 0x16])
+def test_bad_record_major_version_refused_on_second_byte(major):
+    with pytest.raises(NotTLS):
+        HelloReader().feed(bytes([22, major]))
+
+
+def test_bad_record_major_version_refused_on_second_byte_fed_separately():
+    reader = HelloReader()
+    assert reader.feed(b"\x16") is NEED_DATA
+    with pytest.raises(NotTLS):
+        reader.feed(b"\x02")
+
+
+@pytest.mark.parametrize("minor", [5, 0xFF])
+def test_bad_record_minor_version_refused_at_header(minor):
+    reader = HelloReader()
+    assert reader.feed(bytes([22, 3, minor, 0])) is NEED_DATA
+    with pytest.raises(NotTLS):
+        reader.feed(b"\x10")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_feed_is_need_data(name):
+    reader = HelloReader()
+    assert reader.feed(b"") is NEED_DATA
+    check_expected(reader.feed(fixture(name)), name)
+
+
+# -- TLS records that frame a ClientHello badly -----------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, MAX_RECORD + 1, 0xFFFF])
+def test_bad_record_length_refused_at_header(length):
+    reader = HelloReader()
+    assert reader.feed(b"\x16\x03\x01") is NEED_DATA
+    with pytest.raises(BadHello):
+        reader.feed(u16(length))  # the header is complete; no payload has come
+
+
+def test_max_record_length_waits_for_payload():
+    assert HelloReader().feed(b"\x16\x03\x01" + u16(MAX_RECORD)) is NEED_DATA
+
+
+@pytest.mark.parametrize("content_type", [20, 21, 23, 24, 0])
+def test_non_handshake_record_after_the_first(content_type):
+    message = handshake(hello_body(sni_ext("a.example.com")))
+    data = record(message[:10]) + record(message[10:], content_type=content_type)
+    with pytest.raises(BadHello):
+        feed([data])
+    with pytest.raises(BadHello):
+        feed(bytewise(data))
+
+
+def test_bad_version_on_a_later_record():
+    message = handshake(hello_body(sni_ext("a.example.com")))
+    data = record(message[:10]) + record(message[10:], version=0x0305)
+    with pytest.raises(HelloError):
+        feed([data])
+
+
+@pytest.mark.parametrize("msg_type", [0, 2, 4, 11, 20, 0xFF])
+def test_handshake_type_not_client_hello(msg_type):
+    message = handshake(hello_body(sni_ext("a.example.com")), msg_type=msg_type)
+    with pytest.raises(BadHello):
+        feed([records(message)])
+    # in 1-byte records it is refused once the 4-byte header is in, before the body
+    reader = HelloReader()
+    for i in range(3):
+        assert reader.feed(record(message[i : i + 1])) is NEED_DATA
+    with pytest.raises(BadHello):
+        reader.feed(record(message[3:4]))
+
+
+@pytest.mark.parametrize("length", [MAX_HELLO + 1, 1 << 20, 0xFFFFFF])
+def test_oversized_hello_refused_at_handshake_header(length):
+    header = u8(1) + u24(length)
+    reader = HelloReader()
+    # the header alone in its own record: refused as soon as it is in, before any of the body
+    with pytest.raises(BadHello, match="exceeds"):
+        reader.feed(record(header))
+    # the header split over 1-byte records
+    reader = HelloReader()
+    for b in header[:3]:
+        assert reader.feed(record(bytes([b]))) is NEED_DATA
+    with pytest.raises(BadHello):
+        reader.feed(record(header[3:]))
+
+
+def test_max_size_header_is_not_refused():
+    assert HelloReader().feed(record(u8(1) + u24(MAX_HELLO))) is NEED_DATA
+
+
+def test_oversized_hello_refused_before_its_first_record_completes():
+    reader = HelloReader()
+    with pytest.raises(BadHello):
+        reader.feed(b"\x16\x03\x01" + u16(MAX_RECORD) + u8(1) + u24(0xFFFFFF))
+
+
+def test_handshake_shorter_than_its_records():
+    body = hello_body(sni_ext("a.example.com"))
+    with pytest.raises(BadHello):
+        feed([records(handshake(body, length=len(body) - 1))])
+
+
+def test_handshake_longer_than_its_records_waits():
+    body = hello_body(sni_ext("a.example.com"))
+    data = records(handshake(body, length=len(body) + 1))
+    assert feed([data]) == (NEED_DATA, 1)
+    # and a later record that runs past the end is refused
+    with pytest.raises(BadHello):
+        feed([data, record(b"\x00\x00")])
+
+
+def test_second_handshake_message_in_the_same_record():
+    message = handshake(hello_body(sni_ext("a.example.com")))
+    with pytest.raises(BadHello):
+        feed([record(message + handshake(b"", msg_type=20))])
+
+
+# -- ClientHello bodies with one field wrong ---------------------------------------------------------
+
+GOOD_EXTS = (sni_ext("a.example.com"), alpn_ext(b"h2", b"http/1.1"), SUPPORTED_VERSIONS)
+EXT_BLOCK = b"".join(GOOD_EXTS)
+
+
+def _sni_variant(list_delta=0, name_delta=0, ext_delta=0) -> bytes:
+    name = b"a.example.com"
+    entry = u8(0) + u16(len(name) + name_delta) + name
+    lst = u16(len(entry) + list_delta) + entry
+    return u16(0) + u16(len(lst) + ext_delta) + lst
+
+
+def _alpn_variant(list_delta=0, name_delta=0) -> bytes:
+    entry = u8(2 + name_delta) + b"h2"
+    lst = u16(len(entry) + list_delta) + entry
+    return ext(16, lst)
+
+
+def _with(*exts: bytes) -> bytes:
+    return vec16(b"".join(exts))
+
+
+BAD_BODIES = {
+    "session_id_33": hello_body(*GOOD_EXTS, session_id=bytes(33)),
+    "session_id_len_plus1": hello_body(*GOOD_EXTS, raw_session_id=u8(33) + bytes(32)),
+    "session_id_len_minus1": hello_body(*GOOD_EXTS, raw_session_id=u8(31) + bytes(32)),
+    "session_id_overruns_body": u16(0x0303) + RANDOM + u8(32) + bytes(5),
+    "cipher_suites_odd": hello_body(*GOOD_EXTS, ciphers=b"\x13\x01\x13"),
+    "cipher_suites_empty": hello_body(*GOOD_EXTS, ciphers=b""),
+    "cipher_suites_len_plus1": hello_body(*GOOD_EXTS, raw_ciphers=u16(len(CIPHERS) + 1) + CIPHERS),
+    "cipher_suites_len_minus1": hello_body(*GOOD_EXTS, raw_ciphers=u16(len(CIPHERS) - 1) + CIPHERS),
+    "cipher_suites_len_plus2": hello_body(*GOOD_EXTS, raw_ciphers=u16(len(CIPHERS) + 2) + CIPHERS),
+    "compression_empty": hello_body(*GOOD_EXTS, compression=b""),
+    "compression_len_plus1": hello_body(*GOOD_EXTS, raw_compression=u8(2) + b"\x00"),
+    "compression_len_minus1": hello_body(*GOOD_EXTS, raw_compression=u8(0) + b"\x00"),
+    "extensions_overrun": hello_body(raw_extensions=u16(len(EXT_BLOCK) + 1) + EXT_BLOCK),
+    "extensions_underrun": hello_body(raw_extensions=u16(len(EXT_BLOCK) - 1) + EXT_BLOCK),
+    "extensions_truncated_header": hello_body(raw_extensions=u16(1) + b"\x00"),
+    "extensions_length_only_one_byte": hello_body(raw_extensions=b"\x00"),
+    "unknown_extension_len_plus1": hello_body(raw_extensions=_with(u16(0x15) + u16(3) + b"\x00\x00")),
+    "unknown_extension_len_minus1_at_end": hello_body(raw_extensions=_with(u16(0x15) + u16(1) + b"\x00\x00")),
+    "sni_extension_len_plus1": hello_body(raw_extensions=_with(_sni_variant(ext_delta=1), b"\x00")),
+    "sni_extension_len_minus1": hello_body(raw_extensions=_with(_sni_variant(ext_delta=-1))),
+    "sni_list_overrun": hello_body(raw_extensions=_with(_sni_variant(list_delta=1, ext_delta=1), b"\x00")),
+    "sni_list_len_plus1": hello_body(raw_extensions=_with(_sni_variant(list_delta=1))),
+    "sni_list_len_minus1": hello_body(raw_extensions=_with(_sni_variant(list_delta=-1))),
+    "sni_name_len_plus1": hello_body(raw_extensions=_with(_sni_variant(name_delta=1))),
+    "sni_name_len_minus1": hello_body(raw_extensions=_with(_sni_variant(name_delta=-1))),
+    "sni_list_empty": hello_body(ext(0, u16(0))),
+    "sni_extension_empty": hello_body(ext(0, b"")),
+    "sni_host_name_empty": hello_body(sni_ext(b"")),
+    "sni_two_host_names": hello_body(sni_ext("a.example.com", "b.example.com")),
+    "sni_same_host_name_twice": hello_body(sni_ext("a.example.com", "a.example.com")),
+    "sni_unknown_name_type": hello_body(ext(0, vec16(host_name("a.example.com", name_type=1)))),
+    "duplicate_sni_extension": hello_body(sni_ext("a.example.com"), sni_ext("a.example.com")),
+    "duplicate_alpn_extension": hello_body(alpn_ext(b"h2"), alpn_ext(b"h2")),
+    "duplicate_unknown_extension": hello_body(padding_ext(1), SUPPORTED_VERSIONS, padding_ext(1)),
+    "alpn_list_empty": hello_body(ext(16, u16(0))),
+    "alpn_extension_empty": hello_body(ext(16, b"")),
+    "alpn_empty_name": hello_body(alpn_ext(b"h2", b"")),
+    "alpn_list_len_plus1": hello_body(raw_extensions=_with(_alpn_variant(list_delta=1))),
+    "alpn_list_len_minus1": hello_body(raw_extensions=_with(_alpn_variant(list_delta=-1))),
+    "alpn_name_len_plus1": hello_body(raw_extensions=_with(_alpn_variant(name_delta=1))),
+    "alpn_name_len_minus1": hello_body(raw_extensions=_with(_alpn_variant(name_delta=-1))),
+    "legacy_version_2_3": hello_body(*GOOD_EXTS, version=0x0203),
+    "legacy_version_0x0a0a": hello_body(*GOOD_EXTS, version=0x0A0A),
+    "trailing_byte_after_extensions": hello_body(*GOOD_EXTS, trailer=b"\x00"),
+    "truncated_random": u16(0x0303) + RANDOM[:10],
+    "only_version": u16(0x0303),
+    "empty_body": b"",
+}
+
+
+@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_bad_client_hello_body(body):
+    data = records(handshake(body))
+    with pytest.raises(BadHello) as exc:
+        feed([data])
+    assert exc.value.reason == "bad_hello"
+    with pytest.raises(BadHello):
+        feed(bytewise(data))
+    with pytest.raises(BadHello):
+        parse_client_hello(body)
+
+
+def test_builder_makes_good_hellos():
+    """The bad bodies above differ from this good one in one field only."""
+    hello, _ = feed([records(handshake(hello_body(*GOOD_EXTS)))])
+    assert (hello.sni, hello.alpn, hello.extensions) == ("a.example.com", ("h2", "http/1.1"), (0, 16, 43))
+    assert parse_client_hello(hello_body(raw_extensions=_with(_sni_variant()))).sni == "a.example.com"
+    assert parse_client_hello(hello_body(raw_extensions=_with(_alpn_variant()))).alpn == ("h2",)
+
+
+# -- property: a result, NEED_DATA, or a HelloError; nothing else ------------------------------------
+
+
+def outcome(data: bytes, chunk_sizes: list[int]):
+    """Feed ``data`` in chunks of the given sizes (the rest in one), checking the invariant."""
+    reader = HelloReader()
+    chunks, pos = [], 0
+    for n in chunk_sizes:
+        if pos >= len(data):
+            break
+        chunks.append(data[pos : pos + n])
+        pos += n
+    if pos < len(data):
+        chunks.append(data[pos:])
+    for chunk in chunks:
+        try:
+            result = reader.feed(chunk)
+        except HelloError as exc:
+            assert isinstance(exc, (NotTLS, BadHello))
+            return type(exc)
+        if result is NEED_DATA:
+            continue
+        assert isinstance(result, ClientHello)
+        assert result.sni is None or isinstance(result.sni, str)
+        assert all(isinstance(p, str) for p in result.alpn)
+        assert all(isinstance(t, int) and 0 <= t <= 0xFFFF for t in result.extensions)
+        assert len(reader.received) <= len(data)
+        return result
+    return NEED_DATA
+
+
+@st.composite
+def mutated_fixture(draw) -> bytes:
+    data = bytearray(fixture(draw(st.sampled_from(NAMES))))
+    for _ in range(draw(st.integers(1, 4))):
+        # mostly hit the framing and the first extensions, where the parser works hardest
+        hi = draw(st.sampled_from([min(len(data), 160), len(data)]))
+        if hi == 0:
+            break
+        at = draw(st.integers(0, hi - 1))
+        kind = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            data[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, data[at] + 1 & 0xFF, data[at] - 1 & 0xFF]))
+        elif kind == "truncate":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del data[at : at + draw(st.integers(1, 8))]
+    return bytes(data)
+
+
+CHUNKS = st.lists(st.integers(1, 700), max_size=12)
+TLS_PREFIXED = st.binary(max_size=300).map(lambda b: b"\x16\x03\x01" + b)
+ANY_INPUT = st.one_of(st.binary(max_size=200), TLS_PREFIXED, mutated_fixture())
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=ANY_INPUT, sizes=CHUNKS)
+def test_property_result_need_data_or_hello_error(data, sizes):
+    outcome(data, sizes)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=ANY_INPUT, sizes=CHUNKS)
+def test_property_chunking_does_not_change_the_outcome(data, sizes):
+    assert outcome(data, sizes) == outcome(data, [])
+
+
+def single_record_outcome(data: bytes):
+    """What the fast path says about ``data`` read in one go: a hello, its error class, or
+    None for "not the one-record case" (the connection then feeds a HelloReader)."""
+    try:
+        return parse_single_record(data)
+    except HelloError as exc:
+        return type(exc)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(ANY_INPUT, st.sampled_from(NAMES).map(fixture)))
+def test_property_the_fast_path_agrees_with_the_reader(data):
+    """Differential: on every input the single-record fast path either declines, or returns
+    exactly what HelloReader returns for the same bytes in one feed (the same hello, or an
+    error of the same class)."""
+    fast = single_record_outcome(data)
+    if fast is None:
+        return
+    assert fast == outcome(data, [])
+
+
+def test_the_fast_path_takes_every_one_record_fixture():
+    """Declining is always safe, so the property above alone would pass with a fast path that
+    never fires: the common case must actually take it."""
+    for name in NAMES:
+        data = fixture(name)
+        expected = outcome(data, [])
+        if EXPECTED[name]["record_count"] == 1 and isinstance(expected, ClientHello) \
+                and len(data) == EXPECTED[name]["total_length"]:
+            assert parse_single_record(data) == expected, name
+    assert parse_single_record(fixture("chromium_pq_3records")) is None  # three records: declined
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_post_quantum_key_shares_and_ech_as_captured(name):
+    """The hello diagnostics report what the captures hold: an X25519MLKEM768 key share
+    (Chromium's post-quantum hello) and an encrypted_client_hello extension (its GREASE)."""
+    hello = outcome(fixture(name), [])
+    if not isinstance(hello, ClientHello):
+        pytest.skip(f"{name} is not a complete hello")
+    assert (hello.pq_group == "X25519MLKEM768") == EXPECTED[name]["has_mlkem"]
+    assert hello.ech == EXPECTED[name]["has_ech"]
+    assert all(isinstance(g, int) for g in hello.key_shares)
