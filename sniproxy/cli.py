@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import socket
 import sys
-import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from . import config as config_mod
@@ -57,204 +54,30 @@ def _load_text(args: argparse.Namespace) -> tuple[config_mod.Config, bytes]:
     return config, text
 
 
-# -- logging --------------------------------------------------------------------------------------
-
-class ReopeningFileHandler(logging.FileHandler):
-    """A log file that logrotate can move away: SIGUSR1 reopens it under its name."""
-
-    def reopen(self) -> None:
-        stream = self._open()  # first: if this fails, the old file keeps working
-        self.acquire()
-        try:
-            old, self.stream = self.stream, stream
-        finally:
-            self.release()
-        if old is not None:
-            old.close()
-
-
-class _Stamped(logging.Formatter):
-    """UTC, ISO 8601 with milliseconds: the access log's time format."""
-
-    converter = time.gmtime
-    default_time_format = "%Y-%m-%dT%H:%M:%S"
-    default_msec_format = "%s.%03dZ"
-
-
-def journal_stderr(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether stderr is journald's stream, which stamps every line itself: JOURNAL_STREAM
-    names its device and inode (systemd.exec(5)), and a redirected stderr no longer matches."""
-    try:
-        device, inode = (int(n) for n in environ.get("JOURNAL_STREAM", "").split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError, AttributeError):
-        return False
-    return (st.st_dev, st.st_ino) == (device, inode)
-
-
-def _handler(target: str, fmt: str) -> logging.Handler:
-    if target == "stderr":
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    else:
-        try:
-            handler = ReopeningFileHandler(target, encoding="utf-8")
-        except OSError as exc:
-            raise SniproxyError(f"cannot open log file {target}: {exc.strerror}") from None
-    handler.setFormatter(_Stamped(fmt))
-    return handler
-
-
-def setup_logging(log: config_mod.LogConfig, level: str | None = None, tag: str = "",
-                  environ: Mapping[str, str] = os.environ) -> list[logging.Handler]:
-    """Route the error log; returns the handlers to reopen on SIGUSR1. ``tag`` names a worker.
-    Lines carry a timestamp, except on journald's stream, which has its own."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    fmt = f"%(levelname)s %(name)s{tag}: %(message)s"
-    stamped = log.error != "stderr" or not journal_stderr(environ)
-    root.addHandler(_handler(log.error, "%(asctime)s " + fmt if stamped else fmt))
-    root.setLevel((level or log.level).upper())
-    return [h for h in root.handlers if isinstance(h, ReopeningFileHandler)]
-
-
-# -- socket activation ----------------------------------------------------------------------------
-
-def _inherited_sockets(config: config_mod.Config) -> dict:
-    """Sockets passed by systemd socket activation, matched to [[listen]] by bound address.
-
-    They must match exactly: a socket with no [[listen]] entry would be a black hole (systemd
-    keeps it open and the kernel keeps queueing connections nobody accepts), and a [[listen]]
-    entry with no socket loses what the socket unit gives (FreeBind=, connections queued
-    across restarts). Either is a deployment mistake, refused in one line that says the fix."""
-    from .process.systemd import activation_mismatch, listen_fds, match_listeners, unit_name
-
-    fds = listen_fds()
-    if not fds:
-        return {}
-    match = match_listeners([f.sock for f in fds], [entry.key for entry in config.listen])
-    unit = unit_name([f.name for f in fds])
-    if match.extra or match.missing:
-        message = activation_mismatch(unit, [_sockname(s) for s in match.extra],
-                                      [format_address(*key) for key in match.missing])
-        for f in fds:
-            f.sock.close()
-        raise SniproxyError(message)
-    logging.getLogger("sniproxy").info("socket activation: %d listeners from systemd", len(match.matched))
-    return match.matched
-
-
-def _sockname(sock) -> str:
-    try:
-        host, port = sock.getsockname()[:2]
-        return format_address(host, port)
-    except (OSError, ValueError):
-        return f"fd {sock.fileno()}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-
     import uvloop
 
-    from .engine.listener import bind
-    from .observe.accesslog import AccessLog
-    from .process.lifecycle import Flag, Lifecycle
-    from .process.privdrop import drop_privileges
+    from .process import run
 
-    worker = args.worker_channel is not None
-    if worker:
-        from .process.supervisor import read_initial_config
+    def load() -> tuple[config_mod.Config, bytes]:
+        return _load_text(args)
+
+    access_log = not args.no_access_log
+    if args.worker_channel is None:
+        config, text = load()
+        main = run.proxy(config, text, load, log_level=args.log_level, access_log=access_log,
+                         worker_argv=sys.argv[1:])
+    else:
+        from .process.channel import read_initial_config
 
         channel = socket.socket(fileno=args.worker_channel)
-        text = read_initial_config(channel)
-        config = config_mod.loads(text, args.config or config_mod.DEFAULT_PATH) if text else _load(args)
-    else:
-        config, text = _load_text(args)
-    handlers = setup_logging(config.log, args.log_level, f" worker={args.worker_index}" if worker else "")
-    log = logging.getLogger("sniproxy")
-    if not worker:
-        for warning in preflight.config_warnings(config):  # what `check` warns about, said at start too
-            log.warning("%s", warning)
-
-    def reopen() -> None:
-        for handler in handlers:
-            handler.reopen()
-
-    # Every listener is bound (or adopted) before the event loop starts and before any
-    # privilege drop: a worker gets the supervisor's sockets, the others bind what systemd
-    # did not pass.
-    sockets = _worker_sockets(config, args.worker_fds) if worker else _inherited_sockets(config)
-    socket_activated = bool(sockets) and not worker  # then [[listen]] is fixed by the socket unit
-    if not worker:
-        for listen in config.listen:
-            if listen.key not in sockets:
-                sockets[listen.key] = bind(listen)
-    supervisor = config.server.workers > 1 and not worker
-    access_target = "off" if args.no_access_log or supervisor else config.log.access  # workers write it
-    try:
-        access = AccessLog(access_target) if access_target != "off" else None
-    except OSError as exc:
-        raise SniproxyError(f"cannot open access log {access_target}: {exc.strerror}") from None
-
-    def drop_root() -> None:
-        user = config.server.user
-        if user and os.geteuid() == 0:
-            # Listeners and log files are open: root is no longer needed.
-            drop_privileges(user, config.server.group)
-            log.info("running as user %s", user)
-        elif os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
-            log.warning("running as root: set [server] user to drop privileges after binding")
-
-    async def supervise() -> None:
-        from .process.supervisor import Supervisor
-        from .process.systemd import Notifier
-
-        # Like nginx's master, the supervisor keeps its privileges (to start workers and
-        # reopen logs); it never touches a connection. Each worker drops them once started.
-        sup = Supervisor(config, text, sockets, sys.argv[1:], lambda: _load_text(args), reopen)
-        sup.fixed_listeners = socket_activated
-        lifecycle = Lifecycle(sup, Notifier())
-        lifecycle.install_signal_handlers(asyncio.get_running_loop())
-        await lifecycle.run()  # no privilege drop: the supervisor keeps root
-
-    async def serve() -> None:
-        from .process.server import Server
-        from .process.systemd import Notifier
-
-        loop = asyncio.get_running_loop()
-        if access is not None:
-            access.loop = loop
-        server = Server(config, loop, access, lambda: _load(args), reopen)
-        server.sockets = sockets
-        server.fixed_listeners = socket_activated
-        if worker:
-            from .process.supervisor import WorkerChannel
-
-            notifier = WorkerChannel(channel, server.snapshot, lambda: lifecycle.signal(Flag.STOP))
-            lifecycle = Lifecycle(server, notifier, serves_metrics=False, takes_reloads=False, delays_drain=False)
-        else:
-            lifecycle = Lifecycle(server, Notifier())
-        lifecycle.install_signal_handlers(loop)  # before anything else: an early signal must not kill us
-        if worker:
-            await notifier.start()
-        await lifecycle.run(after_start=drop_root)
-        if worker:
-            await notifier.final()
-
-    uvloop.run(supervise() if supervisor else serve())
+        text = read_initial_config(channel)  # the config the supervisor validated
+        config = config_mod.loads(text, args.config or config_mod.DEFAULT_PATH) if text else load()[0]
+        fds = [int(fd) for fd in args.worker_fds.split(",") if fd]
+        main = run.worker(config, channel, fds, args.worker_index, load, log_level=args.log_level,
+                          access_log=access_log)
+    uvloop.run(main)
     return 0
-
-
-def _worker_sockets(config: config_mod.Config, fds: str) -> dict:
-    """A worker's listeners: the supervisor's sockets, matched to [[listen]] by address."""
-    from .process.systemd import match_listeners
-
-    socks = [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
-    match = match_listeners(socks, [entry.key for entry in config.listen])
-    for sock in match.extra:
-        sock.close()
-    return match.matched
 
 
 def cmd_check(args: argparse.Namespace) -> int:

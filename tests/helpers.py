@@ -270,7 +270,7 @@ class Proxy:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(), cwd=str(REPO),
         )
         self.log = LineLog(self.proc.stderr)
-        line = self.log.wait_for(r"sniproxy(\.supervisor)?: ready|stopped|error", timeout=20)
+        line = self.log.wait_for(r"sniproxy\.lifecycle: ready|stopped|error", timeout=20)
         if "ready" not in line:  # a startup failure: wait for the exit, and say what it was
             try:
                 self.proc.wait(10)

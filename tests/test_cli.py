@@ -455,8 +455,8 @@ def test_check_warns_on_stderr_and_quiet_prints_nothing(tmp_path, capsys):
 def test_stderr_lines_carry_a_timestamp_except_on_journald(tmp_path, monkeypatch, journal, stamped):
     import logging
 
-    from sniproxy.cli import setup_logging
     from sniproxy.config import LogConfig
+    from sniproxy.observe.logs import setup_logging
 
     stream = open(tmp_path / "stderr", "w+")
     monkeypatch.setattr(sys, "stderr", stream)

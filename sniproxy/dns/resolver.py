@@ -26,7 +26,7 @@ from ..errors import SniproxyError
 from ..observe.stats import Stats
 from .cache import DnsCache
 
-log = logging.getLogger("sniproxy.dns.resolver")
+log = logging.getLogger("sniproxy.resolver")
 
 
 class ResolveError(SniproxyError):

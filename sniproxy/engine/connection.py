@@ -38,7 +38,7 @@ from ..routes import Route, RouteTable
 from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
 from .forward import Flow, Result
 
-log = logging.getLogger("sniproxy.engine.connection")
+log = logging.getLogger("sniproxy.connection")
 
 #: The clock of every connection time and deadline: high resolution (the event loop's own
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).

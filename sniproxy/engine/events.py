@@ -41,7 +41,7 @@ MAX_EVENTS = 256
 #: The scratch buffer every read of this event set goes through: the most one read takes.
 SCRATCH = 256 * 1024
 
-log = logging.getLogger("sniproxy.engine.events")
+log = logging.getLogger("sniproxy.events")
 _libc = ctypes.CDLL(None, use_errno=True)
 _LINGER_RST = struct.pack("ii", 1, 0)
 

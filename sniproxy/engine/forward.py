@@ -25,7 +25,7 @@ import time
 from .events import SCRATCH, Scratch, shutdown_write
 from .splice import FLAGS, Pipe, pool
 
-log = logging.getLogger("sniproxy.engine.forward")
+log = logging.getLogger("sniproxy.forward")
 
 #: Bytes per read when copying, and the most a direction holds in user space.
 CHUNK = SCRATCH

@@ -22,7 +22,7 @@ from ..errors import BindError
 from ..hostnames import format_address
 from .events import LISTENER_EVENTS, EventSet, errno_name
 
-log = logging.getLogger("sniproxy.engine.listener")
+log = logging.getLogger("sniproxy.listener")
 
 BACKLOG = 4096
 #: Connections accepted per readiness event; the rest stay in the backlog for the next one.

@@ -16,6 +16,7 @@ import os
 import time
 
 from ..protocol.tls import ClientHello
+from .logs import TIME_FORMAT
 
 _second = [-1, ""]  # strftime once per second, not once per line
 
@@ -23,7 +24,7 @@ _second = [-1, ""]  # strftime once per second, not once per line
 def _timestamp(t: float) -> str:
     second = int(t)
     if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0], _second[1] = second, time.strftime(TIME_FORMAT, time.gmtime(second))
     return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
 
 

@@ -26,10 +26,11 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..config import Config
 from ..hostnames import format_address
-from ..observe.metrics import MetricsServer, bind_metrics, make_registry
+from ..observe.http import MetricsServer, bind_metrics
+from ..observe.metrics import make_registry
 from .systemd import watchdog_interval
 
-log = logging.getLogger("sniproxy")
+log = logging.getLogger("sniproxy.lifecycle")
 
 
 class Flag(enum.Enum):
@@ -45,6 +46,8 @@ _SIGNALS = {signal.SIGTERM: Flag.STOP, signal.SIGINT: Flag.STOP, signal.SIGHUP: 
 class Notifier(Protocol):
     """systemd's sd_notify, or a worker's channel to its supervisor."""
 
+    async def start(self) -> None: ...
+    async def final(self) -> None: ...
     def ready(self, status: str | None = None) -> object: ...
     def reloading(self, status: str | None = None) -> object: ...
     def stopping(self, status: str | None = None) -> object: ...
@@ -109,6 +112,14 @@ class Lifecycle:
         self.wake.set()
 
     # -- the lifecycle ---------------------------------------------------------------------------
+
+    async def main(self, after_start: Callable[[], None] | None = None) -> None:
+        """The whole life of this process on the running loop: signal handlers first (an early
+        signal must not kill it), the notifier, ``run``, and the notifier's last word."""
+        self.install_signal_handlers(asyncio.get_running_loop())
+        await self.notifier.start()
+        await self.run(after_start)
+        await self.notifier.final()
 
     async def run(self, after_start: Callable[[], None] | None = None) -> None:
         """``after_start`` runs once listening, before READY: a privilege drop goes there, so a

@@ -30,7 +30,7 @@ from ..observe.metrics import ProcessTreeCollector
 from ..observe.stats import Stats
 from ..routes import RouteTable
 
-log = logging.getLogger("sniproxy")
+log = logging.getLogger("sniproxy.server")
 
 #: Deadlines (handshake, connect, idle) are checked this often, at most.
 SWEEP_INTERVAL = 1.0
@@ -56,6 +56,8 @@ class Server:
         self.config = config
         self.loop = loop
         self.access_log = access_log
+        if access_log is not None:
+            access_log.loop = loop  # lines of one loop iteration go out in one write
         self.load_config = load_config
         self._reopen = reopen
         self.events = EventSet(loop)

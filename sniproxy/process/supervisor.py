@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import os
 import signal
@@ -38,8 +37,9 @@ from ..engine.splice import splice_enabled
 from ..errors import ConfigError, SniproxyError
 from ..observe.metrics import ProcessTreeCollector
 from ..observe.stats import empty_snapshot, merge
+from .channel import CMD_SNAPSHOT, Event, config_command, decode
 
-log = logging.getLogger("sniproxy.process.supervisor")
+log = logging.getLogger("sniproxy.supervisor")
 
 #: How long a collection waits for a worker's counters.
 SNAPSHOT_TIMEOUT = 2.0
@@ -119,7 +119,7 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _spawn(self, w: Worker, config_text: bytes, sockets: dict) -> None:
+    def _start_worker(self, w: Worker, config_text: bytes, sockets: dict) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [s.fileno() for s in sockets.values()]
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -129,7 +129,7 @@ class Supervisor:
         w.proc = subprocess.Popen(argv, pass_fds=[child.fileno(), *fds], env=env)
         child.close()
         w.started = time.monotonic()
-        parent.sendall(b"config %d\n" % len(config_text) + config_text)
+        parent.sendall(config_command(config_text))
         w.watcher = self._keep(self._watch(w, parent, config_text, sockets))
         log.info("worker %d started (pid %d, generation %d)", w.index, w.proc.pid, w.generation)
 
@@ -146,17 +146,17 @@ class Supervisor:
         try:
             reader, w.writer = await asyncio.open_connection(sock=sock, limit=16 << 20)
             while line := await reader.readline():
-                message = json.loads(line)
-                if "snapshot" in message:
-                    w.snapshot = message["snapshot"]
+                event, value = decode(line)
+                if event is Event.SNAPSHOT:
+                    w.snapshot = value
                     w.asked = False
                     if w.lagging:
                         w.lagging = False
                         log.info("%s answers again", w.name)
                     w.answered.set()
-                elif message.get("accepting") is False:
+                elif event is Event.CLOSED:
                     w.closed.set()
-                elif message.get("ready"):
+                elif event is Event.READY:
                     if w.state is WorkerState.STARTING:
                         w.state = WorkerState.READY
                     w.ready.set()
@@ -182,7 +182,7 @@ class Supervisor:
         fresh.backoff = w.backoff
         self.workers[self.workers.index(w)] = fresh
         self.restarts += 1
-        self._spawn(fresh, config_text, sockets)
+        self._start_worker(fresh, config_text, sockets)
 
     def _retire(self, w: Worker) -> None:
         """Keep a gone worker's counters so totals never go backwards; its gauges go to 0."""
@@ -208,7 +208,7 @@ class Supervisor:
         generation = self.generation + 1
         fresh = [Worker(i, generation) for i in range(count)]
         for w in fresh:
-            self._spawn(w, config_text, sockets)
+            self._start_worker(w, config_text, sockets)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 await asyncio.gather(*(w.ready.wait() for w in fresh))
@@ -357,7 +357,7 @@ class Supervisor:
                 continue
             if not w.asked:
                 w.answered.clear()
-                if not w.send(b"snapshot\n"):
+                if not w.send(CMD_SNAPSHOT + b"\n"):
                     continue
                 w.asked = True
             if not w.lagging:
@@ -434,81 +434,3 @@ def _describe(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit status {code}"
-
-
-# -- the worker's side of the channel --------------------------------------------------------
-
-def read_initial_config(sock: socket.socket) -> bytes:
-    """Worker side, before the event loop starts: the config the supervisor validated."""
-    header = b""
-    while not header.endswith(b"\n"):
-        byte = sock.recv(1)  # one at a time: nothing past the header may be consumed here
-        if not byte:
-            raise ConnectionError("supervisor closed the channel")
-        header += byte
-    size = int(header.split()[1])
-    text = b""
-    while len(text) < size:
-        chunk = sock.recv(size - len(text))
-        if not chunk:
-            raise ConnectionError("supervisor closed the channel")
-        text += chunk
-    return text
-
-
-class WorkerChannel:
-    """Worker side: answers snapshot requests and says when it is ready; the channel's end
-    means the supervisor is gone. It is the worker lifecycle's notifier."""
-
-    def __init__(self, sock: socket.socket, snapshot: Callable[[], dict], on_close: Callable[[], None]):
-        self.sock = sock
-        self.snapshot = snapshot
-        self.on_close = on_close
-        self.writer: asyncio.StreamWriter | None = None
-        self.task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        reader, self.writer = await asyncio.open_connection(sock=self.sock)
-        self.task = asyncio.get_running_loop().create_task(self._serve(reader))
-
-    def _send(self, message: dict) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-    async def _serve(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while line := await reader.readline():
-                if line.strip() == b"snapshot":
-                    self._send({"snapshot": self.snapshot()})
-        except (ConnectionError, ValueError):
-            pass
-        self.on_close()  # the supervisor is gone: drain and exit rather than run orphaned
-
-    # Notifier: what the lifecycle tells systemd, a worker tells its supervisor (readiness).
-    def ready(self, status: str | None = None) -> None:
-        self._send({"ready": True})
-
-    def reloading(self, status: str | None = None) -> None:
-        pass
-
-    def stopping(self, status: str | None = None) -> None:
-        pass
-
-    def draining(self, status: str) -> None:
-        self._send({"accepting": False})  # listeners closed: a reload may report done
-
-    def watchdog(self) -> None:
-        pass
-
-    def status(self, text: str) -> None:
-        pass
-
-    async def final(self) -> None:
-        """Send the last counters before exiting, so the supervisor's totals include them."""
-        try:
-            self._send({"snapshot": self.snapshot()})
-            if self.writer is not None:
-                async with asyncio.timeout(2):
-                    await self.writer.drain()
-        except (ConnectionError, TimeoutError, RuntimeError):
-            pass

@@ -13,9 +13,11 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..config import Config
 from ..errors import SniproxyError
+from ..hostnames import format_address
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sniproxy.systemd")
 
 LISTEN_FDS_START = 3
 _LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -109,6 +111,36 @@ def match_listeners(inherited: Iterable[socket.socket], wanted: Iterable[Address
     return result
 
 
+def inherited_sockets(config: Config) -> dict[Address, socket.socket]:
+    """Sockets passed by systemd socket activation, matched to [[listen]] by bound address.
+
+    They must match exactly: a socket with no [[listen]] entry would be a black hole (systemd
+    keeps it open and the kernel keeps queueing connections nobody accepts), and a [[listen]]
+    entry with no socket loses what the socket unit gives (FreeBind=, connections queued
+    across restarts). Either is a deployment mistake, refused in one line that says the fix."""
+    fds = listen_fds()
+    if not fds:
+        return {}
+    match = match_listeners([f.sock for f in fds], [entry.key for entry in config.listen])
+    unit = unit_name([f.name for f in fds])
+    if match.extra or match.missing:
+        message = activation_mismatch(unit, [_sockname(s) for s in match.extra],
+                                      [format_address(*key) for key in match.missing])
+        for f in fds:
+            f.sock.close()
+        raise SniproxyError(message)
+    log.info("socket activation: %d listeners from systemd", len(match.matched))
+    return match.matched
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+        return format_address(host, port) or ""
+    except (OSError, ValueError):
+        return f"fd {sock.fileno()}"
+
+
 def unit_name(names: list[str]) -> str:
     """systemd names each socket after its unit, unless FileDescriptorName= says otherwise."""
     named = sorted({n for n in names if n and n != "unknown"})
@@ -172,6 +204,12 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return self._sock is not None
+
+    async def start(self) -> None:
+        """Nothing to open: the socket is made in __init__."""
+
+    async def final(self) -> None:
+        """Nothing to say after STOPPING=1: systemd sees the exit."""
 
     def ready(self, status: str | None = None) -> bool:
         """Startup (or a reload) finished: listeners are open."""

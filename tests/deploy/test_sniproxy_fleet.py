@@ -22,7 +22,7 @@ from cfnlint.api import ManualArgs, lint_file
 
 from sniproxy import config as config_mod
 from sniproxy.config import Listen, MetricsConfig, ServerConfig
-from sniproxy.observe.metrics import READY_PATH
+from sniproxy.observe.http import READY_PATH
 from sniproxy.tools import discover, model
 from sniproxy.tools.hosts import hosts_lines
 from tests.helpers import REPO

@@ -229,7 +229,7 @@ def test_running_out_of_descriptors_is_counted_logged_and_survived(dns_server, u
     proxy.log = LineLog(proxy.proc.stderr)
     flood: list[socket.socket] = []
     try:
-        proxy.log.wait_for("sniproxy: ready")
+        proxy.log.wait_for("sniproxy.lifecycle: ready")
         for _ in range(2 * limit):  # they send nothing: each holds a descriptor in the proxy
             s = socket.socket()
             s.setblocking(False)

@@ -34,7 +34,7 @@ TRANSFER_RATE_MIB = 32
 DRAIN_TIMEOUT = 120.0
 
 RELOADED_WORKERS = re.compile(r"sniproxy\.supervisor: reloaded .*: generation (\d+) \((\d+) workers\) ready in ([\d.]+)s")
-RELOADED_PROCESS = re.compile(r"sniproxy: reloaded .*: \d+ listeners, \d+ routes")
+RELOADED_PROCESS = re.compile(r"sniproxy\.server: reloaded .*: \d+ listeners, \d+ routes")
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_a_config_that_fails_validation_keeps_the_workers_and_says_so_in_one_lin
         figures = ClientFigures.of(load.finish())
     lines = error_lines(proxy, mark)
     assert len(lines) == 1, lines
-    assert without_time(lines[0]).startswith("ERROR sniproxy.process.supervisor: reload failed, keeping the running config: ")
+    assert without_time(lines[0]).startswith("ERROR sniproxy.supervisor: reload failed, keeping the running config: ")
     assert "server.max_connections" in lines[0]
     assert worker_pids(proxy) == before  # nothing was started or stopped
     assert proxy.sample("sniproxy_worker_generation") == 1
@@ -229,7 +229,7 @@ def test_workers_that_cannot_start_are_stopped_and_the_old_ones_keep_serving(dns
         time.sleep(0.5)
     finally:
         figures = ClientFigures.of(load.finish())
-    assert without_time(line).startswith("ERROR sniproxy.process.supervisor: reload failed: the new workers did not become ready")
+    assert without_time(line).startswith("ERROR sniproxy.supervisor: reload failed: the new workers did not become ready")
     lines = error_lines(proxy, mark)
     assert sum("user 'sniproxy-test-no-such-user' does not exist" in x for x in lines) == 2, lines
     assert sum(bool(re.search(r"generation 2: worker \d \(pid \d+\) exited", x)) for x in lines) >= 1, lines
@@ -306,7 +306,7 @@ def test_workers_not_ready_in_time_are_stopped_and_the_old_ones_keep_serving(dns
             time.sleep(0.5)
         finally:
             figures = ClientFigures.of(load.finish())
-        assert without_time(line).startswith("ERROR sniproxy.process.supervisor: reload failed: the new workers did not become ready")
+        assert without_time(line).startswith("ERROR sniproxy.supervisor: reload failed: the new workers did not become ready")
         lines = error_lines(proxy, mark)
         assert sum(bool(re.search(r"generation 2: worker \d \(pid \d+\) was not ready within 3s", x)) for x in lines) == 2
         assert 3.0 <= took < 10.0

@@ -67,7 +67,7 @@ def test_reload_swaps_routes_without_dropping_connections(dns_server, upstream, 
     proxy.path.write_text(config.replace(f'sni = "{NAME}"', f'sni = "{OTHER}"'))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
-    proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
+    proxy.log.wait_for(r"sniproxy\.(server|supervisor): reloaded", start=mark)
 
     assert roundtrip(held)  # the running connection survived
     new = open_forwarding(port, OTHER)  # the new route serves
@@ -99,7 +99,7 @@ def test_reload_adds_and_removes_listeners(dns_server, upstream, start_proxy):
     proxy.path.write_text(config.replace(f"port = {port}", f"port = {port2}", 1))
     mark = len(proxy.log.lines)
     proxy.signal(signal.SIGHUP)
-    proxy.log.wait_for(r"sniproxy(\.supervisor)?: reloaded", start=mark)
+    proxy.log.wait_for(r"sniproxy\.(server|supervisor): reloaded", start=mark)
     open_forwarding(port2).close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -153,6 +153,6 @@ def test_a_reload_says_which_changed_settings_need_a_restart(dns_server, upstrea
     proxy.signal(signal.SIGHUP)
     proxy.log.wait_for(r"reload: \[server\] workers changed; that takes effect on restart", start=mark)
     proxy.log.wait_for(r"reload: \[metrics\] changed; that takes effect on restart", start=mark)
-    proxy.log.wait_for(r"sniproxy: reloaded", start=mark)
+    proxy.log.wait_for(r"sniproxy\.server: reloaded", start=mark)
     assert roundtrip(open_forwarding(port))
     assert proxy.metrics_text()  # still on the old port

@@ -146,7 +146,7 @@ def test_check_as_exec_reload_under_socket_activation(tmp_path, dns_server, upst
     with socket_activated(path, [f"{a}:{port}" for a in addresses]) as (proc, log):
         open_forwarding_at("127.0.6.7", port).close()
         log.wait_for("socket activation: 2 listeners from systemd")
-        log.wait_for(r"sniproxy(\.supervisor)?: ready")
+        log.wait_for(r"sniproxy\.lifecycle: ready")
         for environ in ({"MAINPID": str(proc.pid)}, {}):
             path.write_text(text)
             out = check(path, **environ)
@@ -376,7 +376,7 @@ def test_under_socket_activation_a_reload_cannot_change_the_listeners(tmp_path, 
     path.write_text(text)
     with socket_activated(path, [f"127.0.6.8:{port}"]) as (proc, log):
         open_forwarding_at("127.0.6.8", port).close()
-        log.wait_for("sniproxy: ready")
+        log.wait_for("sniproxy.lifecycle: ready")
         extra = free_port("127.0.6.9")
         path.write_text(text.replace("[resolver]", f'[[listen]]\naddress = "127.0.6.9"\nport = {extra}\n\n[resolver]', 1))
         mark = len(log.lines)

@@ -92,7 +92,7 @@ def test_notifier_ignores_an_unsupported_address(caplog):
 
 def test_notifier_send_error_is_logged_once_and_never_raised(tmp_path, caplog):
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    with caplog.at_level(logging.WARNING, logger="sniproxy.process.systemd"):
+    with caplog.at_level(logging.WARNING, logger="sniproxy.systemd"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.stopping() is False
