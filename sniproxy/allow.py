@@ -7,24 +7,7 @@ Both run once per accepted connection, so they take the peer address string exac
 import ipaddress
 from collections.abc import Iterable
 
-_MAPPED_PREFIX = "::ffff:"
-
-
-def client_key(ip: str) -> str:
-    """The address that names a client: an IPv4-mapped IPv6 address is its IPv4 address.
-
-    Linux prints one on a dual-stack socket as ``::ffff:10.0.0.7``; Python 3.11's ipaddress
-    (a PROXY v2 AF_INET6 source, a v1 TCP6 one) as ``::ffff:a00:7``. Both name 10.0.0.7,
-    for allowlists, per-client limits and logs alike."""
-    if not ip.startswith(_MAPPED_PREFIX):
-        return ip
-    if "." in ip:
-        return ip[len(_MAPPED_PREFIX) :]
-    try:
-        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
-    except ValueError:
-        return ip
-    return str(mapped) if mapped is not None else ip
+from .addresses import client_key
 
 
 class Allowlist:

@@ -7,7 +7,6 @@ region, the accounts, the log files and every address it would bind, each proble
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
@@ -15,9 +14,9 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import regions
+from .addresses import format_address, is_ip, is_unspecified
 from .engine.listener import listen_name
 from .errors import BindError, ConfigError, SniproxyError
-from .hostnames import format_address
 from .process import preflight
 from .tools.hosts import hosts_lines
 
@@ -115,14 +114,12 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     config = _load(args)
     address = args.address
     if address is None:
-        specific = [entry.address for entry in config.listen if not ipaddress.ip_address(entry.address).is_unspecified]
+        specific = [entry.address for entry in config.listen if not is_unspecified(entry.address)]
         if not specific:
             raise ConfigError("", "the listeners are wildcards: give --address with the IP builders should use")
         address = specific[0]
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise ConfigError("", f"--address {address!r} is not an IP address") from None
+    if not is_ip(address):
+        raise ConfigError("", f"--address {address!r} is not an IP address")
     print("\n".join(hosts_lines(config, address)))
     return 0
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .addresses import format_address, is_ip, is_unspecified
 from .ecr import ecr_routes
 from .errors import ConfigError
-from .hostnames import format_address, normalize_host
+from .hostnames import normalize_host
 from .routes import Route, is_wildcard
 
 DEFAULT_PATH = "/etc/sniproxy/sniproxy.toml"
@@ -218,14 +219,6 @@ def _strs(v: Any) -> tuple[bool, Any]:
     return (isinstance(v, list) and all(isinstance(x, str) for x in v)), tuple(v) if isinstance(v, list) else v
 
 
-def _is_ip(v: str) -> bool:
-    try:
-        ipaddress.ip_address(v)
-    except ValueError:
-        return False
-    return True
-
-
 def _port(v: int) -> bool:
     return 1 <= v <= 65535
 
@@ -276,7 +269,7 @@ def open_listeners(config: Config) -> list[Listen]:
     """Wildcard listeners that accept any client: worth a warning."""
     return [
         entry for entry in config.listen
-        if ipaddress.ip_address(entry.address).is_unspecified
+        if is_unspecified(entry.address)
         and not (entry.allow if entry.allow is not None else config.server.allow)
     ]
 
@@ -290,7 +283,7 @@ def system_nameservers(path: str = RESOLV_CONF) -> tuple[str, ...]:
     servers = []
     for line in lines:
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver" and _is_ip(parts[1].split("%")[0]):
+        if len(parts) >= 2 and parts[0] == "nameserver" and is_ip(parts[1].split("%")[0]):
             servers.append(parts[1])
     return tuple(servers)
 
@@ -323,7 +316,7 @@ def _cidrs(t: _Table) -> tuple[str, ...] | None:
 
 
 def _listen(t: _Table) -> Listen:
-    address = t.get("address", "ip", _is_ip, default=_REQUIRED)
+    address = t.get("address", "ip", is_ip, default=_REQUIRED)
     allow = _cidrs(t)
     port = t.get("port", "port", _port)
     proxy_protocol = t.get("proxy_protocol", "bool")
@@ -332,7 +325,7 @@ def _listen(t: _Table) -> Listen:
 
 
 def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
-    servers = t.get("nameservers", "ips", lambda v: len(v) > 0 and all(map(_is_ip, v)))
+    servers = t.get("nameservers", "ips", lambda v: len(v) > 0 and all(map(is_ip, v)))
     if servers is None:
         servers = system_nameservers(resolv_conf)
         if not servers:
@@ -392,7 +385,7 @@ def _log(t: _Table) -> LogConfig:
 
 def _metrics(t: _Table) -> MetricsConfig:
     m = MetricsConfig(
-        address=t.get("address", "ip", _is_ip),
+        address=t.get("address", "ip", is_ip),
         port=t.get("port", "port", _port),
         enabled=t.get("enabled", "bool"),
     )
@@ -404,7 +397,7 @@ def _route(t: _Table) -> Route:
     name = t.get("name", "str", lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) is not None, default=_REQUIRED)
     patterns = t.get("sni", "hosts", lambda v: len(v) > 0 and all(_valid_pattern(p.lower().rstrip(".")) for p in v),
                      default=_REQUIRED)
-    upstream = t.get("upstream", "host", lambda v: normalize_host(v) is not None or _is_ip(v))
+    upstream = t.get("upstream", "host", lambda v: normalize_host(v) is not None or is_ip(v))
     port = t.get("port", "port", _port)
     t.done()
     return Route(name=name, patterns=tuple(p.lower().rstrip(".") for p in patterns), upstream=upstream, port=port)
@@ -418,7 +411,7 @@ def _ecr(t: _Table) -> tuple[str, list[Route]]:
     port = t.get("port", "port", _port, default=_ROUTE_PORT)
     u = t.table("upstreams")
     upstreams = {
-        kind: u.get(kind, "host", lambda v: normalize_host(v) is not None or _is_ip(v))
+        kind: u.get(kind, "host", lambda v: normalize_host(v) is not None or is_ip(v))
         for kind in ("api", "dkr", "s3")
     }
     u.done()
@@ -474,8 +467,8 @@ def _overlap(a: tuple[str, int], b: tuple[str, int], dual_stack: bool = False) -
         return False
     x, y = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
     if x.version != y.version:
-        return dual_stack and x.version == 6 and x.is_unspecified
-    return x == y or x.is_unspecified or y.is_unspecified
+        return dual_stack and x.version == 6 and is_unspecified(a[0])
+    return x == y or is_unspecified(a[0]) or is_unspecified(b[0])
 
 
 def _metrics_apart(metrics: MetricsConfig, t: _Table, listen: tuple[Listen, ...]) -> None:

@@ -7,6 +7,11 @@ from .routes import Route
 API, DKR, S3 = "ecr-api", "ecr-dkr", "ecr-s3"
 
 
+def starport_bucket(region: str) -> str:
+    """The AWS-owned bucket ECR serves image layers from, in every region."""
+    return f"prod-{region}-starport-layer-bucket"
+
+
 def dns_suffix(region: str) -> str:
     return "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
 
@@ -25,7 +30,7 @@ def ecr_names(
     sfx = dns_suffix(region)
     api = [f"api.ecr.{region}.{sfx}", f"ecr.{region}.{sfx}"]
     dkr = [f"{a}.dkr.ecr.{region}.{sfx}" for a in accounts]
-    bucket = f"prod-{region}-starport-layer-bucket"
+    bucket = starport_bucket(region)
     s3 = [f"{bucket}.s3.{region}.{sfx}", f"{bucket}.s3.{sfx}"]
     if fips:
         api += [f"api.ecr-fips.{region}.{sfx}", f"ecr-fips.{region}.{sfx}"]

@@ -1,5 +1,7 @@
 """Typed errors. Every error sniproxy raises on purpose is one of these."""
 
+from .reasons import Refusal
+
 
 class SniproxyError(Exception):
     """Base of all sniproxy errors."""
@@ -20,19 +22,19 @@ class HelloError(SniproxyError):
     ``reason`` is the metrics label for the refusal.
     """
 
-    reason = "bad_hello"
+    reason = Refusal.BAD_HELLO
 
 
 class NotTLS(HelloError):
     """The bytes do not start like a TLS handshake record (HTTP, SSH, PROXY...)."""
 
-    reason = "not_tls"
+    reason = Refusal.NOT_TLS
 
 
 class BadHello(HelloError):
     """A TLS handshake record whose ClientHello is malformed or too large."""
 
-    reason = "bad_hello"
+    reason = Refusal.BAD_HELLO
 
 
 class WireError(SniproxyError):

@@ -24,9 +24,3 @@ def normalize_host(name: str) -> str | None:
         return None
     return name
 
-
-def format_address(host: str | None, port: int | None) -> str | None:
-    """host:port, IPv6 in brackets: how logs, metrics and messages name an endpoint."""
-    if host is None:
-        return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

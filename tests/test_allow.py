@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sniproxy.allow import Allowlist, ClientLimits, client_key
+from sniproxy.addresses import client_key
+from sniproxy.allow import Allowlist, ClientLimits
 
 
 def test_empty_allows_everyone():

@@ -154,7 +154,7 @@ def example_config():
 
 def test_socket_unit_passes_exactly_the_example_configs_listeners():
     """The service refuses to start when they differ, so the shipped pair must agree."""
-    from sniproxy.hostnames import format_address
+    from sniproxy.addresses import format_address
 
     assert values("sniproxy.socket", "Socket", "ListenStream") == [
         format_address(*entry.key) for entry in example_config().listen]

@@ -7,7 +7,6 @@ host the same names must resolve to the VPC endpoints.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import dns.rdtypes.IN.A  # noqa: F401
 import dns.rdtypes.IN.AAAA  # noqa: F401
 import dns.resolver
 
+from ..addresses import is_ip
 from ..config import ResolverConfig
 from ..errors import SniproxyError
 from ..observe.stats import Stats
@@ -58,7 +58,7 @@ class Resolver:
         """Addresses without awaiting, or None when a lookup is needed: a fresh entry, or,
         once DNS has failed for the name, its stale entry (RFC 8767), with a background
         lookup at most every ``stale_refresh`` seconds until DNS answers again."""
-        if _is_ip(name):
+        if is_ip(name):
             return (name,)
         now = self.clock()
         entry = self.cache.get(name, now)
@@ -80,7 +80,7 @@ class Resolver:
 
     async def resolve(self, name: str) -> tuple[str, ...]:
         """IPv4 addresses first, then IPv6. Raises ResolveError."""
-        if _is_ip(name):
+        if is_ip(name):
             return (name,)
         entry = self.cache.get(name, self.clock())
         if entry is not None:
@@ -155,22 +155,3 @@ def _describe(exc: BaseException) -> str:
         return "no DNS server answered"
     return f"{type(exc).__name__}: {exc}"
 
-
-_LITERALS: dict[str, bool] = {}
-
-
-def _is_ip(name: str) -> bool:
-    """Whether an upstream is an IP literal: asked on every connection, about the few
-    upstreams of the route table, so remembered (bounded: a wildcard route's upstream is
-    the client's SNI)."""
-    known = _LITERALS.get(name)
-    if known is None:
-        try:
-            ipaddress.ip_address(name)
-            known = True
-        except ValueError:
-            known = False
-        if len(_LITERALS) >= 4096:
-            _LITERALS.clear()
-        _LITERALS[name] = known
-    return known

@@ -24,16 +24,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from ..allow import Allowlist, ClientLimits, client_key
+from ..addresses import client_key, format_address
+from ..allow import Allowlist, ClientLimits
 from ..dns.resolver import ResolveError, Resolver
 from ..errors import HelloError
-from ..hostnames import format_address
 from ..observe.accesslog import AccessLog, format_line
 from ..observe.stats import RouteStats, Stats
-from ..protocol.proxyproto import NEED_DATA as PROXY_NEED_DATA
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
-from ..protocol.tls import NEED_DATA, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
+from ..protocol.tls import UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
+from ..protocol.wire import NEED_DATA
+from ..reasons import Close, Refusal
 from ..routes import Route, RouteTable
 from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
 from .forward import Flow, Result
@@ -71,6 +72,7 @@ _NEXT: dict[State, frozenset[State]] = {
     State.FORWARDING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
+_DONE = Close.DONE  # the close of nearly every connection: a plain name on the hot path
 #: States whose deadline is the handshake timeout (a tuple: membership by identity).
 _HANDSHAKE = (State.PROXY_HEADER, State.HELLO)
 
@@ -149,7 +151,7 @@ class Connection:
         self.connect_started = 0.0
         self.deadline = self.started + ctx.handshake_timeout
         self.task: asyncio.Task | None = None
-        self.close_reason = "client_closed"
+        self.close_reason: Close | Refusal = Close.CLIENT_CLOSED
         self.idle_mark = -1
         self.idle_since = self.started
 
@@ -165,9 +167,9 @@ class Connection:
     def on_error(self, exc: Exception) -> None:
         """A bug in this connection's handling: it alone is closed, as internal_error."""
         if self.state is State.FORWARDING:
-            self._close("internal_error", reset_client=True, reset_upstream=True)
+            self._close(Close.INTERNAL_ERROR, reset_client=True, reset_upstream=True)
         elif self.state is not State.CLOSED:
-            self.refuse("internal_error", detail=repr(exc))
+            self.refuse(Refusal.INTERNAL_ERROR, detail=repr(exc))
 
     def _enter(self, state: State) -> None:
         if state not in _NEXT[self.state]:
@@ -184,17 +186,17 @@ class Connection:
         try:
             self.ctx.events.add(self.client_fd, self)
         except OSError:
-            self._close("internal_error", reset_client=True)
+            self._close(Close.INTERNAL_ERROR, reset_client=True)
             return
         self._read_client()
 
     def _admit(self) -> bool:
         """Allowlist and per-client limit, on the real client address."""
         if not self.listener.allow.allows(self.client_ip):
-            self.refuse("denied", detail=f"{self.client_ip} is not in the allowlist of {self.listener.name}")
+            self.refuse(Refusal.DENIED, detail=f"{self.client_ip} is not in the allowlist of {self.listener.name}")
             return False
         if not self.ctx.limits.try_acquire(self.client_ip):
-            self.refuse("client_limit", detail=f"{self.client_ip} holds {self.ctx.limits.max_per_client} connections")
+            self.refuse(Refusal.CLIENT_LIMIT, detail=f"{self.client_ip} holds {self.ctx.limits.max_per_client} connections")
             return False
         self.holds_slot = True
         return True
@@ -207,7 +209,7 @@ class Connection:
             self._forward_event(fd, events)
         elif fd == self.client_fd:
             if events & ERR:  # reset before forwarding: the client left
-                self._close("client_closed")
+                self._close(Close.CLIENT_CLOSED)
                 return
             if not events & IN:
                 return  # writable: the first event of every registration; nothing to read
@@ -252,11 +254,11 @@ class Connection:
         except BlockingIOError:
             return
         except OSError:
-            self._close("client_closed")
+            self._close(Close.CLIENT_CLOSED)
             return
         if n == 0:
             log.debug("%s: closed before a complete ClientHello", self._client())
-            self._close("client_closed")
+            self._close(Close.CLIENT_CLOSED)
             return
         self.hello_reads += 1
         # A short read drained the socket: the client Flow need not try again until an edge
@@ -297,9 +299,9 @@ class Connection:
         try:
             header = parse_proxy_header(buf)
         except ProxyProtocolError as exc:
-            self.refuse("bad_proxy_header", detail=str(exc))
+            self.refuse(Refusal.BAD_PROXY_HEADER, detail=str(exc))
             return b""
-        if header is PROXY_NEED_DATA:
+        if header is NEED_DATA:
             self.received = buf
             return b""
         self.received = b""
@@ -316,11 +318,11 @@ class Connection:
         self.hello = hello
         self.hello_seconds = clock() - self.started
         if hello.sni is None:
-            self.refuse("no_sni", alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
+            self.refuse(Refusal.NO_SNI, alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
             return
         route = self.ctx.routes.match(hello.sni)
         if route is None:
-            self.refuse("no_route", alert=True, detail=f"no route for {hello.sni}")
+            self.refuse(Refusal.NO_ROUTE, alert=True, detail=f"no route for {hello.sni}")
             return
         self.route = route
         self.route_stats = rs = self.ctx.stats.route(route.name)
@@ -344,7 +346,7 @@ class Connection:
         except ResolveError as exc:
             if self.state is State.RESOLVING:
                 log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
-                self.refuse("resolve_failed", detail=str(exc))
+                self.refuse(Refusal.RESOLVE_FAILED, detail=str(exc))
         except Exception as exc:  # a bug costs this connection, logged, never a hung one
             log.error("internal error while resolving %s", host, exc_info=exc)
             self.on_error(exc)
@@ -398,11 +400,11 @@ class Connection:
         if self.loops and self.loops == len(self.addresses):
             log.error("route %s: %s resolves to this proxy's own listener; refusing a loop",
                       route.name, route.upstream_for(self.hello.sni))
-            self.refuse("loop", detail="every address is one of our own listeners")
+            self.refuse(Refusal.LOOP, detail="every address is one of our own listeners")
         else:
             log.warning("route %s: cannot connect to %s port %d: %s", route.name,
                         route.upstream_for(self.hello.sni), route.port, "; ".join(self.failures))
-            self.refuse("connect_failed", detail="; ".join(self.failures))
+            self.refuse(Refusal.CONNECT_FAILED, detail="; ".join(self.failures))
 
     def _connect_failed(self, why: str) -> None:
         self.failures.append(f"{self.addresses[self.attempt - 1]}: {why}")
@@ -444,7 +446,7 @@ class Connection:
             return
         if result is Result.EOF:
             if self.up.done and self.down.done:
-                self._close("done")
+                self._close(_DONE)
             else:  # the other direction's FIN will end the pair: its close sends the FIN
                 (self.down if flow is self.up else self.up).last = True
         elif result is Result.MORE:
@@ -470,16 +472,17 @@ class Connection:
         finished: a reset then only refuses late bytes (a TLS close_notify after the server
         closed), and the pair ends as done, without a reset."""
         if sent_by.done:
-            self._close("done")
+            self._close(_DONE)
             return
         if log.isEnabledFor(logging.DEBUG):
             why = self.up.error or self.down.error
             log.debug("%s: %s reset (%s)", self._client(), side, why or "EPOLLERR")
-        self._close(f"{side}_reset", reset_client=side == "upstream", reset_upstream=side == "client")
+        self._close(Close.CLIENT_RESET if side == "client" else Close.UPSTREAM_RESET, reset_client=side == "upstream",
+                    reset_upstream=side == "client")
 
     # -- close -----------------------------------------------------------------------------
 
-    def refuse(self, reason: str, alert: bool = False, detail: str = "") -> None:
+    def refuse(self, reason: Refusal, alert: bool = False, detail: str = "") -> None:
         """Close a connection that never reaches FORWARDING, counting why (and, at debug
         level, saying why in one line)."""
         self.ctx.stats.reject(reason)
@@ -492,19 +495,19 @@ class Connection:
                 pass
         self._close(reason)
 
-    def abort(self, reason: str) -> None:
-        """The sweep's deadlines and the end of drain: close now."""
+    def force_close(self) -> None:
+        """The drain is over: close now, counted as ``drain``."""
         if self.state is State.FORWARDING:
-            self._close(reason)
+            self._close(Close.DRAIN)
         elif self.state is not State.CLOSED:
-            self.refuse(reason)
+            self.refuse(Refusal.DRAIN)
 
     def expire(self, now: float) -> None:
         """Called by the sweep: act on a deadline that has passed."""
         state = self.state
         if state in _HANDSHAKE:
             if now >= self.deadline:
-                self.refuse("handshake_timeout", detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
+                self.refuse(Refusal.HANDSHAKE_TIMEOUT, detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
         elif state is State.CONNECTING:
             if now >= self.deadline:
                 self._connect_failed("timeout")
@@ -514,9 +517,9 @@ class Connection:
                 self.idle_mark = total
                 self.idle_since = now
             elif now - self.idle_since >= self.ctx.idle_timeout:
-                self._close("idle")
+                self._close(Close.IDLE)
 
-    def _close(self, reason: str, reset_client: bool = False, reset_upstream: bool = False) -> None:
+    def _close(self, reason: Close | Refusal, reset_client: bool = False, reset_upstream: bool = False) -> None:
         if self.state is State.CLOSED:
             return
         forwarding = self.state is State.FORWARDING

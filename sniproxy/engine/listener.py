@@ -9,7 +9,6 @@ pauses (connections wait in the kernel's backlog) and tries again after a back-o
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import resource
@@ -17,9 +16,9 @@ import socket
 import time
 from collections.abc import Callable
 
+from ..addresses import format_address
 from ..config import Listen
 from ..errors import BindError
-from ..hostnames import format_address
 from .events import LISTENER_EVENTS, EventSet, errno_name
 
 log = logging.getLogger("sniproxy.listener")
@@ -37,10 +36,6 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 def listen_name(listen: Listen) -> str:
     return format_address(listen.address, listen.port)
-
-
-def is_wildcard(address: str) -> bool:
-    return ipaddress.ip_address(address).is_unspecified
 
 
 def bind(listen: Listen) -> socket.socket:

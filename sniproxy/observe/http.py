@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..addresses import format_address
 from ..errors import BindError
-from ..hostnames import format_address
+from ..tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class MetricsServer:
         self.ready = ready
         self.loop = asyncio.get_running_loop()
         self._reserve = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(RESERVE)]
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -85,12 +86,9 @@ class MetricsServer:
                     os.close(self._reserve.pop())
                 continue
             conn.setblocking(False)
-            task = self.loop.create_task(self._serve(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            self._tasks.spawn(self._serve(conn)).add_done_callback(self._refill)
 
-    def _done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+    def _refill(self, task: asyncio.Task) -> None:
         while len(self._reserve) < RESERVE:
             try:
                 self._reserve.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
@@ -142,8 +140,7 @@ class MetricsServer:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel_all()
         for fd in self._reserve:
             os.close(fd)
         self._reserve.clear()

@@ -92,6 +92,7 @@ class Stats:
         return rs
 
     def reject(self, reason: str) -> None:
+        """Count a refusal by its ``reasons.Refusal``."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def dns_result(self, result: str) -> None:

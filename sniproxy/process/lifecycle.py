@@ -24,10 +24,11 @@ from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily
 
+from ..addresses import format_address
 from ..config import Config
-from ..hostnames import format_address
 from ..observe.http import MetricsServer, bind_metrics
 from ..observe.metrics import make_registry
+from ..tasks import TaskSet
 from .systemd import watchdog_interval
 
 log = logging.getLogger("sniproxy.lifecycle")
@@ -93,7 +94,7 @@ class Lifecycle:
         self._reloading: asyncio.Task | None = None
         self.reload_ok = True
         self.reload_time = time.time()  # as Prometheus reports it: the start counts as a load
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet()
 
     # -- signals: flags only -------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class Lifecycle:
             log.info("ready: %s", service.status())
         interval = watchdog_interval()
         if interval is not None and self.serves_metrics:
-            self._keep(self._watchdog(interval))
+            self.tasks.spawn(self._watchdog(interval))
 
         # serve
         while True:
@@ -176,8 +177,7 @@ class Lifecycle:
         await service.drain(service.config.server.drain_timeout, self.hurry)
 
         # exit
-        for task in self._tasks:
-            task.cancel()
+        self.tasks.cancel_all()
         if metrics is not None:
             metrics.close()
         log.info("stopped")
@@ -213,12 +213,6 @@ class Lifecycle:
                 self.notifier.watchdog()
                 self.notifier.status(self.service.status())
             await asyncio.sleep(interval)
-
-    def _keep(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
 
 class LifecycleCollector:

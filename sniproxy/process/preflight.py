@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import regions
+from ..addresses import format_address
 from ..config import Config, open_listeners
 from ..engine.listener import listen_name
 from ..errors import ConfigError
-from ..hostnames import format_address
+from ..tools.ports import is_sniproxy, listener_owner, listening_sockets, try_bind
 from .systemd import LISTEN_FDS_START, normalise_address, unit_name
 
 #: What to do about a failed bind, by errno: shared by `check` and a failing `run`.
@@ -105,8 +106,6 @@ def _probe(address: str, port: int) -> _Probe:
     """Bind as `run` would; when that fails, whether a running sniproxy (or systemd, for one)
     holds the address, so `check` passes as ExecReload= while the service serves. doctor's
     listener check, reused."""
-    from ..tools.doctor import is_sniproxy, listener_owner, try_bind
-
     try:
         try_bind(address, port)
         return _Probe("free")
@@ -154,8 +153,6 @@ def _activated(owners: list[int], held_by_systemd: bool,
 
 
 def _sniproxy_pids() -> list[int]:
-    from ..tools.doctor import is_sniproxy
-
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -192,26 +189,9 @@ def _inherited_addresses(pid: int) -> _Activated | None:
             continue  # closed since
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
-    listening = _listening_inodes()
+    listening = listening_sockets()
     addresses = [normalise_address(listening[inode]) for inode in inodes if inode in listening]
     return _Activated(pid, unit_name(env.get("LISTEN_FDNAMES", "").split(":")), sorted(addresses))
-
-
-def _listening_inodes() -> dict[str, tuple[str, int]]:
-    """Listening TCP sockets by inode, from /proc/net/tcp{,6} (doctor's address parser)."""
-    from ..tools.doctor import proc_address
-
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) >= 10 and fields[3] == "0A":  # 0A: LISTEN
-                found[fields[9]] = proc_address(fields[1])
-    return found
 
 
 def bind_problems(config: Config) -> list[str]:

@@ -24,14 +24,13 @@ from . import preflight
 from .channel import WorkerChannel
 from .lifecycle import Flag, Lifecycle
 from .privdrop import drop_privileges
+from .reload import Loader
 from .server import Server
 from .supervisor import Supervisor
 from .systemd import Notifier, inherited_sockets, match_listeners
 
 log = logging.getLogger("sniproxy.run")
 
-#: Reads the config again, for a reload: the config, and the bytes workers are given.
-Loader = Callable[[], tuple[Config, bytes]]
 Run = Coroutine[Any, Any, None]
 
 
@@ -62,7 +61,7 @@ def proxy(config: Config, text: bytes, load: Loader, *, log_level: str | None, a
     access = _access_log(config.log.access if access_log else "off")
 
     async def serve() -> None:
-        server = Server(config, asyncio.get_running_loop(), access, lambda: load()[0], reopen)
+        server = Server(config, asyncio.get_running_loop(), access, load, reopen)
         server.sockets = sockets
         server.fixed_listeners = socket_activated
         await Lifecycle(server, Notifier()).main(after_start=lambda: _drop_root(config))
@@ -81,7 +80,7 @@ def worker(config: Config, channel: socket.socket, fds: list[int], index: int, l
     access = _access_log(config.log.access if access_log else "off")
 
     async def work() -> None:
-        server = Server(config, asyncio.get_running_loop(), access, lambda: load()[0], _reopener(handlers))
+        server = Server(config, asyncio.get_running_loop(), access, load, _reopener(handlers))
         server.sockets = match.matched
         lifecycle = Lifecycle(server, WorkerChannel(channel, server.snapshot, lambda: lifecycle.signal(Flag.STOP)),
                               serves_metrics=False, takes_reloads=False, delays_drain=False)

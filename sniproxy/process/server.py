@@ -14,45 +14,32 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
+from ..addresses import is_unspecified
 from ..allow import Allowlist, ClientLimits
-from ..config import FIXED_LISTENERS, Config, Listen, listeners_differ
+from ..config import Config, Listen
 from ..dns.resolver import Resolver
 from ..engine.connection import Connection, Context, ListenerInfo, clock
 from ..engine.events import EventSet
-from ..engine.listener import Listener, bind, is_wildcard, listen_name
+from ..engine.listener import Listener, bind, listen_name
 from ..engine.splice import splice_after
-from ..errors import ConfigError, SniproxyError
+from ..errors import SniproxyError
 from ..observe.accesslog import AccessLog
 from ..observe.metrics import ProcessTreeCollector
 from ..observe.stats import Stats
+from ..reasons import Refusal
 from ..routes import RouteTable
+from ..tasks import TaskSet
+from .reload import SINGLE_PROCESS, Loader, load_new, warn_restart_only
 
 log = logging.getLogger("sniproxy.server")
 
 #: Deadlines (handshake, connect, idle) are checked this often, at most.
 SWEEP_INTERVAL = 1.0
-#: Changed settings that a reload of one process cannot apply.
-RESTART_ONLY = (("server", "workers"), ("server", "user"), ("server", "group"), ("metrics", None), ("log", None))
-
-
-def restart_only_changes(old: Config, new: Config, keys: Iterable[tuple[str, str | None]] = RESTART_ONLY) -> list[str]:
-    """The restart-only settings ``new`` changes: "[server] workers", "[metrics]"..."""
-    changed = []
-    for section, key in keys:
-        a, b = getattr(old, section), getattr(new, section)
-        if key is not None:
-            a, b = getattr(a, key), getattr(b, key)
-        if a != b:
-            changed.append(f"[{section}] {key}" if key else f"[{section}]")
-    return changed
-
-
 class Server:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, access_log: AccessLog | None,
-                 load_config: Callable[[], Config] | None = None, reopen: Callable[[], None] | None = None):
+                 load_config: Loader | None = None, reopen: Callable[[], None] | None = None):
         self.config = config
         self.loop = loop
         self.access_log = access_log
@@ -67,7 +54,7 @@ class Server:
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # inherited, not yet listening
         self.fixed_listeners = False  # from systemd: a reload may not add or remove one
         self._client_counts: dict[str, int] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet()
         self._local: dict[str, bool] = {}
         self._loops: dict[tuple[str, int], bool] = {}
         self._drained = asyncio.Event()
@@ -89,14 +76,8 @@ class Server:
             splice_after=splice_after(s.splice),
             refuse_alert=s.refuse_alert,
             is_loop=self.is_loop,
-            spawn=self._spawn,
+            spawn=self.tasks.spawn,
         )
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # -- accept ----------------------------------------------------------------------------
 
@@ -105,7 +86,7 @@ class Server:
         conn = Connection(self.ctx, info, fd, peer, self._closed)
         self.connections.add(conn)
         if len(self.connections) > self.config.server.max_connections:
-            conn.refuse("limit", detail=f"max_connections {self.config.server.max_connections} reached")
+            conn.refuse(Refusal.LIMIT, detail=f"max_connections {self.config.server.max_connections} reached")
             return
         conn.start()
 
@@ -140,7 +121,7 @@ class Server:
         for address, listen_port in self.listeners:
             if listen_port != port:
                 continue
-            if address == ip or (is_wildcard(address) and self._is_local(ip)):
+            if address == ip or (is_unspecified(address) and self._is_local(ip)):
                 return True
         return False
 
@@ -174,15 +155,13 @@ class Server:
     async def reload(self) -> bool:
         """Re-read the config: new routes, resolver, limits, timeouts and splice policy for
         new connections (running ones keep their context), listeners added and removed."""
-        try:
-            new = self.load_config()
-            splice_after(new.server.splice)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
+        if self.load_config is None:
+            log.error("reload failed: this server has no config file to read")
             return False
-        if self.fixed_listeners and listeners_differ(self.config, new):
-            log.error("reload failed, keeping the running config: %s", FIXED_LISTENERS)
+        loaded = load_new(self.load_config, self.config, self.fixed_listeners, log)
+        if loaded is None:
             return False
+        new = loaded[0]
         added = [entry for entry in new.listen if entry.key not in self.listeners]
         sockets = {}
         try:
@@ -193,8 +172,7 @@ class Server:
                 sock.close()
             log.error("reload failed, keeping the running config: %s", exc)
             return False
-        for setting in restart_only_changes(self.config, new):
-            log.warning("reload: %s changed; that takes effect on restart", setting)
+        warn_restart_only(self.config, new, SINGLE_PROCESS, log)
         wanted = {entry.key: entry for entry in new.listen}
         for key in [k for k in self.listeners if k not in wanted]:
             listener, info = self.listeners.pop(key)
@@ -233,11 +211,10 @@ class Server:
                 why = "second stop signal" if rush in done else "drain timeout"
                 log.info("%s: closing %d connections", why, len(self.connections))
                 for conn in list(self.connections):
-                    conn.abort("drain")
+                    conn.force_close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        self.tasks.cancel_all()
         if self.access_log is not None:
             self.access_log.flush()
 

@@ -31,13 +31,14 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..config import FIXED_LISTENERS, Config, listeners_differ
+from ..config import Config
 from ..engine.listener import bind
-from ..engine.splice import splice_enabled
-from ..errors import ConfigError, SniproxyError
+from ..errors import SniproxyError
 from ..observe.metrics import ProcessTreeCollector
 from ..observe.stats import empty_snapshot, merge
+from ..tasks import TaskSet
 from .channel import CMD_SNAPSHOT, Event, config_command, decode
+from .reload import SUPERVISOR, Loader, load_new, warn_restart_only
 
 log = logging.getLogger("sniproxy.supervisor")
 
@@ -95,7 +96,7 @@ class Worker:
 
 class Supervisor:
     def __init__(self, config: Config, config_text: bytes, sockets: dict[tuple[str, int], socket.socket],
-                 worker_argv: list[str], load_config: Callable[[], tuple[Config, bytes]],
+                 worker_argv: list[str], load_config: Loader,
                  reopen: Callable[[], None] | None = None):
         self.config = config
         self.config_text = config_text
@@ -115,7 +116,7 @@ class Supervisor:
         self.fixed_listeners = False  # from systemd: a reload may not add or remove one
         self._stop = asyncio.Event()
         self._collecting: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet()
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -130,14 +131,8 @@ class Supervisor:
         child.close()
         w.started = time.monotonic()
         parent.sendall(config_command(config_text))
-        w.watcher = self._keep(self._watch(w, parent, config_text, sockets))
+        w.watcher = self.tasks.spawn(self._watch(w, parent, config_text, sockets))
         log.info("worker %d started (pid %d, generation %d)", w.index, w.proc.pid, w.generation)
-
-    def _keep(self, coro) -> asyncio.Task:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _watch(self, w: Worker, sock: socket.socket, config_text: bytes, sockets: dict) -> None:
         """Read a worker's channel until it closes; then account for it, and restart it if
@@ -250,20 +245,11 @@ class Supervisor:
         self.workers = workers
 
     async def reload(self) -> bool:
-        try:
-            new, text = self.load_config()
-            splice_enabled(new.server.splice)  # checked here, before any worker sees it
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
+        loaded = load_new(self.load_config, self.config, self.fixed_listeners, log)  # before any worker sees it
+        if loaded is None:
             return False
-        if self.fixed_listeners and listeners_differ(self.config, new):
-            log.error("reload failed, keeping the running config: %s", FIXED_LISTENERS)
-            return False
-        if new.metrics != self.config.metrics:
-            log.warning("reload: [metrics] changed; that takes effect on restart")
-        if new.log != self.config.log:
-            log.warning("reload: [log] changed: the new workers use it; this supervisor's own error log "
-                        "keeps its target until a restart")
+        new, text = loaded
+        warn_restart_only(self.config, new, SUPERVISOR, log)
         sockets = {}
         try:
             for listen in new.listen:

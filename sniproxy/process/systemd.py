@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..addresses import format_address
 from ..config import Config
 from ..errors import SniproxyError
-from ..hostnames import format_address
 
 log = logging.getLogger("sniproxy.systemd")
 

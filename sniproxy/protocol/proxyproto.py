@@ -15,23 +15,16 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import SniproxyError
+from ..reasons import Refusal
+from .wire import NEED_DATA, NeedData
 
 
 class ProxyProtocolError(SniproxyError):
     """The connection's first bytes are not a valid PROXY protocol header."""
 
-    reason = "bad_proxy_header"
+    reason = Refusal.BAD_PROXY_HEADER
 
 
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-"""Returned by ``parse`` while the header is incomplete: read more and call again."""
 
 
 class Command(enum.IntEnum):
@@ -101,7 +94,7 @@ def looks_like_proxy(buf: bytes) -> bool:
     return head.startswith(V1_PREFIX) or V1_PREFIX.startswith(head) or V2_SIGNATURE.startswith(head)
 
 
-def parse(buf: bytes) -> ProxyHeader | _NeedData:
+def parse(buf: bytes) -> ProxyHeader | NeedData:
     """Parse a PROXY v1 or v2 header at the start of ``buf``."""
     head = bytes(buf[: len(V2_SIGNATURE)])
     if head.startswith(V1_PREFIX):
@@ -113,7 +106,7 @@ def parse(buf: bytes) -> ProxyHeader | _NeedData:
     raise ProxyProtocolError("no PROXY protocol signature")
 
 
-def _parse_v1(buf: bytes) -> ProxyHeader | _NeedData:
+def _parse_v1(buf: bytes) -> ProxyHeader | NeedData:
     window = bytes(buf[:V1_MAX_LENGTH])
     end = window.find(b"\r\n")
     if end < 0:
@@ -160,7 +153,7 @@ def _v1_port(field: bytes) -> int:
     return port
 
 
-def _parse_v2(buf: bytes) -> ProxyHeader | _NeedData:
+def _parse_v2(buf: bytes) -> ProxyHeader | NeedData:
     if len(buf) < V2_HEADER.size:
         return NEED_DATA
     _, version_command, family_transport, length = V2_HEADER.unpack_from(buf)

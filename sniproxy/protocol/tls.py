@@ -13,7 +13,7 @@ from enum import IntEnum
 
 from ..errors import BadHello, NotTLS, WireError
 from ..hostnames import normalize_host
-from .wire import Buffer
+from .wire import NEED_DATA, Buffer, NeedData
 
 
 class ContentType(IntEnum):
@@ -47,14 +47,6 @@ class NameType(IntEnum):
     HOST_NAME = 0
 
 
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 #: Largest ClientHello message body accepted. Post-quantum key shares make today's hellos
 #: ~1.8 KB; 64 KiB leaves room for years of growth while bounding what a client can make us hold.
@@ -369,7 +361,7 @@ class HelloReader:
         self._message = bytearray()
         self._length = -1  # handshake body length, once known
 
-    def feed(self, data: bytes) -> ClientHello | _NeedData:
+    def feed(self, data: bytes) -> ClientHello | NeedData:
         received = self.received
         received += data
         if len(received) < RECORD_HEADER:

@@ -1,6 +1,20 @@
-"""A tiny read cursor over bytes, after aioquic's Buffer."""
+"""What the sans-I/O parsers share: the NEED_DATA sentinel, and a tiny read cursor over
+bytes, after aioquic's Buffer."""
 
 from ..errors import WireError
+
+
+class NeedData:
+    """"Not enough bytes yet": a return value, never an exception (as in h11)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by a parser while its input is incomplete: read more and call again.
+NEED_DATA = NeedData()
 
 
 class Buffer:

@@ -14,11 +14,9 @@ import errno
 import http.client
 import ipaddress
 import json
-import os
 import re
 import socket
 import ssl
-import struct
 import sys
 import time
 
@@ -28,11 +26,13 @@ import dns.resolver
 from prometheus_client.parser import text_string_to_metric_families
 
 from sniproxy import config as config_mod
+from sniproxy.addresses import format_address
 from sniproxy.config import Config, ResolverConfig
 from sniproxy.errors import ConfigError
 from sniproxy.routes import Route, is_wildcard
 from sniproxy.tools.findings import BLOCK, OK
 from sniproxy.tools.findings import WARN as FINDING_WARN
+from sniproxy.tools.ports import is_sniproxy, listener_owner, try_bind
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 _MARK = {PASS: "PASS", WARN: "WARN", FAIL: "FAIL", SKIP: "SKIP"}
@@ -64,10 +64,6 @@ class Failed(Exception):
         self.hint = hint
 
 
-def _hostport(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 # --- names -----------------------------------------------------------------------------------
 
 def resolve(name: str, resolver: ResolverConfig) -> tuple[list[str], int]:
@@ -77,7 +73,7 @@ def resolve(name: str, resolver: ResolverConfig) -> tuple[list[str], int]:
     r.port = resolver.port
     r.timeout = r.lifetime = resolver.timeout
     r.cache = None
-    servers = ", ".join(_hostport(s, resolver.port) for s in resolver.nameservers)
+    servers = ", ".join(format_address(s, resolver.port) for s in resolver.nameservers)
     addresses: list[str] = []
     ttls: list[int] = []
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
@@ -183,7 +179,7 @@ def check_name(route: Route, name: str, config: Config, context: ssl.SSLContext)
                             "upstream (sniproxy discover)",
                             data={"public": public}))
     for address in addresses:
-        target = _hostport(address, route.port)
+        target = format_address(address, route.port)
         try:
             sock, seconds = connect(address, route.port, config.server.connect_timeout)
         except Failed as exc:
@@ -207,69 +203,8 @@ def check_name(route: Route, name: str, config: Config, context: ssl.SSLContext)
 
 # --- listeners and metrics -------------------------------------------------------------------
 
-def proc_address(text: str) -> tuple[str, int]:
-    """An address:port from /proc/net/tcp{,6} (hex, host byte order per 32-bit word)."""
-    host, port = text.split(":")
-    raw = bytes.fromhex(host)
-    words = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0])
-                     for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(words)), int(port, 16)
-
-
-def listener_owner(address: str, port: int) -> tuple[int, list[str]] | None:
-    """(pid, argv) of the process listening on address:port, when /proc tells."""
-    inodes = set()
-    wanted = ipaddress.ip_address(address)
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
-                continue
-            local, local_port = proc_address(fields[1])
-            ip = ipaddress.ip_address(local)
-            if local_port == port and (ip == wanted or ip.is_unspecified or wanted.is_unspecified):
-                inodes.add(fields[9])
-    holders = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            for fd in fds:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                        argv = handle.read().decode(errors="replace").split("\0")
-                    holders.append((int(pid), [a for a in argv if a]))
-                    break
-        except OSError:
-            continue
-    # Beside a socket-activated service, pid 1 holds the same socket: the sniproxy is the owner.
-    return next((h for h in holders if is_sniproxy(h[1])), holders[0] if holders else None)
-
-
-def is_sniproxy(argv: list[str]) -> bool:
-    if any(os.path.basename(arg) == "sniproxy" for arg in argv[:2]):
-        return True
-    return any(a == "-m" and b == "sniproxy" for a, b in zip(argv, argv[1:]))
-
-
-def try_bind(address: str, port: int) -> None:
-    """Bind as the proxy would (without SO_REUSEPORT, so a running listener is noticed)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
-        sock.listen(1)
-
-
 def check_listener(address: str, port: int, group: str = "listeners") -> Check:
-    target = _hostport(address, port)
+    target = format_address(address, port)
     try:
         try_bind(address, port)
         return Check(PASS, "listen", group, target, "bindable", data={"state": "free"})
@@ -319,7 +254,7 @@ def scrape(address: str, port: int, timeout: float) -> int:
 
 def check_metrics(config: Config, running: bool) -> Check:
     m = config.metrics
-    target = _hostport(m.address, m.port)
+    target = format_address(m.address, m.port)
     if not m.enabled:
         return Check(SKIP, "metrics", "metrics", target, "disabled in the config")
     try:

@@ -6,7 +6,7 @@ from AWS); findings, each with its fix, and the upstream overrides for the confi
 
 from __future__ import annotations
 
-from sniproxy.tools import policy
+from sniproxy.ecr import starport_bucket
 from sniproxy.tools.findings import BLOCK, OK, WARN, Finding
 from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
 from sniproxy.tools.policy_findings import ecr_finding, s3_finding
@@ -137,7 +137,7 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
         findings.append(Finding(BLOCK, "s3", f"S3 interface endpoint {interface.id} has no "
                                 "regional vpce DNS name", f"enable private DNS on {interface.id}"))
         return findings
-    upstreams["s3"] = policy.starport_bucket(site.region) + "." + regional.removeprefix("*.")
+    upstreams["s3"] = starport_bucket(site.region) + "." + regional.removeprefix("*.")
     why = ("answers only inbound resolver endpoints" if interface.private_dns
            else "has private DNS disabled")
     findings.append(Finding(WARN, "s3", f"S3 interface endpoint {interface.id} {why}; "

@@ -17,6 +17,7 @@ import itertools
 import re
 from collections.abc import Iterable
 
+from sniproxy.ecr import starport_bucket
 from sniproxy.tools import iam
 from sniproxy.tools.policy import (
     AUTH_ACTION,
@@ -26,7 +27,6 @@ from sniproxy.tools.policy import (
     REPOSITORY_ACTIONS,
     layer_arn,
     partition,
-    starport_bucket,
 )
 
 # Actions whose reach matters, beyond the ones docker needs: reading or changing other

@@ -15,7 +15,7 @@ import sys
 
 from sniproxy import config as config_mod
 from sniproxy.config import Config
-from sniproxy.ecr import DKR, ecr_names
+from sniproxy.ecr import DKR, ecr_names, starport_bucket
 from sniproxy.errors import ConfigError
 from sniproxy.routes import is_wildcard
 
@@ -44,11 +44,6 @@ _DKR_CANDIDATE = re.compile(r"^([0-9]{12})\.dkr[.-]ecr(?:-fips)?\.([a-z0-9-]+)\.
 
 def partition(region: str) -> str:
     return next((name for prefix, name in PARTITIONS.items() if region.startswith(prefix)), "aws")
-
-
-def starport_bucket(region: str) -> str:
-    """The AWS-owned bucket ECR serves image layers from, in every region."""
-    return f"prod-{region}-starport-layer-bucket"
 
 
 def repository_arns(region: str, accounts: tuple[str, ...]) -> list[str]:

@@ -122,7 +122,7 @@ class Engine:
     def stop(self) -> None:
         def shutdown():
             for conn in list(self.live):
-                conn.abort("drain")
+                conn.force_close()
             self.listener.close()
             self.loop.stop()
 
