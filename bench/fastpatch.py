@@ -65,9 +65,9 @@ def _is_ip(name: str) -> bool:
     return known""")]},
     "B": {
         "forward.py": [
-            ('''    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_at",
+            ('''    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_after",
                  "pending", "pipe", "in_pipe", "done", "error")''',
-             '''    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_at",
+             '''    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_after",
                  "pending", "pipe", "in_pipe", "done", "error", "last")'''),
             ('''        self.done = False
         self.error: OSError | None = None

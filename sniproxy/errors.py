@@ -37,6 +37,10 @@ class BadHello(HelloError):
     reason = Refusal.BAD_HELLO
 
 
+class UsageError(SniproxyError):
+    """A bad command-line value, or a fact no flag gave and nothing else could tell: one line."""
+
+
 class WireError(SniproxyError):
     """A read ran past the end of a buffer or a length-prefixed block."""
 

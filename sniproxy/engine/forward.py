@@ -2,7 +2,7 @@
 
 Copy small, splice big, on the same descriptors: a direction copies through the event
 set's scratch buffer (``readv``/``write``) and moves to splice(2) through a pooled pipe once it has
-carried ``splice_at`` bytes. Both modes keep one backpressure rule: ``src`` is read only
+carried ``splice_after`` bytes. Both modes keep one backpressure rule: ``src`` is read only
 while nothing is held for ``dst``. What is held is either the unsent tail of one read (at
 most ``CHUNK`` bytes, in user space) or the bytes of one pipe (in the kernel), never both.
 
@@ -51,20 +51,20 @@ class Result(enum.Enum):
 
 
 class Flow:
-    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_at",
+    __slots__ = ("src", "dst", "readable", "eof_pending", "writable", "mode", "nbytes", "splice_after",
                  "pending", "pipe", "in_pipe", "done", "last", "error")
 
-    def __init__(self, src: int, dst: int, splice_at: float, head: bytes = b"", readable: bool = True,
+    def __init__(self, src: int, dst: int, splice_after: float, head: bytes = b"", readable: bool = True,
                  eof_pending: bool = False):
         self.src = src
         self.dst = dst
         self.readable = readable
         self.eof_pending = eof_pending
         self.writable = True
-        self.mode = Mode.COPY  # the first read past splice_at moves it to SPLICE
+        self.mode = Mode.COPY  # the first read past splice_after moves it to SPLICE
         self.nbytes = len(head)
         """Bytes read from src so far (those in ``head`` included): a live counter."""
-        self.splice_at = splice_at
+        self.splice_after = splice_after
         self.pending: memoryview | None = memoryview(head) if head else None
         self.pipe: Pipe | None = None
         self.in_pipe = 0
@@ -123,7 +123,7 @@ class Flow:
             if not rounds:
                 return Result.MORE
             rounds -= 1
-            if self.mode is Mode.COPY and self.nbytes >= self.splice_at:
+            if self.mode is Mode.COPY and self.nbytes >= self.splice_after:
                 self.mode = Mode.SPLICE
                 log.debug("fd %d -> fd %d: moved to splice after %d bytes", self.src, self.dst, self.nbytes)
             if self.mode is Mode.SPLICE and (self.pipe is not None or self._take_pipe()):

@@ -19,9 +19,9 @@ import tomllib
 
 from sniproxy import config as config_mod
 from sniproxy.config import Config
-from sniproxy.errors import ConfigError
+from sniproxy.errors import ConfigError, UsageError
 from sniproxy.tools import policy
-from sniproxy.tools.endpoints import assess, endpoints_from_api, s3_gateway
+from sniproxy.tools.endpoints import assess
 from sniproxy.tools.findings import findings_table
 from sniproxy.tools.hosts import hosts_lines
 from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
@@ -134,10 +134,6 @@ def hosts_block(config: Config) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-class UsageError(Exception):
-    """A bad flag value, shown as one line."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", help="AWS region (default: instance metadata, then the "
                         "AWS config)")
@@ -185,65 +181,6 @@ def _service(args: argparse.Namespace) -> Service:
     return Service(args.metrics_address, args.drain_delay, tuple(args.allow), workers)
 
 
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """Where the proxy runs, as far as flags and instance metadata tell."""
-
-    client: object
-    """The `aws.Aws` client for the region."""
-    region: str
-    vpc_id: str
-    subnet_id: str | None
-    interfaces: tuple
-    """This instance's `aws.Interface`s in that VPC (none when not run on it)."""
-
-
-def locate(args: argparse.Namespace, connect, region: str | None = None) -> Location:
-    """Region (`region`, else --region, metadata, the AWS config), VPC and subnet (--vpc-id,
-    --subnet-id, else metadata), and a client for them. `discover` and `doctor --aws` share it."""
-    from sniproxy.tools import aws
-
-    session = aws.session(args.profile)
-    metadata = aws.Imds(aws.imds_endpoint(args.profile)).fetch()
-    region = region or args.region or (metadata and metadata.region) or session.region_name
-    if not region:
-        raise UsageError("no region: pass --region (instance metadata is unavailable and the "
-                         "AWS config names none)")
-    aws.check_region(session, region)
-    if metadata is not None and metadata.region != region:
-        metadata = None  # this instance lives elsewhere: its VPC and IPs do not apply
-    client = (connect or aws.Aws)(session, region)
-
-    vpc_id = args.vpc_id
-    if args.subnet_id:
-        subnet_vpc = client.subnet(args.subnet_id).get("VpcId")
-        if vpc_id and subnet_vpc != vpc_id:
-            raise UsageError(f"subnet {args.subnet_id} is in {subnet_vpc}, not in {vpc_id}")
-        vpc_id = subnet_vpc
-    if not vpc_id and metadata is not None and metadata.primary is not None:
-        vpc_id = metadata.primary.vpc_id
-    if not vpc_id:
-        raise UsageError("no VPC: pass --vpc-id or --subnet-id (instance metadata is "
-                         "unavailable)")
-    local = tuple(i for i in (metadata.interfaces if metadata else ()) if i.vpc_id == vpc_id)
-    subnet_id = args.subnet_id or (local[0].subnet_id if local else None)
-    return Location(client, region, vpc_id, subnet_id, local)
-
-
-def survey(where: Location) -> tuple[str, list[Endpoint], dict[str, VpcRouteTable]]:
-    """The proxy subnet's route table id, the VPC's ECR/S3 endpoints, and the route tables the
-    S3 gateway endpoint of that table is on (its policy covers all of them)."""
-    route_table = where.client.route_table(where.vpc_id, where.subnet_id)
-    rtb = route_table["RouteTableId"]
-    endpoints = endpoints_from_api(where.client.vpc_endpoints(where.vpc_id), where.region)
-    tables = {rtb: VpcRouteTable.from_api(route_table)}
-    gateway = s3_gateway(rtb, [e for e in endpoints if e.service == "s3"])
-    others = [t for t in (gateway.route_table_ids if gateway else ()) if t != rtb]
-    if rtb in (gateway.route_table_ids if gateway else ()) and others:
-        tables.update((t["RouteTableId"], VpcRouteTable.from_api(t)) for t in where.client.route_tables(others))
-    return rtb, endpoints, tables
-
-
 def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, VpcRouteTable]]:
     for account in args.account:
         if not _ACCOUNT.match(account):
@@ -253,7 +190,10 @@ def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], di
             ipaddress.ip_address(address)
         except ValueError:
             raise UsageError(f"--listen {address!r}: not an IP address") from None
-    where = locate(args, connect)
+    from sniproxy.tools.vpc import locate, survey
+
+    where = locate(profile=args.profile, region=args.region, vpc_id=args.vpc_id, subnet_id=args.subnet_id,
+                   connect=connect)
     listen = tuple(args.listen) or tuple(ip for i in where.interfaces for ip in i.local_ipv4s)
     if not listen:
         raise UsageError(f"no listen address: pass --listen IP (instance metadata shows no "

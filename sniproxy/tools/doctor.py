@@ -28,13 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sniproxy import config as config_mod
 from sniproxy.addresses import format_address
 from sniproxy.config import Config, ResolverConfig
-from sniproxy.errors import ConfigError
+from sniproxy.errors import ConfigError, UsageError
 from sniproxy.routes import Route, is_wildcard
-from sniproxy.tools.findings import BLOCK, OK
-from sniproxy.tools.findings import WARN as FINDING_WARN
+from sniproxy.tools.findings import FAIL, PASS, SKIP, WARN, Level
 from sniproxy.tools.ports import is_sniproxy, listener_owner, try_bind
 
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 _MARK = {PASS: "PASS", WARN: "WARN", FAIL: "FAIL", SKIP: "SKIP"}
 ALPN = ["h2", "http/1.1"]
 X509_V_ERR_HOSTNAME_MISMATCH = 62
@@ -44,7 +42,7 @@ _ECR_NAME = re.compile(r"(^|\.)(api\.ecr|dkr\.ecr|ecr)(-fips)?\.[a-z0-9-]+\.amaz
 
 @dataclasses.dataclass
 class Check:
-    status: str
+    status: Level
     check: str
     """"dns", "tcp", "tls", "listen", "metrics" or "policy"."""
     group: str
@@ -278,13 +276,12 @@ def check_metrics(config: Config, running: bool) -> Check:
 # --- endpoint policies (--aws) ----------------------------------------------------------------
 
 POLICY_GROUP = "endpoint policies"
-_STATUS = {OK: PASS, FINDING_WARN: WARN, BLOCK: FAIL}
 
 
 def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[Check]:
     """What `discover` says about the ECR/S3 endpoints' policies, for the registries this config
     routes: read-only AWS calls, with the credentials of the environment or --profile."""
-    from sniproxy.tools import aws, discover, endpoints, policy
+    from sniproxy.tools import aws, endpoints, policy, vpc
     from sniproxy.tools.model import PolicyFiles, Site
 
     try:
@@ -292,9 +289,10 @@ def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[C
     except ConfigError as exc:
         return [Check(FAIL, "policy", POLICY_GROUP, config.source, exc.message)]
     try:
-        where = discover.locate(args, connect, region)
-        rtb, found, tables = discover.survey(where)
-    except (discover.UsageError, aws.AwsError) as exc:
+        where = vpc.locate(profile=args.profile, region=region, vpc_id=args.vpc_id, subnet_id=args.subnet_id,
+                           connect=connect)
+        rtb, found, tables = vpc.survey(where)
+    except (UsageError, aws.AwsError) as exc:
         return [Check(FAIL, "policy", POLICY_GROUP, region, str(exc))]
     site = Site(region=region, vpc_id=where.vpc_id, vpc_cidr=None, subnet_id=where.subnet_id,
                           route_table_id=rtb, accounts=accounts, listen=())
@@ -305,8 +303,8 @@ def aws_checks(config: Config, args: argparse.Namespace, connect=None) -> list[C
     for service in endpoints.SERVICES:
         # The policy of the endpoint in use; without one, why there is none (missing, pending...).
         findings += [policies[service]] if service in policies else \
-            [f for f in plan.findings if f.subject == service and f.level == BLOCK]
-    return [Check(_STATUS[f.level], "policy", POLICY_GROUP, f.subject, f.message, f.fix) for f in findings]
+            [f for f in plan.findings if f.subject == service and f.level == FAIL]
+    return [Check(f.level, "policy", POLICY_GROUP, f.subject, f.message, f.fix) for f in findings]
 
 
 # --- command line ----------------------------------------------------------------------------

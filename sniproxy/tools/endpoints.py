@@ -7,7 +7,7 @@ from AWS); findings, each with its fix, and the upstream overrides for the confi
 from __future__ import annotations
 
 from sniproxy.ecr import starport_bucket
-from sniproxy.tools.findings import BLOCK, OK, WARN, Finding
+from sniproxy.tools.findings import FAIL, PASS, WARN, Finding
 from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
 from sniproxy.tools.policy_findings import ecr_finding, s3_finding
 
@@ -60,19 +60,19 @@ def _assess_ecr(site: Site, service: str, found: list[Endpoint],
     full = f"com.amazonaws.{site.region}.{service}"
     traffic = "image traffic" if service == "ecr.dkr" else "ECR API calls (auth tokens, manifests)"
     if endpoint is None:
-        return Finding(BLOCK, service,
+        return Finding(FAIL, service,
                        f"no {service} endpoint in {site.vpc_id}: {traffic} would leave through "
                        "NAT or IGW",
                        f"create an interface endpoint for {full} in {site.vpc_id}, "
                        "private DNS on")
     if not endpoint.available:
-        return Finding(BLOCK, service, f"{service} endpoint {endpoint.id} is {endpoint.state}",
+        return Finding(FAIL, service, f"{service} endpoint {endpoint.id} is {endpoint.state}",
                        "wait until it is available, or accept/repair it, then run discover again")
     if endpoint.private_dns:
-        return Finding(OK, service, f"{endpoint.id} available, private DNS on")
+        return Finding(PASS, service, f"{endpoint.id} available, private DNS on")
     regional = endpoint.regional_name
     if regional is None:
-        return Finding(BLOCK, service,
+        return Finding(FAIL, service,
                        f"private DNS disabled on {service} ({endpoint.id}) and it has no "
                        "regional vpce DNS name",
                        f"enable private DNS on {endpoint.id}")
@@ -106,7 +106,7 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
     interface = _best([e for e in found if e.type == "Interface" and e.available])
     full = f"com.amazonaws.{site.region}.s3"
     if gateway is not None and gateway.available and rtb in gateway.route_table_ids:
-        return [Finding(OK, "s3", f"gateway {gateway.id} is associated with {rtb}")]
+        return [Finding(PASS, "s3", f"gateway {gateway.id} is associated with {rtb}")]
     findings = []
     if gateway is None:
         problem = None
@@ -121,20 +121,20 @@ def _assess_s3(site: Site, found: list[Endpoint], upstreams: dict[str, str]) -> 
     if interface is None:
         if problem is None:
             findings.append(Finding(
-                BLOCK, "s3", f"no S3 endpoint in {site.vpc_id}: layer downloads would leave "
+                FAIL, "s3", f"no S3 endpoint in {site.vpc_id}: layer downloads would leave "
                 "through NAT or IGW",
                 f"create a gateway endpoint for {full} and associate it with {rtb}"))
         else:
-            findings.append(Finding(BLOCK, "s3", problem, fix))
+            findings.append(Finding(FAIL, "s3", problem, fix))
         return findings
     if problem is not None:
         findings.append(Finding(WARN, "s3", problem + f"; using interface {interface.id}", fix))
     if interface.private_dns and not interface.inbound_only:
-        findings.append(Finding(OK, "s3", f"interface {interface.id} available, private DNS on"))
+        findings.append(Finding(PASS, "s3", f"interface {interface.id} available, private DNS on"))
         return findings
     regional = interface.regional_name
     if regional is None:
-        findings.append(Finding(BLOCK, "s3", f"S3 interface endpoint {interface.id} has no "
+        findings.append(Finding(FAIL, "s3", f"S3 interface endpoint {interface.id} has no "
                                 "regional vpce DNS name", f"enable private DNS on {interface.id}"))
         return findings
     upstreams["s3"] = starport_bucket(site.region) + "." + regional.removeprefix("*.")

@@ -4,14 +4,26 @@ saying what is wrong, and the fix, which may span several lines of commands."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 
-BLOCK, WARN, OK = "block", "warn", "ok"
-_MARK = {BLOCK: "[BLOCK]", WARN: "[WARN ]", OK: "[ OK  ]"}
+
+class Level(enum.StrEnum):
+    """How a check or finding came out: one vocabulary for discover, doctor and their JSON."""
+
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+    """For discover, a blocking finding: the proxy cannot work until it is fixed."""
+    SKIP = "skip"
+
+
+PASS, WARN, FAIL, SKIP = Level.PASS, Level.WARN, Level.FAIL, Level.SKIP
+_MARK = {FAIL: "[BLOCK]", WARN: "[WARN ]", PASS: "[ OK  ]"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    level: str
+    level: Level
     subject: str
     message: str
     fix: str = ""

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 
-from sniproxy.tools.findings import BLOCK, Finding
+from sniproxy.tools.findings import FAIL, Finding
 from sniproxy.tools.policy import DEFAULT_OUT, FILES
 
 # Regional vpce names: "vpce-<hex>-<id>.<service>..."; zonal names add "-<az>" after the id.
@@ -69,7 +69,7 @@ class Plan:
 
     @property
     def blocking(self) -> bool:
-        return any(f.level == BLOCK for f in self.findings)
+        return any(f.level == FAIL for f in self.findings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 
 from sniproxy.tools import exposure
-from sniproxy.tools.findings import OK, WARN, Finding
+from sniproxy.tools.findings import PASS, WARN, Finding
 from sniproxy.tools.model import Endpoint, PolicyFiles, Site, VpcRouteTable
 from sniproxy.tools.policy import LAYER_ACTION, layer_arn
 
@@ -74,7 +74,7 @@ def ecr_finding(site: Site, endpoint: Endpoint, files: PolicyFiles) -> Finding:
     what = f"policy of {endpoint.id}"
     problem = _problem(verdict, what)
     if problem is None:
-        return Finding(OK, endpoint.service, f"{what} keeps it to registries {', '.join(site.accounts)}"
+        return Finding(PASS, endpoint.service, f"{what} keeps it to registries {', '.join(site.accounts)}"
                        + _unjudged_needs(verdict))
     return Finding(WARN, endpoint.service, problem,
                    "\n".join([_modify(site, endpoint, files.path("ecr")), *files.first()]))
@@ -149,7 +149,7 @@ def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable],
     else:
         problem = _problem(verdict, what)
     if problem is None:
-        return Finding(OK, "s3", f"{what} allows only layer downloads from ECR's bucket" + _unjudged_needs(verdict))
+        return Finding(PASS, "s3", f"{what} allows only layer downloads from ECR's bucket" + _unjudged_needs(verdict))
     path = files.path("s3")
     shared = sharing(site, endpoint, tables) if endpoint.type == "Gateway" else []
     if not shared:

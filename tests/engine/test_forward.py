@@ -60,8 +60,8 @@ class Pair:
         self.client, self.src = tcp_pair()
         self.upstream, self.dst = tcp_pair(rcvbuf)
 
-    def flow(self, splice_at: float = NEVER, head: bytes = b"") -> Flow:
-        return Flow(self.src.fileno(), self.dst.fileno(), splice_at, head=head)
+    def flow(self, splice_after: float = NEVER, head: bytes = b"") -> Flow:
+        return Flow(self.src.fileno(), self.dst.fileno(), splice_after, head=head)
 
     def close(self) -> None:
         for s in (self.client, self.src, self.upstream, self.dst):
@@ -143,7 +143,7 @@ def test_backpressure_holds_at_most_one_read_and_stops_reading_src():
 
 @needs_splice
 def test_moves_to_splice_after_splice_at_bytes_on_the_same_descriptors(pair):
-    flow = pair.flow(splice_at=100_000)
+    flow = pair.flow(splice_after=100_000)
     first = os.urandom(50_000)
     pair.client.sendall(first)
     flow.run(SCRATCH)
@@ -164,7 +164,7 @@ def test_moves_to_splice_after_splice_at_bytes_on_the_same_descriptors(pair):
 
 @needs_splice
 def test_splice_on_sends_the_head_by_copy_then_splices(pair):
-    flow = pair.flow(splice_at=0, head=b"HELLO")
+    flow = pair.flow(splice_after=0, head=b"HELLO")
     pair.client.sendall(b"body")
     flow.run(SCRATCH)
     assert recv_exactly(pair.upstream, 9) == b"HELLObody"
@@ -176,18 +176,18 @@ def test_out_of_pipes_a_direction_copies_instead(pair, monkeypatch):
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(splice.pool, "acquire", no_pipe)
-    flow = pair.flow(splice_at=0)
+    flow = pair.flow(splice_after=0)
     pair.client.sendall(b"z" * 5000)
     assert flow.run(SCRATCH) is Result.WAIT
     assert recv_exactly(pair.upstream, 5000) == b"z" * 5000
     assert flow.mode is Mode.SPLICE and flow.pipe is None  # wants splice, copied meanwhile
 
 
-@pytest.mark.parametrize("splice_at", [NEVER, 0])
-def test_a_fin_is_passed_on_once_and_later_events_read_nothing(pair, splice_at):
-    if splice_at == 0 and splice.probe() is not None:
+@pytest.mark.parametrize("splice_after", [NEVER, 0])
+def test_a_fin_is_passed_on_once_and_later_events_read_nothing(pair, splice_after):
+    if splice_after == 0 and splice.probe() is not None:
         pytest.skip("no splice(2)")
-    flow = pair.flow(splice_at=splice_at)
+    flow = pair.flow(splice_after=splice_after)
     pair.client.sendall(b"last words")
     pair.client.shutdown(socket.SHUT_WR)
     flow.eof_pending = True  # the event carried EPOLLRDHUP
@@ -299,7 +299,7 @@ def test_a_splice_that_runs_out_of_pipe_slots_does_not_take_the_socket_for_drain
         time.sleep(0.001)
     time.sleep(0.05)
     assert unread(pair.src.fileno()) == 6400
-    flow = pair.flow(splice_at=0)
+    flow = pair.flow(splice_after=0)
     result = flow.run(SCRATCH)
     # Whatever the run did, it may only stop reading with nothing left in the socket.
     assert flow.readable or unread(pair.src.fileno()) == 0, (result, unread(pair.src.fileno()))

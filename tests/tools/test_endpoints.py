@@ -64,7 +64,7 @@ def test_healthy_vpc_needs_no_overrides():
                      other_endpoint("vpce-0sts", "sts")])
     assert plan.upstreams == {}
     assert not plan.blocking
-    assert levels(plan) == {"ecr.api": ["ok", "ok"], "ecr.dkr": ["ok", "ok"], "s3": ["ok", "ok"]}
+    assert levels(plan) == {"ecr.api": ["pass", "pass"], "ecr.dkr": ["pass", "pass"], "s3": ["pass", "pass"]}
     assert [f.message for f in plan.findings if f.message.startswith("policy")] == [
         f"policy of vpce-0aaa1111bbbb22223 keeps it to registries {ACCOUNT}",
         f"policy of vpce-0123abcd keeps it to registries {ACCOUNT}",
@@ -92,7 +92,7 @@ def test_private_dns_off_sets_the_regional_vpce_name_not_a_zonal_one():
 def test_missing_dkr_endpoint_blocks():
     plan = plan_for([api(), gateway([RTB_SUBNET])])
     assert plan.blocking
-    (finding,) = [f for f in plan.findings if f.level == "block"]
+    (finding,) = [f for f in plan.findings if f.level == "fail"]
     assert finding.message == (f"no ecr.dkr endpoint in {VPC}: image traffic would leave "
                                "through NAT or IGW")
     assert f"com.amazonaws.{REGION}.ecr.dkr" in finding.fix
@@ -101,14 +101,14 @@ def test_missing_dkr_endpoint_blocks():
 def test_endpoint_not_available_blocks():
     plan = plan_for([api(state="pendingAcceptance"), dkr(),
                      gateway([RTB_SUBNET])])
-    assert levels(plan)["ecr.api"] == ["block"]
+    assert levels(plan)["ecr.api"] == ["fail"]
     assert "is pendingacceptance" in plan.findings[0].message
 
 
 def test_an_available_duplicate_wins_over_a_failed_one():
     failed = interface_endpoint("ecr.dkr", "vpce-0dead", "aaaa1111", state="failed")
     plan = plan_for([api(), failed, dkr(), gateway([RTB_SUBNET])])
-    assert levels(plan)["ecr.dkr"] == ["ok", "ok"]
+    assert levels(plan)["ecr.dkr"] == ["pass", "pass"]
 
 
 def test_gateway_not_on_the_proxy_route_table_blocks():
@@ -123,7 +123,7 @@ def test_gateway_not_on_the_proxy_route_table_blocks():
 
 def test_no_s3_endpoint_blocks():
     plan = plan_for([api(), dkr()])
-    assert [f.message for f in plan.findings if f.level == "block"] == [
+    assert [f.message for f in plan.findings if f.level == "fail"] == [
         f"no S3 endpoint in {VPC}: layer downloads would leave through NAT or IGW"]
 
 
@@ -133,7 +133,7 @@ def test_s3_interface_without_private_dns_is_dialled_by_its_vpce_name():
     assert not plan.blocking
     assert plan.upstreams == {"s3": "prod-eu-west-2-starport-layer-bucket.vpce-0e5e5e5e5e5e5e5e5"
                                      "-3fq8c1vh.s3.eu-west-2.vpce.amazonaws.com"}
-    assert levels(plan)["s3"] == ["warn", "warn", "ok"]  # the interface's policy is judged
+    assert levels(plan)["s3"] == ["warn", "warn", "pass"]  # the interface's policy is judged
 
 
 def test_s3_interface_with_inbound_only_private_dns_still_needs_the_vpce_name():
@@ -143,13 +143,13 @@ def test_s3_interface_with_inbound_only_private_dns_still_needs_the_vpce_name():
 
 def test_s3_interface_with_private_dns_needs_nothing():
     plan = plan_for([api(), dkr(), s3_interface()])
-    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok", "ok"]
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["pass", "pass"]
 
 
 def test_associated_gateway_is_preferred_over_an_interface():
     plan = plan_for([api(), dkr(), gateway([RTB_SUBNET]),
                      s3_interface(private_dns=False)])
-    assert plan.upstreams == {} and levels(plan)["s3"] == ["ok", "ok"]
+    assert plan.upstreams == {} and levels(plan)["s3"] == ["pass", "pass"]
     assert f"gateway {GATEWAY}" in plan.findings[-1].message
 
 

@@ -46,7 +46,7 @@ def test_default_policies_everywhere():
                    gateway([RTB_SUBNET], policy=DEFAULT_GATEWAY_POLICY)],
                   tables(route_table(RTB_SUBNET, subnet=SUBNET)))
     api_finding, dkr_finding, s3_finding = policy_lines(plan)
-    assert (api_finding.level, dkr_finding.level, s3_finding.level) == ("warn", "ok", "warn")
+    assert (api_finding.level, dkr_finding.level, s3_finding.level) == ("warn", "pass", "warn")
     assert api_finding.message == ('policy of vpce-0aaa1111bbbb22223: statement 1 (Allow Action "*" on Resource "*") '
                                    f"lets builders push to and pull from repositories of accounts other than {ACCOUNT}")
     assert api_finding.fix.splitlines() == [
@@ -102,7 +102,7 @@ def test_deny_with_a_condition_is_judged():
     plan = assess([api(policy=perimeter), dkr(), gateway([RTB_SUBNET], policy=perimeter)],
                   tables(route_table(RTB_SUBNET, subnet=SUBNET)))
     api_finding, _, s3_finding = policy_lines(plan)
-    assert api_finding.level == "ok"
+    assert api_finding.level == "pass"
     assert api_finding.message == (f"policy of vpce-0aaa1111bbbb22223 keeps it to registries {ACCOUNT}; cannot judge "
                                    "whether it allows ecr:GetAuthorizationToken (docker login)")
     assert s3_finding.level == "warn"  # your own other buckets stay open, and ECR's bucket is not yours
@@ -173,7 +173,7 @@ def test_the_gateway_on_the_proxy_table_is_the_one_judged():
     own = dataclasses.replace(own, id="vpce-0zzzzzzzzzzzzzzzz")
     plan = endpoints.assess(site(), [endpoints.endpoints_from_api([api()], REGION)[0],
                                     endpoints.endpoints_from_api([dkr()], REGION)[0], shared, own])
-    assert [f.level for f in plan.findings if f.subject == "s3"] == ["ok", "ok"]
+    assert [f.level for f in plan.findings if f.subject == "s3"] == ["pass", "pass"]
     assert "vpce-0zzzzzzzzzzzzzzzz" in plan.findings[-1].message
 
 
