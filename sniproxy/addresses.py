@@ -11,10 +11,8 @@ import ipaddress
 _MAPPED_PREFIX = "::ffff:"
 
 
-def format_address(host: str | None, port: int | None) -> str | None:
+def format_address(host: str, port: int | None) -> str:
     """host:port, IPv6 in brackets: how logs, metrics and messages name an endpoint."""
-    if host is None:
-        return None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

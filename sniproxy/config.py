@@ -185,7 +185,7 @@ _REQUIRED = object()
 def default(cls: type, name: str) -> Any:
     """A config field's default, for the few places outside this module that print or
     compare it (discover, the deploy template's test): written once, in the dataclass."""
-    return cls.__dataclass_fields__[name].default
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 _ROUTE_PORT = default(Route, "port")

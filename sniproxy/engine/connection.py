@@ -33,7 +33,7 @@ from ..observe.stats import RouteStats, Stats
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
 from ..protocol.tls import UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
-from ..protocol.wire import NEED_DATA
+from ..protocol.wire import NeedData
 from ..reasons import Close, Refusal
 from ..routes import Route, RouteTable
 from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
@@ -110,10 +110,19 @@ class ListenerInfo:
 
 
 class Connection:
+    # Set once the hello is routed (the first four) or the upstream connected (the flows), and
+    # read only from then on: the state says which exist, so they are never None-markers.
+    route_stats: RouteStats
+    upstream_host: str
+    upstream_port: int
+    up: Flow  # client -> upstream
+    down: Flow  # upstream -> client
+
     __slots__ = (
         "ctx", "listener", "on_closed", "state", "client_fd", "upstream_fd", "client_ip",
         "client_port", "holds_slot", "received", "reader", "client_readable", "client_eof", "hello_bytes",
-        "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "addresses",
+        "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "upstream_host",
+        "upstream_port", "addresses",
         "attempt", "loops", "failures", "upstream_addr", "up", "down", "started", "connect_started",
         "deadline", "task", "close_reason", "idle_mark", "idle_since",
     )
@@ -137,16 +146,13 @@ class Connection:
         self.hello_reads = 0
         self.hello_records = 0
         self.hello_seconds = 0.0
-        self.hello: ClientHello | None = None
-        self.route: Route | None = None
-        self.route_stats: RouteStats | None = None
+        self.hello: ClientHello | None = None  # for the access log, which shows null without one
+        self.route: Route | None = None  # likewise
         self.addresses: tuple[str, ...] = ()
         self.attempt = 0
         self.loops = 0
         self.failures: list[str] = []
         self.upstream_addr: str | None = None
-        self.up: Flow | None = None  # client -> upstream
-        self.down: Flow | None = None  # upstream -> client
         self.started = clock()
         self.connect_started = 0.0
         self.deadline = self.started + ctx.handshake_timeout
@@ -155,14 +161,14 @@ class Connection:
         self.idle_mark = -1
         self.idle_since = self.started
 
-    # Live byte counters, read by the stats snapshot while the connection runs.
+    # Live byte counters, read by the stats snapshot while the connection is forwarding.
     @property
     def to_upstream(self) -> int:
-        return self.up.nbytes if self.up is not None else 0
+        return self.up.nbytes
 
     @property
     def to_client(self) -> int:
-        return self.down.nbytes if self.down is not None else 0
+        return self.down.nbytes
 
     def on_error(self, exc: Exception) -> None:
         """A bug in this connection's handling: it alone is closed, as internal_error."""
@@ -270,22 +276,23 @@ class Connection:
             if not data:
                 return
         try:
-            if self.reader is None and not self.received:
-                hello = parse_single_record(data)
-                if hello is not None:
-                    self.received = data
-                    self.hello_bytes = first_record_size(data)
-                    self.hello_records = 1
-                    self._routed(hello)
-                    return
-                self.reader = HelloReader()
-            hello = self.reader.feed(data)
+            reader = self.reader
+            if reader is None:
+                if not self.received:
+                    single = parse_single_record(data)
+                    if single is not None:
+                        self.received = data
+                        self.hello_bytes = first_record_size(data)
+                        self.hello_records = 1
+                        self._routed(single)
+                        return
+                reader = self.reader = HelloReader()
+            hello = reader.feed(data)
         except HelloError as exc:
             self.refuse(exc.reason, detail=str(exc))
             return
-        if hello is NEED_DATA:
+        if isinstance(hello, NeedData):
             return
-        reader = self.reader
         self.received = bytes(reader.received)
         self.hello_bytes = reader.consumed
         self.hello_records = reader.records
@@ -301,7 +308,7 @@ class Connection:
         except ProxyProtocolError as exc:
             self.refuse(Refusal.BAD_PROXY_HEADER, detail=str(exc))
             return b""
-        if header is NEED_DATA:
+        if isinstance(header, NeedData):
             self.received = buf
             return b""
         self.received = b""
@@ -326,9 +333,10 @@ class Connection:
             return
         self.route = route
         self.route_stats = rs = self.ctx.stats.route(route.name)
+        self.upstream_host = host = route.upstream_for(hello.sni)
+        self.upstream_port = route.port
         rs.observe_hello(self.hello_bytes, self.hello_records, self.hello_reads, self.hello_seconds,
                          hello.pq_group, hello.ech)
-        host = route.upstream_for(hello.sni)
         addresses = self.ctx.resolver.cached(host)
         if addresses is not None:
             self._enter(State.CONNECTING)
@@ -345,7 +353,7 @@ class Connection:
                 self._connect_to(addresses)
         except ResolveError as exc:
             if self.state is State.RESOLVING:
-                log.warning("route %s: cannot resolve %s: %s", self.route.name, host, exc)
+                log.warning("route %s: cannot resolve %s: %s", self.route_stats.name, host, exc)
                 self.refuse(Refusal.RESOLVE_FAILED, detail=str(exc))
         except Exception as exc:  # a bug costs this connection, logged, never a hung one
             log.error("internal error while resolving %s", host, exc_info=exc)
@@ -362,11 +370,11 @@ class Connection:
 
     def _try_next(self) -> None:
         """Connect to the next address that is not our own listener; refuse when none is left."""
-        route = self.route
+        port = self.upstream_port
         while self.attempt < len(self.addresses):
             ip = self.addresses[self.attempt]
             self.attempt += 1
-            if self.ctx.is_loop(ip, route.port):
+            if self.ctx.is_loop(ip, port):
                 self.loops += 1
                 continue
             try:
@@ -377,7 +385,7 @@ class Connection:
                 break
             try:
                 sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
-                code = sock.connect_ex((ip, route.port))
+                code = sock.connect_ex((ip, port))
             except OSError as exc:
                 sock.close()
                 self.failures.append(f"{ip}: {exc.strerror or exc}")
@@ -387,7 +395,7 @@ class Connection:
                 self.failures.append(f"{ip}: {os.strerror(code)}")
                 continue
             fd = self.upstream_fd = sock.detach()
-            self.upstream_addr = format_address(ip, route.port)
+            self.upstream_addr = format_address(ip, port)
             self.connect_started = clock()
             self.deadline = self.connect_started + self.ctx.connect_timeout
             try:
@@ -399,11 +407,11 @@ class Connection:
             return
         if self.loops and self.loops == len(self.addresses):
             log.error("route %s: %s resolves to this proxy's own listener; refusing a loop",
-                      route.name, route.upstream_for(self.hello.sni))
+                      self.route_stats.name, self.upstream_host)
             self.refuse(Refusal.LOOP, detail="every address is one of our own listeners")
         else:
-            log.warning("route %s: cannot connect to %s port %d: %s", route.name,
-                        route.upstream_for(self.hello.sni), route.port, "; ".join(self.failures))
+            log.warning("route %s: cannot connect to %s port %d: %s", self.route_stats.name,
+                        self.upstream_host, port, "; ".join(self.failures))
             self.refuse(Refusal.CONNECT_FAILED, detail="; ".join(self.failures))
 
     def _connect_failed(self, why: str) -> None:
@@ -550,17 +558,16 @@ class Connection:
             rs.to_client += self.down.nbytes
             rs.duration.observe(duration)
         if ctx.access_log is not None:
-            ctx.access_log.write(self._log_line(duration))
+            ctx.access_log.write(self._log_line(duration, forwarding))
         self.on_closed(self)
 
-    def _log_line(self, duration: float) -> str:
-        hello = self.hello
+    def _log_line(self, duration: float, forwarded: bool) -> str:
         route = self.route
         return format_line(
-            time.time(), self._client(), self.listener.name, hello, route.name if route else None,
-            self.upstream_addr if self.up is not None else None, self.to_upstream, self.to_client,
-            duration, self.close_reason, self.hello_bytes, self.hello_records, self.hello_reads,
-            self.hello_seconds,
+            time.time(), self._client(), self.listener.name, self.hello, route.name if route else None,
+            self.upstream_addr if forwarded else None, self.up.nbytes if forwarded else 0,
+            self.down.nbytes if forwarded else 0, duration, self.close_reason, self.hello_bytes,
+            self.hello_records, self.hello_reads, self.hello_seconds,
         )
 
     def _client(self) -> str | None:

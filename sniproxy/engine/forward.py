@@ -32,7 +32,7 @@ CHUNK = SCRATCH
 #: Reads (or splices) per call: a busy direction yields to the others after this many.
 ROUNDS = 8
 
-_splice = getattr(os, "splice", None)
+_splice = os.splice  # Linux, Python 3.10+: where it fails, splice.probe() keeps a direction copying
 _readv = os.readv
 _write = os.write
 
@@ -98,11 +98,11 @@ class Flow:
                     self.writable = False
                     return Result.WAIT
                 self.pending = None
-            elif self.in_pipe:
+            elif self.in_pipe and (pipe := self.pipe) is not None:
                 if not self.writable:
                     return Result.WAIT
                 try:
-                    n = _splice(self.pipe.r, self.dst, self.in_pipe, flags=FLAGS)
+                    n = _splice(pipe.r, self.dst, self.in_pipe, flags=FLAGS)
                 except BlockingIOError:
                     self.writable = False
                     return Result.WAIT
@@ -126,10 +126,8 @@ class Flow:
             if self.mode is Mode.COPY and self.nbytes >= self.splice_after:
                 self.mode = Mode.SPLICE
                 log.debug("fd %d -> fd %d: moved to splice after %d bytes", self.src, self.dst, self.nbytes)
-            if self.mode is Mode.SPLICE and (self.pipe is not None or self._take_pipe()):
-                result = self._splice_in()
-            else:
-                result = self._copy(scratch)
+            pipe = (self.pipe or self._take_pipe()) if self.mode is Mode.SPLICE else None
+            result = self._copy(scratch) if pipe is None else self._splice_in(pipe)
             if result is not None:
                 return result
 
@@ -160,8 +158,7 @@ class Flow:
             return Result.WAIT
         return None
 
-    def _splice_in(self) -> Result | None:
-        pipe = self.pipe
+    def _splice_in(self, pipe: Pipe) -> Result | None:
         try:
             n = _splice(self.src, pipe.w, pipe.size, flags=FLAGS)  # the pipe is empty
         except BlockingIOError:
@@ -195,13 +192,12 @@ class Flow:
             return Result.DST_FAILED
         return Result.EOF
 
-    def _take_pipe(self) -> bool:
+    def _take_pipe(self) -> Pipe | None:
         try:
             self.pipe = pool.acquire()
         except OSError as exc:  # out of descriptors: copy this burst instead
             _warn_no_pipe(exc)
-            return False
-        return True
+        return self.pipe
 
     def _release_pipe(self) -> None:
         if self.pipe is not None:

@@ -15,6 +15,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from ..addresses import format_address
 from ..config import Listen
@@ -66,12 +67,15 @@ class Listener:
     """Accepts on one listening socket and hands each connection to ``factory(fd, peer)``."""
 
     def __init__(self, sock: socket.socket, name: str, events: EventSet,
-                 factory: Callable[[int, tuple], None], on_error: Callable[[str], None]):
+                 factory: Callable[[int, tuple], None], count_error: Callable[[str], None]):
         self.sock = sock
         self.name = name
         self.events = events
         self.factory = factory
-        self.on_error = on_error  # counts an accept failure by errno name
+        self.count_error = count_error  # an accept failure, by errno name
+        # (fd, peer) without a socket object per connection: CPython's accept() is built on
+        # it, and typeshed does not list it.
+        self._accept: Callable[[], tuple[int, Any]] = cast(Any, sock)._accept
         self.fd = sock.fileno()
         self.paused = False
         self._pause = PAUSE_MIN
@@ -80,7 +84,7 @@ class Listener:
         events.add(self.fd, self, LISTENER_EVENTS)
 
     def on_event(self, fd: int, events: int) -> None:
-        accept = self.sock._accept  # (fd, peer) without a socket object per connection
+        accept = self._accept
         factory = self.factory
         for _ in range(ACCEPT_BATCH):
             try:
@@ -97,13 +101,17 @@ class Listener:
 
     def _failed(self, exc: OSError) -> None:
         code = exc.errno or 0
-        self.on_error(errno_name(code))
+        self.count_error(errno_name(code))
         if code not in _EXHAUSTED:
             return  # ECONNABORTED, EPERM (a firewall), EPROTO...: this one connection only
         _warn_exhausted(exc, self.name)
         self.pause()
         self._resume = self.events.loop.call_later(self._pause, self.resume)
         self._pause = min(self._pause * 2, PAUSE_MAX)
+
+    def on_error(self, exc: Exception) -> None:
+        """A bug while accepting (the event set has logged it): the listener stays, and the
+        next readiness event tries again."""
 
     def pause(self) -> None:
         if not self.paused:

@@ -33,9 +33,12 @@ class ReopeningFileHandler(logging.FileHandler):
 class _Stamped(logging.Formatter):
     """UTC with milliseconds, as the access log stamps its lines."""
 
-    converter = time.gmtime
     default_time_format = TIME_FORMAT
     default_msec_format = "%s.%03dZ"
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self.converter = time.gmtime
 
 
 def journal_stderr(environ: Mapping[str, str] = os.environ) -> bool:

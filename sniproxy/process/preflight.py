@@ -202,7 +202,7 @@ def bind_problems(config: Config) -> list[str]:
     m = config.metrics
     metrics = _probe(m.address, m.port) if m.enabled else None
     seen = [p for p in (*probes, metrics) if p is not None]
-    running = _activated([p.pid for p in seen if p.state == "sniproxy"], any(p.state == "systemd" for p in seen))
+    running = _activated([p.pid for p in seen if p.state == "sniproxy" and p.pid is not None], any(p.state == "systemd" for p in seen))
     problems = []
     for i, (entry, probe) in enumerate(zip(config.listen, probes)):
         name = listen_name(entry)

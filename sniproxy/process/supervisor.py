@@ -127,17 +127,17 @@ class Supervisor:
         argv = [sys.executable, "-m", "sniproxy", *self.worker_argv,
                 "--worker-channel", str(child.fileno()), "--worker-fds", ",".join(map(str, fds)),
                 "--worker-index", str(w.index)]
-        w.proc = subprocess.Popen(argv, pass_fds=[child.fileno(), *fds], env=env)
+        w.proc = proc = subprocess.Popen(argv, pass_fds=[child.fileno(), *fds], env=env)
         child.close()
         w.started = time.monotonic()
         parent.sendall(config_command(config_text))
-        w.watcher = self.tasks.spawn(self._watch(w, parent, config_text, sockets))
-        log.info("worker %d started (pid %d, generation %d)", w.index, w.proc.pid, w.generation)
+        w.watcher = self.tasks.spawn(self._watch(w, proc, parent, config_text, sockets))
+        log.info("worker %d started (pid %d, generation %d)", w.index, proc.pid, w.generation)
 
-    async def _watch(self, w: Worker, sock: socket.socket, config_text: bytes, sockets: dict) -> None:
+    async def _watch(self, w: Worker, proc: subprocess.Popen, sock: socket.socket, config_text: bytes,
+                     sockets: dict) -> None:
         """Read a worker's channel until it closes; then account for it, and restart it if
         it died while serving."""
-        proc = w.proc
         try:
             reader, w.writer = await asyncio.open_connection(sock=sock, limit=16 << 20)
             while line := await reader.readline():
@@ -281,7 +281,7 @@ class Supervisor:
                 await asyncio.gather(*(w.closed.wait() for w in old))
         except TimeoutError:
             log.error("reload: old workers %s did not close their listeners within %gs",
-                      [w.proc.pid for w in old if not w.closed.is_set()], CLOSE_TIMEOUT)
+                      [w.name for w in old if not w.closed.is_set()], CLOSE_TIMEOUT)
         for key, sock in self.sockets.items():
             if key not in sockets:
                 sock.close()  # old workers hold their own copies until they stop listening

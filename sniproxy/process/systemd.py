@@ -136,7 +136,7 @@ def inherited_sockets(config: Config) -> dict[Address, socket.socket]:
 def _sockname(sock: socket.socket) -> str:
     try:
         host, port = sock.getsockname()[:2]
-        return format_address(host, port) or ""
+        return format_address(host, port)
     except (OSError, ValueError):
         return f"fd {sock.fileno()}"
 
@@ -238,7 +238,7 @@ class Notifier:
 
     def send(self, message: str | None, status: str | None = None) -> bool:
         """Send one datagram; True if systemd got it, False if disabled or it failed."""
-        if self._sock is None:
+        if self._sock is None or self._address is None:
             return False
         lines = [message] if message else []
         if status is not None:

@@ -8,6 +8,7 @@ reader never rebuilds bytes: the caller forwards exactly what it fed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -154,7 +155,7 @@ def pull_key_share(buf: Buffer) -> tuple[int, ...]:
     return tuple(groups)
 
 
-_EXTENSION_PARSERS = {
+_EXTENSION_PARSERS: dict[int, tuple[str, Callable[[Buffer], object]]] = {
     ExtensionType.SERVER_NAME: ("sni", pull_server_name),
     ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION: ("alpn", pull_alpn),
     ExtensionType.KEY_SHARE: ("key_shares", pull_key_share),

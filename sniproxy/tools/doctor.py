@@ -132,7 +132,7 @@ def handshake(sock: socket.socket, name: str, context: ssl.SSLContext,
         with context.wrap_socket(sock, server_hostname=name) as tls:
             cert = tls.getpeercert() or {}
             expires = cert.get("notAfter")
-            days = int((ssl.cert_time_to_seconds(expires) - time.time()) // 86400) if expires else None
+            days = int((ssl.cert_time_to_seconds(str(expires)) - time.time()) // 86400) if expires else None
             return {"tls_version": tls.version(), "alpn": tls.selected_alpn_protocol(),
                     "expires_in_days": days}
     except ssl.SSLCertVerificationError as exc:

@@ -197,7 +197,8 @@ def _judge(document: str | None, probes_for, where_for) -> Verdict:
     if opened:
         by = opened[0][1].by
         mine = [p for p, o in opened if o.by == by]
-        reason = f"{by.label} ({by.summary}) {where_for(mine)}"
+        source = f"{by.label} ({by.summary})" if by is not None else "an Allow"
+        reason = f"{source} {where_for(mine)}"
         return Verdict(OPEN, reason, denied, unjudged_needs)
     unknown = [o for p, o in outcomes if not p.acceptable and o.allowed is None]
     if unknown:

@@ -143,6 +143,7 @@ def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable],
     verdict = exposure.judge_s3(endpoint.policy, site.region, site.accounts)
     kind = "gateway" if endpoint.type == "Gateway" else "interface endpoint"
     what = f"policy of {kind} {endpoint.id}"
+    problem: str | None
     if verdict.exposure == exposure.OPEN:
         problem = (f"{what} allows more than {LAYER_ACTION} on {layer_arn(site.region)}: {verdict.reason}"
                    + _also_denied(verdict))
