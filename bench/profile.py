@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
 import run  # noqa: E402
+from provenance import header, provenance  # noqa: E402
 from proxies import DNS, UPSTREAM, all_proxies  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -303,7 +304,7 @@ def main() -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "workload": a.workload, "duration_s": a.duration,
             "runs": a.runs, "sniproxy_source": src, "also": also, "loadavg_start": load_start,
             "loadavg_end": os.getloadavg()[0], "kernel": os.uname().release,
-            "short": run.SHORT.get(a.workload), "unit": "MiB" if a.workload in BULK else "conn"}
+            "short": run.SHORT.get(a.workload), "unit": "MiB" if a.workload in BULK else "conn", **provenance()}
     data = {"meta": meta, "errors": errors, "labels": {p.key: p.label for p in chosen}, "raw": res,
             "summary": summarize(res)}
     out = Path(a.out)
@@ -354,6 +355,7 @@ def markdown(data: dict) -> str:
          f"{m['date']} · {m['runs']} runs, medians · {m['duration_s']} s per measurement, 64 in flight · "
          f"load average {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end · sniproxy: "
          f"{m['sniproxy_source']}" + "".join(f" · sniproxy-{k}: {v}" for k, v in m["also"].items()) + "\n",
+         header(m),
          "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer. "
          "Syscalls: `strace -c -f` on every thread of the proxy, divided by the connections of that run. "
          "Profile: `perf record -e cpu-clock` on the proxy's processes, samples by shared object.\n",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from provenance import header
 from proxies import C_SNIPROXY, clean_env
 
 BULK = ("push1", "pull1", "push16", "pull16")
@@ -407,6 +408,7 @@ def markdown(meta, proxies, summary, errors) -> str:
              f"{meta['duration_s']} s per workload · {meta['cpus']} CPUs · kernel {meta['kernel']} · "
              f"took {meta['elapsed_s']:.0f} s · load average {meta.get('loadavg_start', 0):.1f} at start"
              + (f" · niceness {meta['nice']}" if meta.get("nice") else "") + "\n")
+    L.append(header(meta))
     L.append(f"> This machine has {meta['cpus']} cores shared by the load generator, the upstream and the proxy "
              "(and other jobs), so absolute throughput and rates are not portable. **The CPU-per-unit figures "
              "(CPU s per GiB, CPU µs per connection, KiB per idle connection) are the portable ones.** "

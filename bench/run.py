@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
 import proxies  # noqa: E402
+from provenance import provenance  # noqa: E402
 from proxies import DNS, SYSTEM_PATH, UPSTREAM, Proxy, all_proxies, clean_env  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -462,7 +463,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nofile": nofile,
             "versions": report.versions(), "sniproxy_source": sniproxy_src, "also": also, "gap": a.gap,
             "loadavg_end": os.getloadavg()[0], "loadavg_during": loads,
-            "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}, "short": SHORT}
+            "hello_bytes": {k: v.stat().st_size for k, v in HELLOS.items()}, "short": SHORT, **provenance()}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report.write(out, meta, proxies, results, errors)

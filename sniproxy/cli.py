@@ -145,7 +145,7 @@ def share_files() -> dict[str, Path]:
     found = {}
     for f in dist.files or ():
         text = str(f).replace("\\", "/")
-        if SHARE in text:
+        if SHARE in text and "/" not in text.split(SHARE, 1)[1]:  # the files, not docs/
             path = Path(str(dist.locate_file(f))).resolve()
             found[path.name] = path
     return dict(sorted(found.items()))

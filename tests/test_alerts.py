@@ -247,3 +247,20 @@ def test_dashboard_structure():
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"] and panel.get("description"), panel["title"]
         assert all(re.search(r'instance=~"\$instance"', t["expr"]) for t in panel["targets"]), panel["title"]
+
+
+# -- the docs ---------------------------------------------------------------------------------------
+
+def documented_metrics() -> set[str]:
+    text = (REPO / "docs" / "operations.md").read_text()
+    table = text[text.index("| metric | labels | meaning |"):]
+    return set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
+
+
+def test_the_docs_list_every_metric_sniproxy_exports_and_no_other(exported):
+    """docs/operations.md's table names histograms by their base name, counters with _total."""
+    families = set()
+    for name in exported:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        families.add(base if f"{base}_bucket" in exported else name)
+    assert documented_metrics() == families

@@ -55,7 +55,8 @@ def test_the_wheel_carries_the_license_and_the_shipped_files(build):
     assert license_text == (REPO / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0" in license_text
     shipped = {n.split("/share/sniproxy/", 1)[1] for n in names if "/share/sniproxy/" in n}
-    assert shipped == {p.name for p in (REPO / "systemd").iterdir()} | {"README.md"}
+    assert shipped == ({p.name for p in (REPO / "systemd").iterdir()} | {"README.md"}
+                       | {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")})
 
 
 def test_files_finds_them_in_an_installed_copy(build, tmp_path):
@@ -72,9 +73,10 @@ def test_files_finds_them_in_an_installed_copy(build, tmp_path):
                             env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     share = (venv / "share" / "sniproxy").resolve()
-    assert [Path(line) for line in listed.stdout.splitlines()] == sorted(share.iterdir())
+    assert [Path(line) for line in listed.stdout.splitlines()] == sorted(p for p in share.iterdir() if p.is_file())
     unit = subprocess.run([venv / "bin" / "sniproxy", "files", "sniproxy.service"], capture_output=True, text=True,
                           timeout=60, env=env, cwd=tmp_path)
     assert unit.stdout == (REPO / "systemd" / "sniproxy.service").read_text()
     # the unit's Documentation= is there, relative to the venv as /opt/sniproxy is
     assert (share / "README.md").read_text() == (REPO / "README.md").read_text()
+    assert (share / "docs" / "operations.md").read_text() == (REPO / "docs" / "operations.md").read_text()

@@ -29,7 +29,7 @@ IMDS_DEFAULT = {"IPv4": "http://169.254.169.254", "IPv6": "http://[fd00:ec2::254
 # botocore retries throttled calls itself (standard mode); we only report when it gives up.
 RETRY_ATTEMPTS = 5
 
-# The IAM actions discover needs; the README's policy lists exactly these.
+# The IAM actions discover needs; the policy in docs/aws.md lists exactly these.
 IAM_ACTIONS = (
     "sts:GetCallerIdentity",
     "ec2:DescribeVpcEndpoints",
@@ -218,7 +218,7 @@ def describe_error(exc: Exception, action: str, region: str) -> str:
         attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
         if code in _ACCESS_DENIED:
             return (f"access denied: the IAM policy lacks {action} "
-                    f"(see the README's policy for discover)")
+                    f"(see the IAM policy for discover in docs/aws.md)")
         if code in _THROTTLED:
             return (f"{action} throttled: botocore retried and gave up after {attempts} "
                     f"attempts ({code}); wait a minute and run discover again")

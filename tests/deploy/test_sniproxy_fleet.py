@@ -147,7 +147,7 @@ def test_security_groups_admit_builders_on_443_and_health_checks_on_metrics(temp
 
 
 def readme_discover_policy() -> dict:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "aws.md").read_text()
     section = text.split("### IAM policy for `discover`", 1)[1]
     return json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
 

@@ -392,7 +392,7 @@ def test_access_denied_names_the_iam_action(no_aws_env, call, method, service, c
     text = str(caught.value)
     assert "\n" not in text
     assert text == (f"access denied: the IAM policy lacks {action} "
-                    "(see the README's policy for discover)")
+                    "(see the IAM policy for discover in docs/aws.md)")
     assert action in aws.IAM_ACTIONS
 
 

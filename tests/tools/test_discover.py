@@ -266,8 +266,8 @@ def test_main_access_denied_is_one_line(fake_credentials, capsys):
                                    account=[ACCOUNT]), connect=stub_connect(calls))
     assert code == 2
     assert one_line_error(capsys) == ("discover: error: access denied: the IAM policy lacks "
-                                      "ec2:DescribeRouteTables (see the README's policy for "
-                                      "discover)")
+                                      "ec2:DescribeRouteTables (see the IAM policy for discover "
+                                      "in docs/aws.md)")
 
 
 def test_main_without_credentials_is_one_line(no_aws_env, capsys):
@@ -403,7 +403,7 @@ def test_main_access_denied_on_the_gateway_route_tables_is_one_line(fake_credent
                                                 {"SubnetIds": [SUBNET]})] + calls))
     assert code == 2
     assert one_line_error(capsys) == ("discover: error: access denied: the IAM policy lacks ec2:DescribeRouteTables "
-                                      "(see the README's policy for discover)")
+                                      "(see the IAM policy for discover in docs/aws.md)")
 
 
 def test_main_unwritable_policies_directory_is_one_line(fake_credentials, capsys, tmp_path):

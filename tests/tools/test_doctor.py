@@ -420,7 +420,7 @@ def test_aws_missing_endpoint_and_restricted_policies(fake_credentials, tmp_path
     ([], [], "no VPC: pass --vpc-id or --subnet-id (instance metadata is unavailable)"),
     (["--vpc-id", VPC], [("describe_route_tables", "add_client_error", "UnauthorizedOperation",
                           "You are not authorized to perform this operation.", 403)],
-     "access denied: the IAM policy lacks ec2:DescribeRouteTables (see the README's policy for discover)"),
+     "access denied: the IAM policy lacks ec2:DescribeRouteTables (see the IAM policy for discover in docs/aws.md)"),
     (["--region", "eu-west-1", "--vpc-id", VPC], [], "routes no registry in eu-west-1"),
 ], ids=["no-vpc", "access-denied", "wrong-region"])
 def test_aws_problems_are_one_failed_check(fake_credentials, tmp_path, capsys, monkeypatch, argv, calls, detail):
