@@ -121,7 +121,7 @@ def prerequisites():
 
 @pytest.fixture(scope="module")
 def bundle(prerequisites, tmp_path_factory) -> Path:
-    return bundle_fixture.make(tmp_path_factory.mktemp("bundle") / "sniproxy-bundle.tar.gz", "/usr/bin/python3.11")
+    return bundle_fixture.make(tmp_path_factory.mktemp("bundle") / "sniproxy-bundle.tar.gz")
 
 
 @pytest.fixture(scope="module")
