@@ -12,6 +12,16 @@ def starport_bucket(region: str) -> str:
     return f"prod-{region}-starport-layer-bucket"
 
 
+def al2023_repo_bucket(region: str) -> str:
+    """The AWS-owned bucket Amazon Linux 2023's dnf reads its packages from, in each region.
+
+    Not ECR's, but the same kind of fact: an S3 endpoint policy that allows only ECR's layers
+    breaks dnf on the proxy's own instances. AWS names this bucket for S3 endpoint policies in
+    the AL2023 user guide (Kernel Live Patching, "Policy requirements") and the EMR guide's
+    "Sample policies for private subnets that access Amazon S3"."""
+    return f"al2023-repos-{region}-de612dc2"
+
+
 def dns_suffix(region: str) -> str:
     return "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
 

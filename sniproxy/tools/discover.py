@@ -22,7 +22,7 @@ from sniproxy.config import Config
 from sniproxy.errors import ConfigError, UsageError
 from sniproxy.tools import policy
 from sniproxy.tools.endpoints import assess
-from sniproxy.tools.findings import findings_table
+from sniproxy.tools.findings import WARN, Finding, findings_table
 from sniproxy.tools.hosts import hosts_lines
 from sniproxy.tools.model import Endpoint, Plan, PolicyFiles, Site, VpcRouteTable
 
@@ -63,12 +63,14 @@ def _toml(value: object) -> str:
     return json.dumps(value)
 
 
-def render_toml(site: Site, plan: Plan, service: Service = Service()) -> str:
-    """The complete, commented config for the proxy."""
+def render_toml(site: Site, plan: Plan, service: Service = Service(), surveyed: bool = True) -> str:
+    """The complete, commented config for the proxy. `surveyed` is False for --offline: no
+    route table or endpoint was looked up, and the header says so."""
+    where = f"# Region {site.region}, {site.vpc_id}, subnet {site.subnet_id or 'unknown'}"
     lines = [
         "# sniproxy configuration written by `sniproxy discover`.",
-        f"# Region {site.region}, {site.vpc_id}, "
-        f"subnet {site.subnet_id or 'unknown'}, route table {site.route_table_id}.",
+        f"{where}, route table {site.route_table_id}." if surveyed else
+        f"{where}; written with --offline: endpoints and route tables not looked up.",
         "# Check it with `sniproxy check --config FILE`, prove the path with",
         "# `sniproxy doctor --config FILE`.",
         "",
@@ -161,6 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is kept as FILE.bak) instead of standard output")
     parser.add_argument("--policies", metavar="DIR", help="also write the minimal endpoint policies "
                         "into DIR, for the fix commands (as `sniproxy policy` does)")
+    parser.add_argument("--offline", action="store_true",
+                        help="make no AWS call: write the config from the flags and instance metadata "
+                        "alone (needs --account; the endpoints are not checked: run doctor for the path, "
+                        "and discover without --offline where the EC2 API answers)")
 
 
 def _service(args: argparse.Namespace) -> Service:
@@ -181,7 +187,26 @@ def _service(args: argparse.Namespace) -> Service:
     return Service(args.metrics_address, args.drain_delay, tuple(args.allow), workers)
 
 
-def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, VpcRouteTable]]:
+# What --offline reports instead of the endpoints' findings.
+NOT_SURVEYED = Finding(WARN, "endpoints", "not checked: --offline makes no AWS call",
+                       "sniproxy doctor --config FILE proves DNS, TCP and TLS to every endpoint; run discover "
+                       "without --offline, or doctor --aws, where the EC2 API answers, for the endpoints' policies")
+
+
+def _offline(args: argparse.Namespace, connect) -> Site:
+    """The site from flags and instance metadata: IMDS is link-local, so it answers in a VPC
+    with no EC2 endpoint, where the calls of `_gather` would time out."""
+    if not args.account:
+        raise UsageError("--offline needs --account: the registry accounts (no STS call tells them)")
+    if args.subnet_id:
+        raise UsageError("--offline takes no --subnet-id: looking up its VPC is an EC2 call")
+    where = _locate(args, connect)
+    # No route table was looked up: render_toml(surveyed=False) does not show this field.
+    return _site(args, where, route_table_id="")
+
+
+def _locate(args: argparse.Namespace, connect):
+    """Check the flags, then find the region, VPC and subnet: flags first, then instance metadata."""
     for account in args.account:
         if not _ACCOUNT.match(account):
             raise UsageError(f"--account {account!r}: an account ID has 12 digits")
@@ -190,20 +215,29 @@ def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], di
             ipaddress.ip_address(address)
         except ValueError:
             raise UsageError(f"--listen {address!r}: not an IP address") from None
-    from sniproxy.tools.vpc import locate, survey
+    from sniproxy.tools.vpc import locate
 
-    where = locate(profile=args.profile, region=args.region, vpc_id=args.vpc_id, subnet_id=args.subnet_id,
-                   connect=connect)
+    return locate(profile=args.profile, region=args.region, vpc_id=args.vpc_id, subnet_id=args.subnet_id,
+                  connect=connect)
+
+
+def _site(args: argparse.Namespace, where, route_table_id: str) -> Site:
     listen = tuple(args.listen) or tuple(ip for i in where.interfaces for ip in i.local_ipv4s)
     if not listen:
         raise UsageError(f"no listen address: pass --listen IP (instance metadata shows no "
                          f"private IPs in {where.vpc_id})")
     accounts = tuple(dict.fromkeys(args.account)) or (where.client.account(),)
-    rtb, endpoints, tables = survey(where)
-    site = Site(region=where.region, vpc_id=where.vpc_id,
+    return Site(region=where.region, vpc_id=where.vpc_id,
                 vpc_cidr=where.interfaces[0].vpc_cidr if where.interfaces else None,
-                subnet_id=where.subnet_id, route_table_id=rtb, accounts=accounts, listen=listen)
-    return site, endpoints, tables
+                subnet_id=where.subnet_id, route_table_id=route_table_id, accounts=accounts, listen=listen)
+
+
+def _gather(args: argparse.Namespace, connect) -> tuple[Site, list[Endpoint], dict[str, VpcRouteTable]]:
+    from sniproxy.tools.vpc import survey
+
+    where = _locate(args, connect)
+    rtb, endpoints, tables = survey(where)
+    return _site(args, where, rtb), endpoints, tables
 
 
 def write_file(path: str, text: str) -> str | None:
@@ -232,9 +266,15 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
     `connect(session, region)` builds the `aws.Aws` client; tests pass one with Stubbers."""
     from sniproxy.tools import aws
 
+    offline = bool(getattr(args, "offline", False))
+    endpoints: list[Endpoint] = []
+    tables: dict[str, VpcRouteTable] = {}
     try:
         service = _service(args)
-        site, endpoints, tables = _gather(args, connect)
+        if offline:
+            site = _offline(args, connect)
+        else:
+            site, endpoints, tables = _gather(args, connect)
     except (UsageError, aws.AwsError) as exc:
         print(f"discover: error: {exc}", file=sys.stderr)
         return 2
@@ -246,8 +286,8 @@ def main(args: argparse.Namespace, *, connect=None) -> int:
             print(f"discover: error: cannot write {args.policies}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         files = PolicyFiles(args.policies, written=True)
-    plan = assess(site, endpoints, tables, files)
-    text = render_toml(site, plan, service)
+    plan = Plan(upstreams={}, findings=(NOT_SURVEYED,)) if offline else assess(site, endpoints, tables, files)
+    text = render_toml(site, plan, service, surveyed=not offline)
     try:
         config = parse(text, args.write or "sniproxy discover")
     except (ConfigError, tomllib.TOMLDecodeError) as exc:

@@ -17,7 +17,7 @@ import itertools
 import re
 from collections.abc import Iterable
 
-from sniproxy.ecr import starport_bucket
+from sniproxy.ecr import al2023_repo_bucket, starport_bucket
 from sniproxy.tools import iam
 from sniproxy.tools.policy import (
     AUTH_ACTION,
@@ -147,13 +147,16 @@ def _ecr_probes(statements: tuple[iam.Statement, ...], region: str,
 def _s3_probes(statements: tuple[iam.Statement, ...], region: str,
                configured: tuple[str, ...]) -> Iterable[_Probe]:
     layers = starport_bucket(region)
+    # Buckets AWS owns, whose objects may be read through the endpoint: ECR's layers (which
+    # docker needs) and Amazon Linux 2023's packages (which dnf needs, docker does not).
+    readable = {layers, al2023_repo_bucket(region)}
     named: set[str] = set()
     for pattern in (r for s in statements for r in s.resources):
         match = _S3_ARN.match(pattern)
         if match:
             bucket = match.group(1)
             named |= _fills(bucket) if iam.has_wildcard(bucket) else {bucket}
-    buckets = [layers, *sorted(named - {layers}), _fresh(PROBE_BUCKET, named | {layers})]
+    buckets = [layers, *sorted(named - {layers}), _fresh(PROBE_BUCKET, named | readable)]
     owners = _accounts(statements, configured)
     keys = _tails(statements, _S3_ARN, 2)
     literal = {a for s in statements for a in s.actions if a.lower().startswith("s3:") and not iam.has_wildcard(a)}
@@ -163,14 +166,15 @@ def _s3_probes(statements: tuple[iam.Statement, ...], region: str,
     for action, kind in actions.items():
         kinds = (OBJECT, BUCKET) if action not in S3_ACTIONS else (kind,)
         for bucket, shape in itertools.product(buckets, kinds):
-            # ECR's bucket belongs to AWS: not one of your accounts, id unknown.
-            bucket_owners = [iam.Unknown(frozenset(configured))] if bucket == layers else owners
+            # AWS's buckets: not one of your accounts, id unknown.
+            bucket_owners = [iam.Unknown(frozenset(configured))] if bucket in readable else owners
             for owner in bucket_owners:
                 for key in (keys if shape == OBJECT else [""]):
                     arn = f"arn:{partition(region)}:s3:::{bucket}" + (f"/{key}" if shape == OBJECT else "")
-                    acceptable = action == LAYER_ACTION and bucket == layers and shape == OBJECT
+                    acceptable = action == LAYER_ACTION and bucket in readable and shape == OBJECT
+                    needed = acceptable and bucket == layers
                     yield _Probe(iam.Request(action, arn, {"aws:resourceaccount": owner}), acceptable,
-                                 need=f"{LAYER_ACTION} on {layer_arn(region)}" if acceptable else None)
+                                 need=f"{LAYER_ACTION} on {layer_arn(region)}" if needed else None)
 
 
 def _summary(actions: list[str]) -> str:
@@ -217,7 +221,8 @@ def judge_ecr(document: str | None, region: str, accounts: tuple[str, ...]) -> V
 
 
 def judge_s3(document: str | None, region: str, accounts: tuple[str, ...]) -> Verdict:
-    """For the S3 endpoint of the proxy's subnet: OPEN when it allows more than layer downloads."""
+    """For the S3 endpoint of the proxy's subnet: OPEN when it allows more than layer downloads
+    (and Amazon Linux 2023's package downloads)."""
     layers = starport_bucket(region)
 
     def where(probes: list[_Probe]) -> str:

@@ -15,7 +15,7 @@ import sys
 
 from sniproxy import config as config_mod
 from sniproxy.config import Config
-from sniproxy.ecr import DKR, ecr_names, starport_bucket
+from sniproxy.ecr import DKR, al2023_repo_bucket, ecr_names, starport_bucket
 from sniproxy.errors import ConfigError
 from sniproxy.routes import is_wildcard
 
@@ -54,6 +54,10 @@ def layer_arn(region: str) -> str:
     return f"arn:{partition(region)}:s3:::{starport_bucket(region)}/*"
 
 
+def al2023_repo_arn(region: str) -> str:
+    return f"arn:{partition(region)}:s3:::{al2023_repo_bucket(region)}/*"
+
+
 def ecr_document(region: str, accounts: tuple[str, ...]) -> dict:
     """For the ecr.api and ecr.dkr endpoints: docker login, push and pull, to these registries only."""
     return {"Version": VERSION, "Statement": [
@@ -65,10 +69,14 @@ def ecr_document(region: str, accounts: tuple[str, ...]) -> dict:
 
 
 def s3_document(region: str) -> dict:
-    """For the S3 endpoint the proxy's subnet uses: layer downloads from ECR's bucket only."""
+    """For the S3 endpoint the proxy's subnet uses: layer downloads from ECR's bucket, and
+    package downloads from Amazon Linux 2023's, without which dnf fails on the proxy's own
+    instances (and on any other AL2023 instance of that subnet)."""
     return {"Version": VERSION, "Statement": [
         {"Sid": "SniproxyEcrLayersOnly", "Effect": "Allow", "Principal": "*",
          "Action": LAYER_ACTION, "Resource": layer_arn(region)},
+        {"Sid": "AmazonLinux2023Repositories", "Effect": "Allow", "Principal": "*",
+         "Action": LAYER_ACTION, "Resource": al2023_repo_arn(region)},
     ]}
 
 

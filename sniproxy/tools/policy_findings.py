@@ -150,7 +150,8 @@ def s3_finding(site: Site, endpoint: Endpoint, tables: dict[str, VpcRouteTable],
     else:
         problem = _problem(verdict, what)
     if problem is None:
-        return Finding(PASS, "s3", f"{what} allows only layer downloads from ECR's bucket" + _unjudged_needs(verdict))
+        return Finding(PASS, "s3", f"{what} allows only layer downloads from ECR's bucket (and Amazon Linux 2023's "
+                       "packages)" + _unjudged_needs(verdict))
     path = files.path("s3")
     shared = sharing(site, endpoint, tables) if endpoint.type == "Gateway" else []
     if not shared:

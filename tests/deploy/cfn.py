@@ -32,6 +32,8 @@ def pseudo(region: str, account: str) -> dict[str, str]:
         "AWS::URLSuffix": "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com",
         "AWS::Partition": "aws-cn" if region.startswith("cn-") else "aws",
         "AWS::StackName": "sniproxy",
+        "AWS::StackId": f"arn:{'aws-cn' if region.startswith('cn-') else 'aws'}:cloudformation:{region}:{account}:"
+                        "stack/sniproxy/51af3dc0-da77-11e4-872e-1234567db123",
     }
 
 
@@ -85,6 +87,10 @@ class Stack:
                 continue
             out[name] = {"Type": resource["Type"], "Properties": self.resolve(resource.get("Properties", {}))}
         return out
+
+    def attribute(self, name: str, key: str) -> Any:
+        """A resource attribute outside Properties (CreationPolicy, UpdatePolicy, ...), resolved."""
+        return self.resolve(self.template["Resources"][name].get(key))
 
     def of_type(self, kind: str) -> dict[str, dict]:
         return {name: r["Properties"] for name, r in self.resources.items() if r["Type"] == kind}
@@ -164,6 +170,12 @@ class Stack:
         if key == "Fn::Contains":
             values, value = self.resolve(arg)
             return value in values
+        if key == "Fn::Select":
+            index, values = self.resolve(arg)
+            return values[int(index)]
+        if key == "Fn::Split":
+            separator, text = self.resolve(arg)
+            return text.split(separator)
         if key == "Fn::Base64":
             return self.resolve(arg)  # kept as text, for the tests to read
         if key == "Fn::GetAtt":

@@ -416,3 +416,59 @@ def test_main_unwritable_policies_directory_is_one_line(fake_credentials, capsys
                                    policies=str(blocker / "policies")), connect=stub_connect(calls))
     assert code == 2
     assert one_line_error(capsys).startswith(f"discover: error: cannot write {blocker}/policies: ")
+
+
+# --- --offline: the config from flags and instance metadata, no AWS call ------------------------
+
+def no_aws_call(session, region):
+    """A `connect` whose client fails any call: --offline must make none."""
+    client = aws.Aws(session, region)
+    for stub in (Stubber(client.ec2), Stubber(client.sts)):
+        stub.activate()  # no responses queued: any call raises
+    return client
+
+
+def test_offline_writes_the_config_from_metadata_and_flags_without_credentials(no_aws_env, monkeypatch,
+                                                                                tmp_path, capsys):
+    """What a fleet instance runs at boot in a VPC without an EC2 endpoint: IMDS (link-local,
+    always reachable) gives the addresses and the VPC's CIDR, the flags give the rest."""
+    out = tmp_path / "sniproxy.toml"
+    with imds_server(instance_data()) as (server, url):
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)
+        code = discover.main(namespace(offline=True, region=REGION, account=[ACCOUNT, "210987654321"],
+                                       write=str(out), metrics_address="0.0.0.0", drain_delay=70.0,
+                                       allow=["10.8.0.0/16"], workers="auto"),
+                             connect=no_aws_call)
+    printed = capsys.readouterr()
+    assert code == 0, printed
+    assert server.log[0] == ("PUT", "/latest/api/token")
+    config = config_mod.load(str(out))
+    assert [entry.address for entry in config.listen] == ["10.20.1.10", "10.20.1.11", "10.20.2.20"]
+    assert config.resolver.nameservers == ("169.254.169.253", "10.20.0.2")
+    assert {r.name: r.upstream for r in config.routes} == {"ecr-api": None, "ecr-dkr": None, "ecr-s3": None}
+    assert f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com" in {p for r in config.routes for p in r.patterns}
+    assert (config.server.drain_delay, config.server.allow) == (70.0, ("10.8.0.0/16",))
+    assert "--offline" in out.read_text().splitlines()[1]
+    assert "[WARN ] endpoints  not checked: --offline makes no AWS call" in printed.out
+
+
+def test_offline_without_metadata_takes_listen_and_region_from_flags(no_aws_env, capsys):
+    code = discover.main(namespace(offline=True, region=REGION, vpc_id=VPC, account=[ACCOUNT], listen=["10.20.1.50"]),
+                         connect=no_aws_call)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    data = tomllib.loads(printed.out)
+    assert data["listen"] == [{"address": "10.20.1.50", "port": 443}]
+    assert data["resolver"]["nameservers"] == ["169.254.169.253"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({}, "--offline needs --account"),
+    ({"account": [ACCOUNT], "subnet_id": SUBNET}, "--offline takes no --subnet-id"),
+    ({"account": [ACCOUNT], "listen": []}, "no listen address"),
+])
+def test_offline_bad_input_is_one_line(no_aws_env, capsys, flags, message):
+    args = {"offline": True, "region": REGION, "vpc_id": VPC, "listen": ["10.20.1.50"], **flags}
+    assert discover.main(namespace(**args), connect=no_aws_call) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -68,7 +68,7 @@ def test_healthy_vpc_needs_no_overrides():
     assert [f.message for f in plan.findings if f.message.startswith("policy")] == [
         f"policy of vpce-0aaa1111bbbb22223 keeps it to registries {ACCOUNT}",
         f"policy of vpce-0123abcd keeps it to registries {ACCOUNT}",
-        f"policy of gateway {GATEWAY} allows only layer downloads from ECR's bucket"]
+        f"policy of gateway {GATEWAY} allows only layer downloads from ECR's bucket (and Amazon Linux 2023's packages)"]
 
 
 def test_endpoints_from_api_keeps_only_ecr_and_s3_of_the_region():

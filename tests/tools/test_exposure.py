@@ -165,6 +165,20 @@ def test_s3_generated_policy_is_closed():
     assert s3(GENERATED_S3) == exposure.Verdict(exposure.CLOSED)
 
 
+def test_s3_amazon_linux_repositories_are_not_an_opening():
+    """dnf on Amazon Linux 2023 reads its packages from an AWS bucket of the region: allowing
+    s3:GetObject there keeps the promise; uploads there, or its neighbours by wildcard, do not."""
+    repos = "arn:aws:s3:::al2023-repos-eu-west-2-de612dc2/*"
+    assert s3(doc(allow(Action="s3:GetObject", Resource=LAYERS), allow(Action="s3:GetObject", Resource=repos))) \
+        == exposure.Verdict(exposure.CLOSED)
+    assert s3(doc(allow(Action="s3:GetObject", Resource=LAYERS), allow(Action="s3:PutObject", Resource=repos))) \
+        .exposure == exposure.OPEN
+    assert s3(doc(allow(Action="s3:GetObject", Resource=LAYERS),
+                  allow(Action="s3:GetObject", Resource="arn:aws:s3:::al2023-repos-*/*"))).exposure == exposure.OPEN
+    # Not something docker needs: a policy without it is not short of anything.
+    assert s3(doc(allow(Action="s3:GetObject", Resource=LAYERS))) == exposure.Verdict(exposure.CLOSED)
+
+
 def test_s3_wrong_bucket_is_open_and_denies_layers():
     verdict = s3(json.dumps(policy.s3_document("eu-west-1")))
     assert verdict.exposure == exposure.OPEN

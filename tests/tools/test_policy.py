@@ -51,9 +51,14 @@ def test_ecr_document_exactly():
     ("us-gov-west-1", "arn:aws-us-gov:s3:::prod-us-gov-west-1-starport-layer-bucket/*"),
 ])
 def test_s3_document_exactly(region, arn):
+    """ECR's layers, and Amazon Linux 2023's package repositories, so that dnf still works on an
+    instance whose subnet uses this endpoint (the bucket AWS names for an S3 endpoint policy)."""
+    partition = arn.split(":")[1]
     assert policy.s3_document(region) == {"Version": "2012-10-17", "Statement": [
         {"Sid": "SniproxyEcrLayersOnly", "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-         "Resource": arn}]}
+         "Resource": arn},
+        {"Sid": "AmazonLinux2023Repositories", "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+         "Resource": f"arn:{partition}:s3:::al2023-repos-{region}-de612dc2/*"}]}
     assert policy.ecr_document(region, ACCOUNTS)["Statement"][1]["Resource"][0].startswith(arn.split(":s3:")[0] + ":ecr:")
 
 
