@@ -56,3 +56,16 @@ def client_key(ip: str) -> str:
     except ValueError:
         return ip
     return str(mapped) if mapped is not None else ip
+
+
+def connect_target(ip: str) -> str:
+    """The address connect(2) reaches for ``ip``, as the kernel sees it: an IPv4-mapped IPv6
+    address is its IPv4 address, an unspecified one is this host (Linux connects 0.0.0.0 to
+    127.0.0.1 and :: to ::1), and a scope id plays no part. How the loop check judges an
+    upstream address, whatever DNS said."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return "127.0.0.1" if addr.version == 4 else "::1"
+    return str(addr)

@@ -31,6 +31,9 @@ class Listen:
     """Client networks allowed on this listener; None inherits [server] allow."""
     proxy_protocol: bool = False
     """Expect a PROXY protocol v1/v2 header (from an NLB or HAProxy) before the ClientHello."""
+    proxy_from: tuple[str, ...] = ()
+    """Networks whose PROXY headers are believed (the balancer's); others are refused. Empty
+    believes every peer, which `check` warns about."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -79,6 +82,11 @@ class ServerConfig:
     """Send a TLS unrecognized_name alert before closing a connection with no route."""
     max_connections_per_client: int | None = None
     """Open connections one client address may hold; None for no limit."""
+    max_handshakes_per_client: int = 128
+    """Connections one client address may hold while their ClientHello is incomplete (a real
+    hello arrives within a round trip; established connections do not count)."""
+    max_hello_memory: int = 32 * 1024 * 1024
+    """Bytes all partial ClientHellos may hold, per process; past it the oldest is refused."""
     allow: tuple[str, ...] = ()
     """Client networks (CIDR) allowed to connect; empty allows everyone."""
     user: str | None = None
@@ -230,6 +238,7 @@ def _positive(v: float) -> bool:
 _KINDS: dict[str, tuple[Callable[[Any], tuple[bool, Any]], str]] = {
     "port": (_int, "an integer 1-65535"),
     "count": (_int, "a positive integer"),
+    "bytes": (_int, "a number of bytes, at least 65536"),
     "seconds": (_float, "a positive number of seconds"),
     "str": (_str, "a string"),
     "ip": (_str, "an IPv4 or IPv6 address"),
@@ -305,14 +314,14 @@ def _network_problem(entry: str) -> str | None:
     return None
 
 
-def _cidrs(t: _Table) -> tuple[str, ...] | None:
-    """An allow list; each bad entry is named by its index, with the reason."""
-    allow = t.get("allow", "cidrs")
-    for i, entry in enumerate(allow or ()):
+def _cidrs(t: _Table, key: str = "allow") -> tuple[str, ...] | None:
+    """A list of networks; each bad entry is named by its index, with the reason."""
+    networks = t.get(key, "cidrs")
+    for i, entry in enumerate(networks or ()):
         problem = _network_problem(entry)
         if problem is not None:
-            raise ConfigError(f"{t.key('allow')}[{i}]", problem)
-    return tuple(allow) if allow is not None else None
+            raise ConfigError(f"{t.key(key)}[{i}]", problem)
+    return tuple(networks) if networks is not None else None
 
 
 def _listen(t: _Table) -> Listen:
@@ -320,8 +329,13 @@ def _listen(t: _Table) -> Listen:
     allow = _cidrs(t)
     port = t.get("port", "port", _port)
     proxy_protocol = t.get("proxy_protocol", "bool")
+    proxy_from = _cidrs(t, "proxy_from") or ()
+    if proxy_from and not proxy_protocol:
+        raise ConfigError(t.key("proxy_from"), "names the balancers whose PROXY headers are believed: it needs "
+                                               "proxy_protocol = true")
     t.done()
-    return Listen(address=str(ipaddress.ip_address(address)), port=port, allow=allow, proxy_protocol=proxy_protocol)
+    return Listen(address=str(ipaddress.ip_address(address)), port=port, allow=allow, proxy_protocol=proxy_protocol,
+                  proxy_from=proxy_from)
 
 
 def _resolver(t: _Table, resolv_conf: str) -> ResolverConfig:
@@ -358,6 +372,8 @@ def _server(t: _Table) -> ServerConfig:
         max_connections=t.get("max_connections", "count", _positive),
         refuse_alert=t.get("refuse_alert", "bool"),
         max_connections_per_client=t.get("max_connections_per_client", "count", _positive),
+        max_handshakes_per_client=t.get("max_handshakes_per_client", "count", _positive),
+        max_hello_memory=t.get("max_hello_memory", "bytes", lambda v: v >= 1 << 16),
         allow=_cidrs(t) or (),
         user=t.get("user", "str", lambda v: len(v) > 0),
         group=t.get("group", "str", lambda v: len(v) > 0),

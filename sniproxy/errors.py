@@ -1,6 +1,6 @@
 """Typed errors. Every error sniproxy raises on purpose is one of these."""
 
-from .reasons import Refusal
+from .reasons import HelloLimit, Refusal
 
 
 class SniproxyError(Exception):
@@ -39,6 +39,14 @@ class BadHello(HelloError):
 
 class UsageError(SniproxyError):
     """A bad command-line value, or a fact no flag gave and nothing else could tell: one line."""
+
+
+class OverLimit(BadHello):
+    """A ClientHello past one of the bounds that keep a hello's cost close to a normal one's."""
+
+    def __init__(self, limit: HelloLimit, message: str):
+        super().__init__(message)
+        self.limit = limit
 
 
 class WireError(SniproxyError):

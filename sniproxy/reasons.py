@@ -40,6 +40,16 @@ class Refusal(enum.StrEnum):
     """A bug in the proxy's handling of this connection; it alone is closed."""
     DRAIN = "drain"
     """Still in its handshake when the drain ended."""
+    EVICTED = "evicted"
+    """Still in its handshake, the oldest, when the connection table was full and a new
+    connection came: dropped to admit the new one."""
+    CLIENT_HANDSHAKES = "client_handshakes"
+    """Its client already had [server] max_handshakes_per_client connections waiting for a hello."""
+    HELLO_MEMORY = "hello_memory"
+    """The oldest partial hello holding bytes, when unfinished hellos held more than
+    [server] max_hello_memory."""
+    UNTRUSTED_PROXY = "untrusted_proxy"
+    """A proxy_protocol listener's peer is not in its proxy_from networks."""
 
 
 class Close(enum.StrEnum):
@@ -60,3 +70,21 @@ class Close(enum.StrEnum):
     """The client left before its hello was complete, or before the upstream connected."""
     INTERNAL_ERROR = "internal_error"
     """A bug in the proxy's handling of this connection; it alone is closed (with resets)."""
+
+
+class HelloLimit(enum.StrEnum):
+    """Which bound a ClientHello broke: the ``limit`` label of ``sniproxy_hello_limit_total``
+    (every one is also a ``bad_hello`` refusal). A hello of any real stack stays far inside."""
+
+    SIZE = "size"
+    """The handshake message is over 64 KiB."""
+    RECORDS = "records"
+    """It came in more TLS records than a real stack splits one into."""
+    READS = "reads"
+    """It took more reads (TCP segments arriving apart) than a real path needs."""
+    EXTENSIONS = "extensions"
+    """More extensions than any stack sends."""
+    ALPN = "alpn"
+    """More ALPN protocol names than any stack offers."""
+    KEY_SHARES = "key_shares"
+    """More key shares than any stack offers."""

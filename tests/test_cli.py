@@ -449,6 +449,17 @@ def test_check_warns_on_stderr_and_quiet_prints_nothing(tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_check_and_run_warn_when_max_connections_exceed_the_descriptor_limit(tmp_path):
+    """Under `prlimit --nofile=256`: the default max_connections of 10,000 would hit EMFILE."""
+    path = tmp_path / "c.toml"
+    path.write_text(_config(f"127.0.0.1:{free_port()}"))
+    out = subprocess.run(["prlimit", "--nofile=256:256", sys.executable, "-m", "sniproxy", "check", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert ("warning: server.max_connections 10000 needs 20000 descriptors per process (2 sockets a connection; "
+            "splicing directions take 4 more while they can), but RLIMIT_NOFILE is 256") in out.stderr
+
+
 # -- logs, --version, files -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("journal, stamped", [("match", False), ("other", True), ("unset", True), ("garbage", True)])

@@ -128,6 +128,9 @@ def test_defaults(load_text):
         drain_timeout=30.0, max_connections=10000, refuse_alert=True,
     )
     assert config.server.drain_delay == 0.0  # documented: a single host closes its listeners at once
+    # The bounds that protect a shared service hold by default (docs/security.md#limits).
+    assert (config.server.max_handshakes_per_client, config.server.max_hello_memory) == (128, 32 << 20)
+    assert config.listen[0].proxy_from == ()
     assert config.metrics == MetricsConfig(address="127.0.0.1", port=9464, enabled=True)
     assert all(r.upstream is None and r.port == 443 for r in config.routes)
     assert [r.name for r in config.routes] == ["ecr-api", "ecr-dkr", "ecr-s3"]
@@ -390,6 +393,31 @@ def test_listener_allow_entries_are_named_too(load_text):
     with pytest.raises(ConfigError) as exc:
         load_text(LISTEN + '[[listen]]\naddress = "127.0.0.2"\nallow = ["10.0.0.0/8", "fe80::1/10"]\n' + RESOLVER + ROUTE)
     assert str(exc.value) == "config error: listen[1].allow[1]: 'fe80::1/10' has host bits set (did you mean fe80::/10?)"
+
+
+def test_proxy_from_names_networks_and_needs_proxy_protocol(load_text):
+    config = load_text('[[listen]]\naddress = "127.0.0.1"\nproxy_protocol = true\nproxy_from = ["10.0.1.0/24", "10.0.2.9"]\n'
+                       + RESOLVER + ROUTE)
+    assert config.listen[0].proxy_from == ("10.0.1.0/24", "10.0.2.9")
+    with pytest.raises(ConfigError) as exc:
+        load_text('[[listen]]\naddress = "127.0.0.1"\nproxy_from = ["10.0.1.0/24"]\n' + RESOLVER + ROUTE)
+    assert str(exc.value) == ("config error: listen[0].proxy_from: names the balancers whose PROXY headers are "
+                              "believed: it needs proxy_protocol = true")
+    with pytest.raises(ConfigError) as exc:
+        load_text('[[listen]]\naddress = "127.0.0.1"\nproxy_protocol = true\nproxy_from = ["10.0.1.5/24"]\n'
+                  + RESOLVER + ROUTE)
+    assert str(exc.value) == ("config error: listen[0].proxy_from[0]: '10.0.1.5/24' has host bits set "
+                              "(did you mean 10.0.1.0/24?)")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("max_hello_memory = 1000", "server.max_hello_memory: expected a number of bytes, at least 65536"),
+    ("max_handshakes_per_client = 0", "server.max_handshakes_per_client: expected a positive integer"),
+])
+def test_the_new_bounds_are_checked(load_text, body, message):
+    with pytest.raises(ConfigError) as exc:
+        load_text(section("server", body))
+    assert str(exc.value) == f"config error: {message}"
 
 
 def test_good_allow_entries(load_text):

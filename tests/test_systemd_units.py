@@ -124,6 +124,15 @@ def test_service_lifecycle_settings():
     assert int(value(s, "Service", "LimitNOFILE")) >= 2 * 10000 + 1024
 
 
+def test_the_unit_bounds_memory_and_tasks():
+    """A memory blow-up ends in this unit (throttled, then killed and restarted), never in a
+    host-wide OOM; a fork or thread leak hits TasksMax."""
+    s = "sniproxy.service"
+    high, most = (value(s, "Service", key) for key in ("MemoryHigh", "MemoryMax"))
+    assert high.endswith("%") and most.endswith("%") and 0 < int(high[:-1]) < int(most[:-1]) < 100
+    assert 64 <= int(value(s, "Service", "TasksMax")) <= 4096
+
+
 def test_service_runs_unprivileged():
     s = "sniproxy.service"
     assert value(s, "Service", "DynamicUser") == "yes"

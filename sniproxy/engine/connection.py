@@ -27,19 +27,26 @@ from typing import Any
 from ..addresses import client_key, format_address
 from ..allow import Allowlist, ClientLimits
 from ..dns.resolver import ResolveError, Resolver
-from ..errors import HelloError
+from ..errors import HelloError, OverLimit
 from ..observe.accesslog import AccessLog, format_line
 from ..observe.stats import RouteStats, Stats
+from ..observe.throttle import Throttled
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
 from ..protocol.tls import UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
 from ..protocol.wire import NeedData
-from ..reasons import Close, Refusal
+from ..reasons import Close, HelloLimit, Refusal
 from ..routes import Route, RouteTable
 from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
 from .forward import Flow, Result
+from .handshakes import Handshakes
 
 log = logging.getLogger("sniproxy.connection")
+_throttle = Throttled(log)
+
+#: Reads a ClientHello may take. Segments arriving apart each make one: 125 of them come from a
+#: path with a tiny MSS; more than this is a client feeding bytes one by one.
+MAX_HELLO_READS = 256
 
 #: The clock of every connection time and deadline: high resolution (the event loop's own
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).
@@ -86,6 +93,8 @@ class Context:
     routes: RouteTable
     resolver: Resolver
     limits: ClientLimits
+    handshakes: Handshakes
+    """The connections waiting for their hello: shared by every context of the process."""
     stats: Stats
     access_log: AccessLog | None
     handshake_timeout: float
@@ -107,6 +116,8 @@ class ListenerInfo:
     name: str
     allow: Allowlist
     proxy_protocol: bool
+    proxy_from: Allowlist
+    """The peers whose PROXY headers are believed (empty: every peer)."""
 
 
 class Connection:
@@ -124,7 +135,7 @@ class Connection:
         "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "upstream_host",
         "upstream_port", "addresses",
         "attempt", "loops", "failures", "upstream_addr", "up", "down", "started", "connect_started",
-        "deadline", "task", "close_reason", "idle_mark", "idle_since",
+        "deadline", "task", "close_reason", "idle_mark", "idle_since", "waiting",
     )
 
     def __init__(self, ctx: Context, listener: ListenerInfo, fd: int, peer: tuple,
@@ -160,6 +171,7 @@ class Connection:
         self.close_reason: Close | Refusal = Close.CLIENT_CLOSED
         self.idle_mark = -1
         self.idle_since = self.started
+        self.waiting = False  # in ctx.handshakes: its hello did not come whole with the first read
 
     # Live byte counters, read by the stats snapshot while the connection is forwarding.
     @property
@@ -185,9 +197,16 @@ class Connection:
     # -- accept ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Just accepted: admit the client (unless a PROXY header will name it), watch the
-        socket, and read at once: the hello has usually arrived with the handshake's ACK."""
-        if self.state is State.HELLO and not self._admit():
+        """Just accepted: admit the client (unless a PROXY header will name it, and then only
+        from a peer trusted to), watch the socket, and read at once: the hello has usually
+        arrived with the handshake's ACK."""
+        if self.state is State.HELLO:
+            if not self._admit():
+                return
+        elif not self.listener.proxy_from.allows(self.client_ip):
+            _throttle.warning(Refusal.UNTRUSTED_PROXY, "%s: refused: not in proxy_from of %s, so its PROXY header "
+                              "would not be believed", self._client(), self.listener.name)
+            self.refuse(Refusal.UNTRUSTED_PROXY, detail=f"{self.client_ip} is not in proxy_from of {self.listener.name}")
             return
         try:
             self.ctx.events.add(self.client_fd, self)
@@ -258,6 +277,7 @@ class Connection:
         try:
             n = _readv(self.client_fd, scratch.views)
         except BlockingIOError:
+            self._wait()
             return
         except OSError:
             self._close(Close.CLIENT_CLOSED)
@@ -276,6 +296,8 @@ class Connection:
             if not data:
                 return
         try:
+            if self.hello_reads > MAX_HELLO_READS:
+                raise OverLimit(HelloLimit.READS, f"ClientHello not complete after {MAX_HELLO_READS} reads")
             reader = self.reader
             if reader is None:
                 if not self.received:
@@ -289,9 +311,14 @@ class Connection:
                 reader = self.reader = HelloReader()
             hello = reader.feed(data)
         except HelloError as exc:
+            if isinstance(exc, OverLimit):
+                self.ctx.stats.hello_limit(exc.limit)
+                _throttle.warning(exc.limit, "%s: refused a ClientHello over a bound: %s", self._client(), exc)
             self.refuse(exc.reason, detail=str(exc))
             return
         if isinstance(hello, NeedData):
+            if self._wait():
+                self._hold(len(reader.received))
             return
         self.received = bytes(reader.received)
         self.hello_bytes = reader.consumed
@@ -310,6 +337,8 @@ class Connection:
             return b""
         if isinstance(header, NeedData):
             self.received = buf
+            if self._wait():
+                self._hold(len(buf))
             return b""
         self.received = b""
         if header.source is not None:
@@ -318,10 +347,61 @@ class Connection:
         self._enter(State.HELLO)
         if not self._admit():
             return b""
+        if self.waiting:  # now that the client is known, it counts for it
+            if not self.ctx.handshakes.count_client(self):
+                self._refuse_client_handshakes()
+                return b""
+            self.ctx.handshakes.hold(self, 0)
         return buf[header.length_consumed:]
+
+    # -- waiting for the hello ---------------------------------------------------------------
+
+    def _wait(self) -> bool:
+        """The hello is not complete after a read: this connection waits in ``ctx.handshakes``
+        (counted for its client once it is known). False if it was refused for it."""
+        if self.waiting:
+            return True
+        self.waiting = True
+        handshakes = self.ctx.handshakes
+        handshakes.enter(self)
+        if self.state is State.HELLO and not handshakes.count_client(self):
+            self._refuse_client_handshakes()
+            return False
+        return True
+
+    def _refuse_client_handshakes(self) -> None:
+        limit = self.ctx.handshakes.max_per_client
+        _throttle.warning(Refusal.CLIENT_HANDSHAKES, "%s has %d connections waiting for a ClientHello "
+                          "(max_handshakes_per_client): refusing more", self.client_ip, limit)
+        self.refuse(Refusal.CLIENT_HANDSHAKES, detail=f"{self.client_ip} has {limit} connections waiting for a hello")
+
+    def _hold(self, nbytes: int) -> None:
+        """This partial hello holds ``nbytes``; past the budget, the oldest holding any go
+        (this one, if it is the oldest)."""
+        handshakes = self.ctx.handshakes
+        handshakes.hold(self, nbytes)
+        victim = handshakes.over_memory()
+        while victim is not None:
+            victim.evict(Refusal.HELLO_MEMORY)
+            victim = handshakes.over_memory()
+
+    def evict(self, reason: Refusal) -> None:
+        """Dropped while waiting for its hello, to protect everyone else (``evicted`` or
+        ``hello_memory``); one line says so, at most every ten seconds."""
+        handshakes = self.ctx.handshakes
+        if reason is Refusal.EVICTED:
+            _throttle.warning(reason, "connection table full (max_connections): dropped the oldest connection "
+                              "waiting for a ClientHello (%s) to admit a new one", self._client())
+        else:
+            _throttle.warning(reason, "partial ClientHellos hold more than max_hello_memory (%d bytes): dropped the "
+                              "oldest (%s)", handshakes.max_memory, self._client())
+        self.refuse(reason)
 
     def _routed(self, hello: ClientHello) -> None:
         """A complete hello: route it, then resolve (or use the cache) and connect."""
+        if self.waiting:
+            self.waiting = False
+            self.ctx.handshakes.leave(self)
         self.hello = hello
         self.hello_seconds = clock() - self.started
         if hello.sni is None:
@@ -547,6 +627,9 @@ class Connection:
         if self.holds_slot:
             ctx.limits.release(self.client_ip)
             self.holds_slot = False
+        if self.waiting:
+            self.waiting = False
+            ctx.handshakes.leave(self)
         duration = clock() - self.started
         if forwarding:
             self.up.release()

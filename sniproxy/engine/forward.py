@@ -20,8 +20,8 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import time
 
+from ..observe.throttle import Throttled
 from .events import SCRATCH, Scratch, shutdown_write
 from .splice import FLAGS, Pipe, pool
 
@@ -211,11 +211,8 @@ class Flow:
         self.pending = None
 
 
-_warned_at = [float("-inf")]
+_throttle = Throttled(log)
 
 
 def _warn_no_pipe(exc: OSError) -> None:
-    now = time.monotonic()
-    if now - _warned_at[0] >= 10.0:
-        _warned_at[0] = now
-        log.warning("cannot make a pipe for splice (%s): copying instead", exc.strerror or exc)
+    _throttle.warning("no_pipe", "cannot make a pipe for splice (%s): copying instead", exc.strerror or exc)

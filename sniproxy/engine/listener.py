@@ -2,7 +2,7 @@
 
 A listener knows nothing of connections: it hands each accepted descriptor to a factory.
 When accept(2) fails, the failure is counted by errno and, for running out of descriptors,
-logged once per ``WARN_EVERY`` seconds with the limit and the count; the listener then
+logged at most once per ten seconds with the limit and the count; the listener then
 pauses (connections wait in the kernel's backlog) and tries again after a back-off.
 """
 
@@ -13,13 +13,13 @@ import logging
 import os
 import resource
 import socket
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from ..addresses import format_address
 from ..config import Listen
 from ..errors import BindError
+from ..observe.throttle import Throttled
 from .events import LISTENER_EVENTS, EventSet, errno_name
 
 log = logging.getLogger("sniproxy.listener")
@@ -30,7 +30,6 @@ ACCEPT_BATCH = 64
 #: Pause after running out of descriptors: doubles from PAUSE_MIN up to PAUSE_MAX.
 PAUSE_MIN = 0.05
 PAUSE_MAX = 1.0
-WARN_EVERY = 10.0
 #: accept(2) errors that mean "this process or the system cannot take more now".
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -133,14 +132,12 @@ class Listener:
         self.sock.close()
 
 
-_warned = [float("-inf")]
+_throttle = Throttled(log)
 
 
 def _warn_exhausted(exc: OSError, name: str) -> None:
-    now = time.monotonic()
-    if now - _warned[0] < WARN_EVERY:
+    if not _throttle.due("exhausted"):
         return
-    _warned[0] = now
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         open_fds = len(os.listdir("/proc/self/fd"))

@@ -24,6 +24,10 @@ from ..errors import ConfigError
 PIPE_SIZE = 1 << 20
 #: Used when PIPE_SIZE is refused: Linux's default pipe size.
 FALLBACK_PIPE_SIZE = 64 << 10
+#: Descriptors one connection may hold: its two sockets, and while both directions splice,
+#: a pipe (two descriptors) each.
+SOCKETS_PER_CONNECTION = 2
+PIPE_DESCRIPTORS_PER_CONNECTION = 4
 #: Empty pipes kept for reuse, per process. Pipes in use are not bounded by this: each
 #: direction holds one only while bytes wait in it for a slow reader.
 POOL_LIMIT = 64

@@ -29,17 +29,33 @@ def _timestamp(t: float) -> str:
 
 
 Q = '"'
+#: The most one access-log field of the client's own bytes takes: past it, the line keeps the
+#: names that fit and says how many it left out ("alpn_omitted").
+MAX_FIELD = 256
+#: Lists worth remembering: the few that real clients send ("h2", "http/1.1"...). Keys are
+#: client-chosen, so the cache holds only short lists, and at most this many of them.
+_CACHED_LIST = 64
+_CACHE_SIZE = 256
 _ALPN: dict[tuple[str, ...], str] = {}
-_ALPN_LIMIT = 256  # keys are client-chosen: bounded
 
 
 def _alpn(protocols: tuple[str, ...]) -> str:
+    """The "alpn" field, and an "alpn_omitted" count after it when the list was cut short."""
     text = _ALPN.get(protocols)
-    if text is None:
-        text = json.dumps(list(protocols), separators=(",", ":"))
-        if len(_ALPN) >= _ALPN_LIMIT:
+    if text is not None:
+        return text
+    text = json.dumps(list(protocols), separators=(",", ":"))
+    if len(text) <= _CACHED_LIST:
+        if len(_ALPN) >= _CACHE_SIZE:
             _ALPN.clear()
         _ALPN[protocols] = text
+    elif len(text) > MAX_FIELD:
+        kept: list[str] = []
+        for name in protocols:
+            if len(json.dumps([*kept, name], separators=(",", ":"))) > MAX_FIELD:
+                break
+            kept.append(name)
+        text = json.dumps(kept, separators=(",", ":")) + f',"alpn_omitted":{len(protocols) - len(kept)}'
     return text
 
 

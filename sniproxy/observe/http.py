@@ -18,13 +18,15 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..addresses import format_address
 from ..errors import BindError
 from ..tasks import TaskSet
+from .throttle import Throttled
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sniproxy.metrics")
 
 #: Paths on the metrics listener. A load balancer's health check asks READY_PATH: 200 while
 #: the proxy accepts and is not draining, 503 from the moment SIGTERM arrives.
@@ -37,6 +39,16 @@ READY_PATH = "/readyz"
 RESERVE = 4
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 16 * 1024
+#: Connections the listener serves at once: a scrape, the health checks and a few spares. A
+#: new one beyond it takes the place of the oldest still sending its request, so idle
+#: connections to this port can neither take the process's descriptors nor lock scrapes out.
+MAX_CONNECTIONS = 16
+#: Out of descriptors with none in reserve: accepts wait this long, doubling up to PAUSE_MAX,
+#: instead of spinning on a listener that stays readable.
+PAUSE_MIN = 0.05
+PAUSE_MAX = 1.0
+
+_throttle = Throttled(log)
 
 
 def bind_metrics(address: str, port: int) -> socket.socket:
@@ -69,24 +81,59 @@ class MetricsServer:
         self.loop = asyncio.get_running_loop()
         self._reserve = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(RESERVE)]
         self._tasks = TaskSet()
+        self._reading: dict[socket.socket, asyncio.Task] = {}  # still sending their request, oldest first
+        self._pause = PAUSE_MIN
+        self._resume: asyncio.TimerHandle | None = None
+        self.dropped = 0
+        """Connections closed to stay within MAX_CONNECTIONS."""
+        registry.register(_DroppedCollector(self))
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(MAX_CONNECTIONS):
             try:
                 conn, _ = self.sock.accept()
             except BlockingIOError:
+                self._pause = PAUSE_MIN
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    continue  # ECONNABORTED and the like: that one connection only
+                if self._reserve:
+                    while self._reserve:  # make room for this request
+                        os.close(self._reserve.pop())
                     continue
-                if not self._reserve:
-                    return  # the reserve is serving a request; the kernel queues this one
-                while self._reserve:  # make room for this request
-                    os.close(self._reserve.pop())
+                self._pause_accepts()
+                return
+            if len(self._tasks) >= MAX_CONNECTIONS and not self._drop_oldest():
+                conn.close()
                 continue
             conn.setblocking(False)
-            self._tasks.spawn(self._serve(conn)).add_done_callback(self._refill)
+            task = self._reading[conn] = self._tasks.spawn(self._serve(conn))
+            task.add_done_callback(self._refill)
+
+    def _drop_oldest(self) -> bool:
+        """Make room: cancel the oldest connection still sending its request."""
+        self.dropped += 1
+        _throttle.warning("full", "metrics listener: %d connections open, the most it serves: closing the oldest "
+                          "that has not sent its request", MAX_CONNECTIONS)
+        oldest = next(iter(self._reading), None)
+        if oldest is None:
+            return False
+        self._reading.pop(oldest).cancel()
+        return True
+
+    def _pause_accepts(self) -> None:
+        """Out of descriptors, the reserve in use: stop watching the listener for a while (the
+        kernel queues connections meanwhile), rather than spin on it."""
+        _throttle.error("emfile", "metrics listener: out of descriptors; accepting again in %gs", self._pause)
+        self.loop.remove_reader(self.sock.fileno())
+        self._resume = self.loop.call_later(self._pause, self._resume_accepts)
+        self._pause = min(self._pause * 2, PAUSE_MAX)
+
+    def _resume_accepts(self) -> None:
+        self._resume = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _refill(self, task: asyncio.Task) -> None:
         while len(self._reserve) < RESERVE:
@@ -105,6 +152,7 @@ class MetricsServer:
                     if not chunk or len(request) > MAX_REQUEST:
                         return
                     request += chunk
+                self._reading.pop(conn, None)
                 status, body, ctype = await self._answer(request)
                 head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                         "Connection: close\r\n\r\n").encode()
@@ -112,6 +160,7 @@ class MetricsServer:
         except (TimeoutError, OSError):
             pass
         finally:
+            self._reading.pop(conn, None)
             conn.close()
 
     async def _answer(self, request: bytes) -> tuple[str, bytes, str]:
@@ -138,9 +187,22 @@ class MetricsServer:
         return "404 Not Found", b"not found\n", "text/plain"
 
     def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         self._tasks.cancel_all()
         for fd in self._reserve:
             os.close(fd)
         self._reserve.clear()
+
+
+class _DroppedCollector:
+    def __init__(self, server: MetricsServer):
+        self.server = server
+
+    def collect(self) -> list:
+        family = CounterMetricFamily("sniproxy_metrics_connections_dropped", "Connections to the metrics listener "
+                                     f"closed to keep it within {MAX_CONNECTIONS} at once.")
+        family.add_metric([], self.server.dropped)
+        return [family]

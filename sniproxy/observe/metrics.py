@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
@@ -76,6 +77,10 @@ class StatsCollector:
                                   "(EMFILE: out of file descriptors).", labels=["errno"])
         for name, n in sorted(snap["accept_errors"].items()):
             acc.add_metric([name], n)
+        lim = CounterMetricFamily("sniproxy_hello_limit", "ClientHellos refused for a bound on their size, records, "
+                                  "reads or counts (each also a bad_hello refusal), by bound.", labels=["limit"])
+        for limit, n in sorted(snap["hello_limits"].items()):
+            lim.add_metric([limit], n)
         q = CounterMetricFamily("sniproxy_dns_queries", "DNS lookups sent for upstream names, by result.", labels=["result"])
         for result, n in sorted(snap["dns"].items()):
             q.add_metric([result], n)
@@ -84,7 +89,13 @@ class StatsCollector:
         stale = CounterMetricFamily("sniproxy_dns_stale_served", "Upstream names answered at once from a stale "
                                     "entry, while DNS fails (RFC 8767).")
         stale.add_metric([], snap["dns_stale_served"])
-        return [b, c, a, rej, *histograms, pq, ech, acc, q, hits, stale]
+        waiting = GaugeMetricFamily("sniproxy_handshakes_waiting", "Connections waiting for the rest of their "
+                                    "ClientHello (a hello that arrives with the first read never waits).")
+        waiting.add_metric([], snap["handshakes_waiting"])
+        held = GaugeMetricFamily("sniproxy_hello_memory_bytes", "Bytes held by partial ClientHellos (at most "
+                                 "[server] max_hello_memory per process).")
+        held.add_metric([], snap["hello_memory"])
+        return [b, c, a, rej, lim, waiting, held, *histograms, pq, ech, acc, q, hits, stale]
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -142,9 +153,15 @@ class ProcessTreeCollector:
                 limit = max_fds
             if max_fds:
                 ratio = max(ratio, open_fds / max_fds)
+        # Workers that have exited (an old generation, a restart) and been reaped: their CPU
+        # stays in the total, or the counter would go backwards when they leave the tree.
+        # A worker that exited but is not reaped yet is still in /proc; once reaped, it is here.
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu += reaped.ru_utime + reaped.ru_stime
         families = []
         for name, kind, text, value in (
-            ("process_cpu_seconds", CounterMetricFamily, "User and system CPU time, summed over the process tree.", cpu),
+            ("process_cpu_seconds", CounterMetricFamily, "User and system CPU time, summed over the process tree, "
+             "exited workers included.", cpu),
             ("process_resident_memory_bytes", GaugeMetricFamily, "Resident memory, summed over the process tree.", rss),
             ("process_open_fds", GaugeMetricFamily, "Open file descriptors, summed over the process tree.", fds),
             ("process_max_fds", GaugeMetricFamily, "RLIMIT_NOFILE of each process.", limit),

@@ -82,6 +82,7 @@ class Stats:
         self.dns_cache_hits = 0
         self.dns_stale_served = 0  # answers given from a stale entry, without waiting for DNS
         self.accept_errors: dict[str, int] = {}  # errno name -> failed accept(2) calls
+        self.hello_limits: dict[str, int] = {}  # reasons.HelloLimit -> hellos refused for it
         self.live: set[Any] = set()
         """Connections with a route, whose running byte counts a scrape adds in."""
 
@@ -94,6 +95,9 @@ class Stats:
     def reject(self, reason: str) -> None:
         """Count a refusal by its ``reasons.Refusal``."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def hello_limit(self, limit: str) -> None:
+        self.hello_limits[limit] = self.hello_limits.get(limit, 0) + 1
 
     def dns_result(self, result: str) -> None:
         self.dns[result] = self.dns.get(result, 0) + 1
@@ -130,11 +134,18 @@ class Stats:
             "dns_cache_hits": self.dns_cache_hits,
             "dns_stale_served": self.dns_stale_served,
             "accept_errors": dict(self.accept_errors),
+            "hello_limits": dict(self.hello_limits),
+            **dict.fromkeys(GAUGES, 0),  # the server fills them in: they are the handshake table's
         }
 
 
+#: Snapshot keys that are gauges (a process's present, not a count): an exited worker's go to 0.
+GAUGES = ("handshakes_waiting", "hello_memory")
+
+
 def empty_snapshot() -> dict:
-    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "dns_stale_served": 0, "accept_errors": {}}
+    return {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "dns_stale_served": 0, "accept_errors": {},
+            "hello_limits": {}, **dict.fromkeys(GAUGES, 0)}
 
 
 def _add(acc: Any, value: Any) -> Any:

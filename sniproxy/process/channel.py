@@ -42,6 +42,58 @@ def decode(line: bytes) -> tuple[Event, Any]:
     return Event(key), value
 
 
+#: The longest line a worker may send (a snapshot grows with the routes): past it, the
+#: channel is closed as broken.
+MAX_LINE = 16 << 20
+
+
+class SupervisorEnd(asyncio.Protocol):
+    """The supervisor's end of one worker's channel. Every line the worker wrote is handled,
+    in order, before the end is noticed: a worker that exits right after its last snapshot
+    may reset the channel (it closes with a request unread), and a stream reader would then
+    raise before handing over the lines it already holds, dropping the counters in them."""
+
+    def __init__(self, on_event: Callable[[Event, Any], None], on_broken: Callable[[str], None]):
+        self.on_event = on_event
+        self.on_broken = on_broken
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.buffer = bytearray()
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\n")) >= 0:
+            line = bytes(self.buffer[:end])
+            del self.buffer[: end + 1]
+            try:
+                event, value = decode(line)
+            except ValueError as exc:
+                self.on_broken(f"not a channel event ({exc})")
+                self.close()
+                return
+            self.on_event(event, value)
+        if len(self.buffer) > MAX_LINE:
+            self.on_broken(f"a line longer than {MAX_LINE} bytes")
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def send(self, message: bytes) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(message)
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 def config_command(text: bytes) -> bytes:
     return CMD_CONFIG + b" %d\n" % len(text) + text
 
@@ -114,11 +166,16 @@ class WorkerChannel:
         pass
 
     async def final(self) -> None:
-        """Send the last counters before exiting, so the supervisor's totals include them."""
+        """Send the last counters before exiting, so the supervisor's totals include them.
+        The channel is closed and waited for: the event loop writes at the end of an
+        iteration, and one that closes right after a write would drop the line (a drain()
+        waits only when the buffer is full), and with it what the worker counted since the
+        last scrape."""
         try:
             self._send(Event.SNAPSHOT, self.snapshot())
             if self.writer is not None:
                 async with asyncio.timeout(2):
-                    await self.writer.drain()
+                    self.writer.close()
+                    await self.writer.wait_closed()
         except (ConnectionError, TimeoutError, RuntimeError):
             pass

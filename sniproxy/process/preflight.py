@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from .. import regions
 from ..addresses import format_address
 from ..config import Config, open_listeners
 from ..engine.listener import listen_name
+from ..engine.splice import PIPE_DESCRIPTORS_PER_CONNECTION, SOCKETS_PER_CONNECTION
 from ..errors import ConfigError
 from ..tools.ports import is_sniproxy, listener_owner, listening_sockets, try_bind
 from .systemd import LISTEN_FDS_START, normalise_address, unit_name
@@ -46,7 +48,41 @@ def config_warnings(config: Config) -> list[str]:
         verdict = regions.judge(config.region)
         if verdict.level == "warning":
             warnings.append(f"ecr.region: {verdict.message}")
+    for listen in config.listen:
+        if listen.proxy_protocol and not listen.proxy_from:
+            warnings.append(f"listener {listen_name(listen)} believes the PROXY header of any peer that reaches it: "
+                            "set [[listen]] proxy_from to the balancer's networks")
+    warnings += descriptor_warnings(config)
     return warnings
+
+
+def descriptor_warnings(config: Config, limit: int | None = None) -> list[str]:
+    """max_connections against RLIMIT_NOFILE, as nginx warns that worker_connections exceed it:
+    otherwise accepts fail with EMFILE, silently until the day the table fills. ``run`` raises
+    its soft limit to the hard one, so the hard limit is what counts. Pipes are not counted:
+    a direction that cannot get one copies instead."""
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = config.server.max_connections * SOCKETS_PER_CONNECTION
+    if limit == resource.RLIM_INFINITY or need <= limit:
+        return []
+    return [f"server.max_connections {config.server.max_connections} needs {need} descriptors per process "
+            f"({SOCKETS_PER_CONNECTION} sockets a connection; splicing directions take {PIPE_DESCRIPTORS_PER_CONNECTION} "
+            f"more while they can), but RLIMIT_NOFILE is {limit}: raise it (LimitNOFILE= in the unit, ulimit -n) or "
+            "lower max_connections, or accepts will fail with EMFILE before the table is full"]
+
+
+def raise_descriptor_limit() -> None:
+    """Let this process use every descriptor its hard limit allows (as Go's runtime does):
+    the soft limit is often 1024 by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # the kernel's default nr_open
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # kept as it is; the warning above says what to do
 
 
 def account_problems(config: Config) -> list[str]:

@@ -39,6 +39,7 @@ def proxy(config: Config, text: bytes, load: Loader, *, log_level: str | None, a
     """A single process, or with ``[server] workers`` > 1 a supervisor that starts workers
     with ``worker_argv`` (this command line) plus their channel."""
     handlers = setup_logging(config.log, log_level)
+    preflight.raise_descriptor_limit()  # workers inherit it
     for warning in preflight.config_warnings(config):  # what `check` warns about, said at start too
         log.warning("%s", warning)
     # Every listener is bound (or adopted) before the event loop starts and before any

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
 
-from ..addresses import is_unspecified
+from ..addresses import connect_target, is_unspecified
 from ..allow import Allowlist, ClientLimits
 from ..config import Config, Listen
 from ..dns.resolver import Resolver
 from ..engine.connection import Connection, Context, ListenerInfo, clock
 from ..engine.events import EventSet
+from ..engine.handshakes import Handshakes
 from ..engine.listener import Listener, bind, listen_name
 from ..engine.splice import splice_after
 from ..errors import SniproxyError
@@ -54,6 +54,7 @@ class Server:
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # inherited, not yet listening
         self.fixed_listeners = False  # from systemd: a reload may not add or remove one
         self._client_counts: dict[str, int] = {}
+        self.handshakes = Handshakes(config.server.max_handshakes_per_client, config.server.max_hello_memory)
         self.tasks = TaskSet()
         self._local: dict[str, bool] = {}
         self._loops: dict[tuple[str, int], bool] = {}
@@ -68,6 +69,7 @@ class Server:
             routes=RouteTable(config.routes),
             resolver=resolver,
             limits=ClientLimits(s.max_connections_per_client, self._client_counts),
+            handshakes=self.handshakes,
             stats=self.stats,
             access_log=self.access_log,
             handshake_timeout=s.handshake_timeout,
@@ -86,8 +88,13 @@ class Server:
         conn = Connection(self.ctx, info, fd, peer, self._closed)
         self.connections.add(conn)
         if len(self.connections) > self.config.server.max_connections:
-            conn.refuse(Refusal.LIMIT, detail=f"max_connections {self.config.server.max_connections} reached")
-            return
+            # Full: the oldest connection still waiting for its hello makes room, so silent
+            # connections cannot starve new ones; only established ones refuse a newcomer.
+            waiting = self.handshakes.oldest()
+            if waiting is None:
+                conn.refuse(Refusal.LIMIT, detail=f"max_connections {self.config.server.max_connections} reached")
+                return
+            waiting.evict(Refusal.EVICTED)
         conn.start()
 
     def _closed(self, conn: Connection) -> None:
@@ -97,7 +104,8 @@ class Server:
 
     def _listen(self, listen: Listen, sock: socket.socket) -> None:
         key = listen.key
-        info = ListenerInfo(listen_name(listen), _allowlist(listen, self.config), listen.proxy_protocol)
+        info = ListenerInfo(listen_name(listen), _allowlist(listen, self.config), listen.proxy_protocol,
+                            Allowlist(listen.proxy_from))
         listener = Listener(sock, info.name, self.events, functools.partial(self._accepted, key),
                             self.stats.accept_error)
         self.listeners[key] = (listener, info)
@@ -117,11 +125,14 @@ class Server:
         return known
 
     def _check_loop(self, ip: str, port: int) -> bool:
-        ip = str(ipaddress.ip_address(ip.split("%")[0]))
+        """Judged by what connect() would reach, not by the string DNS gave: a mapped or an
+        unspecified address reaches a listener as surely as its plain form."""
+        target = connect_target(ip)
+        family = ":" in target
         for address, listen_port in self.listeners:
             if listen_port != port:
                 continue
-            if address == ip or (is_unspecified(address) and self._is_local(ip)):
+            if address == target or (is_unspecified(address) and (":" in address) == family and self._is_local(target)):
                 return True
         return False
 
@@ -183,9 +194,12 @@ class Server:
         for key, (_, info) in self.listeners.items():
             info.allow = _allowlist(wanted[key], new)
             info.proxy_protocol = wanted[key].proxy_protocol
+            info.proxy_from = Allowlist(wanted[key].proxy_from)
         for listen in added:
             self._listen(listen, sockets[listen.key])
         self._loops.clear()
+        self.handshakes.max_per_client = new.server.max_handshakes_per_client
+        self.handshakes.max_memory = new.server.max_hello_memory
         resolver = self.ctx.resolver if new.resolver == old.resolver else Resolver(new.resolver, self.stats)
         self.ctx = self._context(new, resolver)
         self._schedule_sweep()
@@ -222,7 +236,10 @@ class Server:
         return True  # this very loop is answering
 
     def snapshot(self) -> dict:
-        return self.stats.snapshot()
+        snap = self.stats.snapshot()
+        snap["handshakes_waiting"] = len(self.handshakes)
+        snap["hello_memory"] = self.handshakes.held
+        return snap
 
     def status(self) -> str:
         return f"{len(self.connections)} connections"

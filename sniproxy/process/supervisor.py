@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -35,9 +36,9 @@ from ..config import Config
 from ..engine.listener import bind
 from ..errors import SniproxyError
 from ..observe.metrics import ProcessTreeCollector
-from ..observe.stats import empty_snapshot, merge
+from ..observe.stats import GAUGES, empty_snapshot, merge
 from ..tasks import TaskSet
-from .channel import CMD_SNAPSHOT, Event, config_command, decode
+from .channel import CMD_SNAPSHOT, Event, SupervisorEnd, config_command
 from .reload import SUPERVISOR, Loader, load_new, warn_restart_only
 
 log = logging.getLogger("sniproxy.supervisor")
@@ -67,7 +68,7 @@ class Worker:
         self.generation = generation
         self.state = WorkerState.STARTING
         self.proc: subprocess.Popen | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.channel: SupervisorEnd | None = None
         self.snapshot: dict = empty_snapshot()
         self.started = 0.0
         self.backoff = 0.5
@@ -84,10 +85,7 @@ class Worker:
         return f"worker {self.index} (pid {self.proc.pid if self.proc else '-'})"
 
     def send(self, message: bytes) -> bool:
-        if self.writer is None or self.writer.is_closing():
-            return False
-        self.writer.write(message)
-        return True
+        return self.channel is not None and self.channel.send(message)
 
     def kill(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -138,24 +136,28 @@ class Supervisor:
                      sockets: dict) -> None:
         """Read a worker's channel until it closes; then account for it, and restart it if
         it died while serving."""
+        def on_event(event: Event, value: Any) -> None:
+            if event is Event.SNAPSHOT:
+                w.snapshot = value
+                w.asked = False
+                if w.lagging:
+                    w.lagging = False
+                    log.info("%s answers again", w.name)
+                w.answered.set()
+            elif event is Event.CLOSED:
+                w.closed.set()
+            elif event is Event.READY:
+                if w.state is WorkerState.STARTING:
+                    w.state = WorkerState.READY
+                w.ready.set()
+
+        def on_broken(why: str) -> None:
+            log.error("%s: channel broken: %s", w.name, why)
+
         try:
-            reader, w.writer = await asyncio.open_connection(sock=sock, limit=16 << 20)
-            while line := await reader.readline():
-                event, value = decode(line)
-                if event is Event.SNAPSHOT:
-                    w.snapshot = value
-                    w.asked = False
-                    if w.lagging:
-                        w.lagging = False
-                        log.info("%s answers again", w.name)
-                    w.answered.set()
-                elif event is Event.CLOSED:
-                    w.closed.set()
-                elif event is Event.READY:
-                    if w.state is WorkerState.STARTING:
-                        w.state = WorkerState.READY
-                    w.ready.set()
-        except (ConnectionError, ValueError):
+            _, w.channel = await self.loop.connect_accepted_socket(lambda: SupervisorEnd(on_event, on_broken), sock)
+            await w.channel.ended
+        except OSError:
             pass
         code = await self.loop.run_in_executor(None, proc.wait)
         was = w.state
@@ -183,6 +185,8 @@ class Supervisor:
         """Keep a gone worker's counters so totals never go backwards; its gauges go to 0."""
         for r in w.snapshot["routes"].values():
             r["active"] = 0
+        for gauge in GAUGES:
+            w.snapshot[gauge] = 0
         self.retired = merge([self.retired, w.snapshot])
         w.snapshot = empty_snapshot()
         w.state = WorkerState.EXITED
@@ -190,9 +194,9 @@ class Supervisor:
         w.ready.set()
         w.closed.set()
         w.exited.set()
-        if w.writer is not None:
-            w.writer.close()
-            w.writer = None
+        if w.channel is not None:
+            w.channel.close()
+            w.channel = None
         if w in self.old:
             self.old.remove(w)
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..errors import BadHello, NotTLS, WireError
+from ..errors import BadHello, NotTLS, OverLimit, WireError
 from ..hostnames import normalize_host
+from ..reasons import HelloLimit
 from .wire import NEED_DATA, Buffer, NeedData
 
 
@@ -52,6 +53,14 @@ class NameType(IntEnum):
 #: Largest ClientHello message body accepted. Post-quantum key shares make today's hellos
 #: ~1.8 KB; 64 KiB leaves room for years of growth while bounding what a client can make us hold.
 MAX_HELLO = 64 * 1024
+#: Bounds on the parts of a hello whose number sets its parsing cost, so the worst hello of
+#: any shape costs a few times a normal one. Real stacks: 1 record (up to 5 for the largest
+#: hellos; 45 from a stack that splits on purpose), about 20 extensions, 2 or 3 ALPN names,
+#: 1 to 4 key shares.
+MAX_RECORDS = 64
+MAX_EXTENSIONS = 64
+MAX_ALPN = 32
+MAX_KEY_SHARES = 16
 #: RFC 8446 section 5.1: TLSPlaintext.length must not exceed 2^14.
 MAX_RECORD = 1 << 14
 RECORD_HEADER = 5
@@ -130,11 +139,13 @@ def _normalized(raw: bytes) -> str | None:
 
 def pull_alpn(buf: Buffer) -> tuple[str, ...]:
     """ProtocolNameList (RFC 7301 section 3.1)."""
-    protocols = []
+    protocols: list[str] = []
     with buf.pull_block(2) as length:
         if length == 0:
             raise BadHello("empty ALPN list")
         while not buf.eof():
+            if len(protocols) == MAX_ALPN:
+                raise OverLimit(HelloLimit.ALPN, f"more than {MAX_ALPN} ALPN protocol names")
             with buf.pull_block(1) as n:
                 if n == 0:
                     raise BadHello("empty ALPN protocol name")
@@ -144,9 +155,11 @@ def pull_alpn(buf: Buffer) -> tuple[str, ...]:
 
 def pull_key_share(buf: Buffer) -> tuple[int, ...]:
     """KeyShareClientHello (RFC 8446 section 4.2.8): the groups, keys skipped."""
-    groups = []
+    groups: list[int] = []
     with buf.pull_block(2):
         while not buf.eof():
+            if len(groups) == MAX_KEY_SHARES:
+                raise OverLimit(HelloLimit.KEY_SHARES, f"more than {MAX_KEY_SHARES} key shares")
             groups.append(buf.pull_uint16())
             with buf.pull_block(2) as n:
                 if n == 0:
@@ -194,6 +207,8 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
                 pos += 4
                 if n > end - pos:
                     raise BadHello(f"extension {ext_type} overruns the extensions block")
+                if len(types) == MAX_EXTENSIONS:
+                    raise OverLimit(HelloLimit.EXTENSIONS, f"more than {MAX_EXTENSIONS} extensions")
                 types.append(ext_type)
                 parser = _EXTENSION_PARSERS.get(ext_type)
                 if parser is not None:
@@ -295,7 +310,7 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
             n = (d[pos + 2] << 8) | d[pos + 3]
             pos += 4
             stop = pos + n
-            if stop > end:
+            if stop > end or len(types) == MAX_EXTENSIONS:
                 return None
             types.append(ext_type)
             if ext_type == _SERVER_NAME:
@@ -309,11 +324,11 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
             elif ext_type == _ALPN:
                 if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or n == 2:
                     return None
-                names = []
+                names: list[str] = []
                 at = pos + 2
                 while at < stop:
                     size = d[at]
-                    if size == 0 or at + 1 + size > stop:
+                    if size == 0 or at + 1 + size > stop or len(names) == MAX_ALPN:
                         return None
                     names.append(d[at + 1 : at + 1 + size].decode("latin-1"))
                     at += 1 + size
@@ -321,10 +336,10 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
             elif ext_type == _KEY_SHARE:
                 if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n:
                     return None
-                groups = []
+                groups: list[int] = []
                 at = pos + 2
                 while at < stop:
-                    if stop - at < 4:
+                    if stop - at < 4 or len(groups) == MAX_KEY_SHARES:
                         return None
                     size = (d[at + 2] << 8) | d[at + 3]
                     if size == 0 or at + 4 + size > stop:
@@ -342,11 +357,13 @@ class HelloReader:
     """Reassembles a ClientHello from TLS records fed in arbitrary chunks.
 
     ``feed`` returns the ``ClientHello``, ``NEED_DATA``, or raises ``NotTLS``/``BadHello``.
-    Buffering is bounded: the message is capped at ``MAX_HELLO`` and records are checked as
-    their headers arrive, so a hostile length is refused before its bytes are.
+    Buffering is bounded: the message is capped at ``MAX_HELLO`` and ``MAX_RECORDS``, and
+    records are checked as their headers arrive, so a hostile length is refused before its
+    bytes are. What it holds is the bytes received and nothing more: the message is joined
+    from the records' payloads once, when it is complete.
     """
 
-    __slots__ = ("received", "records", "_pos", "_message", "_length")
+    __slots__ = ("received", "records", "_pos", "_spans", "_payload", "_length")
 
     @property
     def consumed(self) -> int:
@@ -359,7 +376,8 @@ class HelloReader:
         self.records = 0
         """Complete TLS records the hello has taken so far."""
         self._pos = 0  # offset of the next record header in ``received``
-        self._message = bytearray()
+        self._spans: list[tuple[int, int]] = []  # (start, end) of each complete record's payload
+        self._payload = 0  # bytes in those payloads
         self._length = -1  # handshake body length, once known
 
     def feed(self, data: bytes) -> ClientHello | NeedData:
@@ -385,21 +403,34 @@ class HelloReader:
             length = (hi << 8) | lo
             if length == 0 or length > MAX_RECORD:
                 raise BadHello(f"record length {length}")
-            end = pos + RECORD_HEADER + length
+            if self.records == MAX_RECORDS:
+                raise OverLimit(HelloLimit.RECORDS, f"ClientHello in more than {MAX_RECORDS} records")
+            start, end = pos + RECORD_HEADER, pos + RECORD_HEADER + length
             if len(received) < end:
-                if self._length < 0 and not self._message:
-                    self._check_header(received[pos + RECORD_HEADER : pos + RECORD_HEADER + 4])
+                if self._length < 0 and not self._spans:
+                    self._check_header(received[start : start + 4])
                 return NEED_DATA
             self._pos = end
             self.records += 1
-            message = self._message
-            message += received[pos + RECORD_HEADER : end]
-            if self._length < 0 and len(message) >= 4:
-                self._length = self._check_header(message)
-            if self._length >= 0 and len(message) >= 4 + self._length:
-                if len(message) > 4 + self._length:
+            self._spans.append((start, end))
+            self._payload += length
+            if self._length < 0 and self._payload >= 4:
+                self._length = self._check_header(self._joined(4))
+            if self._length >= 0 and self._payload >= 4 + self._length:
+                if self._payload > 4 + self._length:
                     raise BadHello("handshake data after the ClientHello")
-                return parse_client_hello(memoryview(message)[4:])
+                return parse_client_hello(memoryview(self._joined(self._payload))[4:])
+
+    def _joined(self, n: int) -> bytes:
+        """The first ``n`` bytes of the records' payloads, joined."""
+        received = self.received
+        parts = []
+        for start, end in self._spans:
+            parts.append(received[start : min(end, start + n)])
+            n -= end - start
+            if n <= 0:
+                break
+        return b"".join(parts)
 
     @staticmethod
     def _check_header(head: bytes | bytearray) -> int:
@@ -410,5 +441,5 @@ class HelloReader:
             return -1
         length = (head[1] << 16) | (head[2] << 8) | head[3]
         if length > MAX_HELLO:
-            raise BadHello(f"ClientHello of {length} bytes exceeds {MAX_HELLO}")
+            raise OverLimit(HelloLimit.SIZE, f"ClientHello of {length} bytes exceeds {MAX_HELLO}")
         return length

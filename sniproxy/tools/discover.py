@@ -47,6 +47,9 @@ class Service:
     """[server] allow: the builders' networks."""
     workers: str | None = None
     """[server] workers ("auto" or a count): with a supervisor, a reload also loads new code."""
+    proxy_from: tuple[str, ...] = ()
+    """Behind a balancer that sends PROXY v2 (an NLB with IP targets): its subnets. Each
+    [[listen]] then expects the header, and believes it only from these networks."""
 
 
 def resolver_addresses(vpc_cidr: str | None) -> list[str]:
@@ -77,7 +80,11 @@ def render_toml(site: Site, plan: Plan, service: Service = Service(), surveyed: 
         "# Addresses the builders reach (their /etc/hosts points the ECR names here).",
     ]
     for address in site.listen:
-        lines += ["[[listen]]", f"address = {_toml(address)}", f"port = {LISTEN_PORT}", ""]
+        lines += ["[[listen]]", f"address = {_toml(address)}", f"port = {LISTEN_PORT}"]
+        if service.proxy_from:
+            lines += ["# The balancer sends a PROXY v2 header naming the client: believed from its subnets only.",
+                      "proxy_protocol = true", f"proxy_from = {_toml(list(service.proxy_from))}"]
+        lines.append("")
     lines += [
         "# The VPC resolver, so the endpoints' private DNS names resolve to their",
         "# interfaces. The proxy never reads its own /etc/hosts.",
@@ -159,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "loads newly installed code)")
     parser.add_argument("--allow", action="append", default=[], metavar="CIDR",
                         help="[server] allow: a builder network; repeat for several")
+    parser.add_argument("--proxy-from", action="append", default=[], metavar="CIDR",
+                        help="behind a balancer that sends PROXY v2 (an NLB with IP targets): its subnet; repeat for "
+                        "several. Sets proxy_protocol = true and proxy_from on every listener")
     parser.add_argument("--write", metavar="FILE", help="write the config to FILE (the old file "
                         "is kept as FILE.bak) instead of standard output")
     parser.add_argument("--policies", metavar="DIR", help="also write the minimal endpoint policies "
@@ -176,15 +186,16 @@ def _service(args: argparse.Namespace) -> Service:
         raise UsageError(f"--metrics-address {args.metrics_address!r}: not an IP address") from None
     if args.drain_delay is not None and not 0 <= args.drain_delay < float("inf"):
         raise UsageError(f"--drain-delay {args.drain_delay:g}: expected seconds, 0 or more")
-    for cidr in args.allow:
-        try:
-            ipaddress.ip_network(cidr)
-        except ValueError as exc:
-            raise UsageError(f"--allow {cidr!r}: {exc}") from None
+    for flag, cidrs in (("--allow", args.allow), ("--proxy-from", args.proxy_from)):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as exc:
+                raise UsageError(f"{flag} {cidr!r}: {exc}") from None
     workers = args.workers
     if workers is not None and workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
         raise UsageError(f"--workers {workers!r}: expected auto or a count 1-256")
-    return Service(args.metrics_address, args.drain_delay, tuple(args.allow), workers)
+    return Service(args.metrics_address, args.drain_delay, tuple(args.allow), workers, tuple(args.proxy_from))
 
 
 # What --offline reports instead of the endpoints' findings.

@@ -21,6 +21,7 @@ from sniproxy.dns.resolver import Resolver
 from sniproxy.engine import splice
 from sniproxy.engine.connection import _NEXT, Connection, Context, ListenerInfo, State, clock
 from sniproxy.engine.events import EventSet
+from sniproxy.engine.handshakes import Handshakes
 from sniproxy.engine.listener import Listener
 from sniproxy.observe.stats import Stats
 from sniproxy.routes import Route, RouteTable
@@ -58,15 +59,16 @@ class Engine:
         asyncio.set_event_loop(self.loop)
         self.events = EventSet(self.loop)
         self.stats = Stats()
+        self.handshakes = Handshakes(max_per_client=128, max_memory=32 << 20)
         resolver = Resolver(ResolverConfig((self.dns.host,), port=self.dns.port, timeout=1.0), self.stats)
         self.ctx = Context(
             events=self.events, routes=RouteTable([Route("echo", (NAME,), None, self.upstream_port)]),
-            resolver=resolver, limits=ClientLimits(None), stats=self.stats, access_log=None,
+            resolver=resolver, limits=ClientLimits(None), handshakes=self.handshakes, stats=self.stats, access_log=None,
             handshake_timeout=5.0, connect_timeout=self.connect_timeout, idle_timeout=60.0,
             splice_after=self.splice_after, refuse_alert=True, is_loop=lambda ip, port: False,
             spawn=self.loop.create_task,
         )
-        self.info = ListenerInfo("test", Allowlist(()), False)
+        self.info = ListenerInfo("test", Allowlist(()), False, Allowlist(()))
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.listener = Listener(sock, "test", self.events, self._accepted, self.stats.accept_error)
@@ -206,6 +208,26 @@ def test_a_single_record_hello_in_one_read_takes_the_fast_path(engine, monkeypat
     conn = engine.wait_closed(1)[0]
     assert (conn.hello_reads, conn.hello_records, conn.hello_bytes) == (1, 1, len(hello))
     assert len(taken) == 1 and taken[0] is not None and taken[0].sni == NAME
+
+
+def test_a_hello_fed_one_read_at_a_time_is_refused_after_max_hello_reads(engine, monkeypatch):
+    """Each read costs a dispatch and a parse step: a client that feeds its hello byte by
+    byte is refused at the read past the bound, counted by bound."""
+    from sniproxy.engine import connection
+
+    monkeypatch.setattr(connection, "MAX_HELLO_READS", 5)
+    hello = make_hello(NAME)
+    s = engine.connect()
+    engine.wait(lambda: len(engine.live) == 1)
+    conn = next(iter(engine.call(lambda: list(engine.live))))
+    for i in range(5):
+        s.sendall(hello[i : i + 1])
+        engine.wait(lambda i=i: conn.hello_reads == i + 1)  # read before the next byte: one read each
+    assert conn.waiting and engine.handshakes.held == 5
+    s.sendall(hello[5:6])
+    assert engine.wait_closed(1)[0] is conn
+    assert conn.close_reason == "bad_hello" and engine.stats.hello_limits == {"reads": 1}
+    assert engine.call(lambda: (len(engine.handshakes), engine.handshakes.held)) == (0, 0)
 
 
 # -- upstream ----------------------------------------------------------------------------------

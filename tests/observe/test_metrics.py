@@ -67,6 +67,9 @@ def test_names_types_and_help(stats):
         "sniproxy_connections": "counter",
         "sniproxy_connections_active": "gauge",
         "sniproxy_connections_rejected": "counter",
+        "sniproxy_hello_limit": "counter",
+        "sniproxy_handshakes_waiting": "gauge",
+        "sniproxy_hello_memory_bytes": "gauge",
         "sniproxy_upstream_connect_seconds": "histogram",
         "sniproxy_connection_duration_seconds": "histogram",
         "sniproxy_hello_size_bytes": "histogram",
@@ -178,8 +181,9 @@ def test_hello_diagnostics_per_route(stats):
 
 def test_empty_stats_still_expose_every_family():
     f = scrape(Stats().snapshot)
-    assert len(f) == 16
-    unlabelled = ("sniproxy_dns_cache_hits", "sniproxy_dns_stale_served")
+    assert len(f) == 19
+    unlabelled = ("sniproxy_dns_cache_hits", "sniproxy_dns_stale_served", "sniproxy_handshakes_waiting",
+                  "sniproxy_hello_memory_bytes")
     assert all(samples(f[name]) == {key(): 0} for name in unlabelled)
     assert all(not fam.samples for name, fam in f.items() if name not in unlabelled)
 

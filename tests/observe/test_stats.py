@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from sniproxy.observe.stats import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, RouteStats, Stats, merge
+from sniproxy.observe.stats import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, RouteStats, Stats, empty_snapshot, merge
 
 
 class Live:
@@ -51,7 +51,8 @@ def test_counters():
 
 def test_empty_snapshot():
     assert Stats().snapshot() == {"routes": {}, "rejected": {}, "dns": {}, "dns_cache_hits": 0, "dns_stale_served": 0,
-                                     "accept_errors": {}}
+                                     "accept_errors": {}, "hello_limits": {}, "handshakes_waiting": 0,
+                                     "hello_memory": 0} == empty_snapshot()
 
 
 def make_stats() -> tuple[Stats, RouteStats, RouteStats]:

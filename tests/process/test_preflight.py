@@ -83,3 +83,24 @@ def test_unwritable(tmp_path):
     if os.geteuid() != 0:
         (tmp_path / "ro").mkdir(mode=0o500)
         assert preflight._unwritable(str(tmp_path / "ro" / "x.log")).startswith("cannot create it: ")
+
+
+# -- descriptors, as nginx warns that worker_connections exceed the open file limit --------------------
+
+def test_max_connections_over_the_descriptor_limit_is_a_warning_naming_both():
+    conf = config("127.0.0.1:8443")
+    assert preflight.descriptor_warnings(conf, limit=65536) == []
+    assert preflight.descriptor_warnings(conf, limit=20000) == []  # 10,000 connections: 20,000 sockets
+    (warning,) = preflight.descriptor_warnings(conf, limit=256)
+    assert warning.startswith("server.max_connections 10000 needs 20000 descriptors per process (2 sockets a "
+                              "connection; splicing directions take 4 more while they can), but RLIMIT_NOFILE is 256")
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one_at_run(monkeypatch):
+    import resource
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 65536))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    preflight.raise_descriptor_limit()
+    assert calls == [(65536, 65536)]

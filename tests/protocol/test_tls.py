@@ -14,10 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sniproxy.errors import BadHello, HelloError, NotTLS
+from sniproxy.errors import BadHello, HelloError, NotTLS, OverLimit
 from sniproxy.protocol.tls import (
+    MAX_ALPN,
+    MAX_EXTENSIONS,
     MAX_HELLO,
+    MAX_KEY_SHARES,
     MAX_RECORD,
+    MAX_RECORDS,
     NEED_DATA,
     UNRECOGNIZED_NAME_ALERT,
     ClientHello,
@@ -25,6 +29,7 @@ from sniproxy.protocol.tls import (
     parse_client_hello,
     parse_single_record,
 )
+from sniproxy.reasons import HelloLimit
 from tests.helpers import FIXTURES
 
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -268,17 +273,41 @@ REFRAGMENT_SIZES = [1, 2, 3, 4, 5, 7, 64, 255, 1000, MAX_RECORD]
 @pytest.mark.parametrize("size", REFRAGMENT_SIZES)
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_refragmented(name, size):
+    """Reassembled into the same hello, up to MAX_RECORDS records; past that, refused as a
+    records limit at the record after the last one allowed."""
     whole = HelloReader().feed(fixture(name))
-    data = records(handshake_message(fixture(name)), size)
+    message = handshake_message(fixture(name))
+    data = records(message, size)
+    if -(-len(message) // size) > MAX_RECORDS:
+        with pytest.raises(OverLimit) as raised:
+            feed([data])
+        assert raised.value.limit is HelloLimit.RECORDS
+        return
     hello, used = feed([data])
     assert hello == whole
     check_expected(hello, name)
 
 
 @pytest.mark.parametrize("name", ["curl", "chromium_pq"])
-def test_one_byte_records_fed_one_byte_at_a_time(name):
+def test_one_byte_records_are_refused_after_max_records_fed_one_byte_at_a_time(name):
+    """1-byte records cost a parse loop each: the reader stops at the record past the bound,
+    having held no more than that many records' bytes."""
     data = records(handshake_message(fixture(name)), 1)
-    assert len(data) == 6 * (EXPECTED[name]["handshake_length"] + 4)
+    reader = HelloReader()
+    with pytest.raises(OverLimit) as raised:
+        for byte in bytewise(data):
+            assert reader.feed(byte) is NEED_DATA
+    assert raised.value.limit is HelloLimit.RECORDS and reader.records == MAX_RECORDS
+    assert len(reader.received) == 6 * MAX_RECORDS + 5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_hello_in_exactly_max_records_is_accepted(name):
+    message = handshake_message(fixture(name))
+    sizes = [len(message) // MAX_RECORDS] * (MAX_RECORDS - 1)
+    sizes.append(len(message) - sum(sizes))
+    data = b"".join(_records_list(message, sizes))
+    assert len(split_records(data)) == MAX_RECORDS
     hello, used = feed(bytewise(data))
     assert used == len(data)
     check_expected(hello, name)
@@ -289,7 +318,9 @@ def test_one_byte_records_fed_one_byte_at_a_time(name):
 def test_fixture_random_records_random_chunks(name, seed):
     rng = random.Random(f"records/{name}/{seed}")
     message = handshake_message(fixture(name))
-    sizes = [rng.choice([1, 2, 3, rng.randint(1, 300), rng.randint(1, MAX_RECORD)]) for _ in range(len(message))]
+    least = -(-len(message) // MAX_RECORDS)  # as small as they come within MAX_RECORDS records
+    sizes = [rng.choice([least, least + 1, rng.randint(least, 300 + least), rng.randint(least, MAX_RECORD)])
+             for _ in range(len(message))]
     data = b"".join(
         record(part, version=rng.choice([0x0301, 0x0303]))
         for part in (r[5:] for r in _records_list(message, sizes))
@@ -750,3 +781,56 @@ def test_post_quantum_key_shares_and_ech_as_captured(name):
     assert (hello.pq_group == "X25519MLKEM768") == EXPECTED[name]["has_mlkem"]
     assert hello.ech == EXPECTED[name]["has_ech"]
     assert all(isinstance(g, int) for g in hello.key_shares)
+
+
+# -- the bounds that keep a hello's cost close to a normal one's --------------------------------
+
+def key_share_ext(*groups: int) -> bytes:
+    return ext(51, vec16(b"".join(u16(g) + vec16(b"\x01" * 32) for g in groups)))
+
+
+def many_extensions(n: int) -> list[bytes]:
+    return [sni_ext("many.example.com")] + [ext(0x1000 + i, b"") for i in range(n - 1)]
+
+
+COUNTED = {
+    HelloLimit.EXTENSIONS: lambda n: many_extensions(n),
+    HelloLimit.ALPN: lambda n: [sni_ext("many.example.com"), alpn_ext(*(b"p%d" % i for i in range(n)))],
+    HelloLimit.KEY_SHARES: lambda n: [sni_ext("many.example.com"), key_share_ext(*range(0x2000, 0x2000 + n))],
+}
+BOUNDS = {HelloLimit.EXTENSIONS: MAX_EXTENSIONS, HelloLimit.ALPN: MAX_ALPN, HelloLimit.KEY_SHARES: MAX_KEY_SHARES}
+
+
+@pytest.mark.parametrize("limit", list(COUNTED))
+def test_a_count_at_its_bound_passes_and_one_more_is_refused_by_both_parsers(limit):
+    at = tls(*COUNTED[limit](BOUNDS[limit]))
+    assert parse_single_record(at) == HelloReader().feed(at) != NEED_DATA
+    over = tls(*COUNTED[limit](BOUNDS[limit] + 1))
+    assert parse_single_record(over) is None  # the fast path declines; the reader says why
+    with pytest.raises(OverLimit) as raised:
+        HelloReader().feed(over)
+    assert raised.value.limit is limit and raised.value.reason == "bad_hello"
+
+
+HUGE = {  # as many as fit in MAX_HELLO: what made a hello cost 45-80 ms of CPU
+    HelloLimit.EXTENSIONS: [ext(0x1000 + i, b"") for i in range(15000)],
+    HelloLimit.ALPN: [alpn_ext(*[b"p"] * 30000)],
+    HelloLimit.KEY_SHARES: [ext(51, vec16(b"".join(u16(0x2000 + i) + vec16(b"\x01") for i in range(12000))))],
+}
+
+
+@pytest.mark.parametrize("limit", list(HUGE))
+def test_tens_of_thousands_of_a_counted_part_stop_at_the_bound(limit):
+    body = hello_body(sni_ext("huge.example.com"), *HUGE[limit])
+    assert len(body) <= MAX_HELLO
+    data = records(handshake(body))
+    assert parse_single_record(data) is None
+    with pytest.raises(OverLimit) as raised:
+        HelloReader().feed(data)
+    assert raised.value.limit is limit
+
+
+def test_the_size_bound_is_a_limit_too():
+    with pytest.raises(OverLimit) as raised:
+        HelloReader().feed(b"\x16\x03\x01\x00\x04" + handshake(b"", length=MAX_HELLO + 1))
+    assert raised.value.limit is HelloLimit.SIZE

@@ -93,6 +93,14 @@ def test_fleet_options_reach_the_config():
     plain = discover.parse(discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()])))
     assert "[server]" not in discover.render_toml(site(), plan_for([api(), dkr(), s3_interface()]))
     assert plain.server.drain_delay == 0.0 and plain.metrics.address == "127.0.0.1"
+    assert all(not entry.proxy_protocol and entry.proxy_from == () for entry in plain.listen)
+
+
+def test_behind_a_balancer_that_sends_proxy_v2_the_listeners_believe_only_its_subnets():
+    service = discover.Service(proxy_from=("10.20.1.0/24", "10.20.2.0/24"))
+    config = discover.parse(discover.render_toml(site(listen=("10.20.1.10", "10.20.1.11")),
+                                                 plan_for([api(), dkr(), s3_interface()]), service))
+    assert [(e.proxy_protocol, e.proxy_from) for e in config.listen] == [(True, ("10.20.1.0/24", "10.20.2.0/24"))] * 2
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -100,6 +108,7 @@ def test_fleet_options_reach_the_config():
     ({"drain_delay": -1.0}, "--drain-delay -1: expected seconds, 0 or more"),
     ({"allow": ["10.8.0.1/16"]}, "--allow '10.8.0.1/16'"),
     ({"workers": "many"}, "--workers 'many': expected auto or a count 1-256"),
+    ({"proxy_from": ["10.20.1.9/24"]}, "--proxy-from '10.20.1.9/24'"),
 ])
 def test_bad_fleet_options_are_one_line(flags, message, capsys):
     assert discover.main(namespace(region=REGION, vpc_id=VPC, listen=["10.20.1.50"], **flags),

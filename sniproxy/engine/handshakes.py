@@ -1,0 +1,94 @@
+"""The connections still waiting for their ClientHello, and what they may take.
+
+A connection whose hello arrives with its first read never enters this table: only one that
+has to wait does. While it waits it counts towards:
+
+- the table's order: when the connection table is full, the oldest waiting connection is
+  dropped to admit a new one (``evicted``), so silent connections cannot starve new clients;
+- its client's waiting connections, at most ``max_per_client`` (``client_handshakes``):
+  builders behind one NAT share an address, but a real hello arrives within a round trip, so
+  the bound is generous and established connections never count;
+- the bytes its partial hello holds: past ``max_memory`` in all, the oldest connection holding
+  bytes is dropped (``hello_memory``) until the total is under it again.
+
+One table per process, for its whole life: a reload changes its bounds, never its contents.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..reasons import Refusal
+
+
+class Waiting(Protocol):
+    """What the table needs of a connection."""
+
+    client_ip: str
+
+    def evict(self, reason: Refusal) -> None:
+        """Refuse it now, to protect everyone else; it leaves the table as it closes."""
+
+
+class Handshakes:
+    __slots__ = ("max_per_client", "max_memory", "_waiting", "_holding", "_per_client", "held")
+
+    def __init__(self, max_per_client: int, max_memory: int):
+        self.max_per_client = max_per_client
+        self.max_memory = max_memory
+        self._waiting: dict[Waiting, str | None] = {}  # arrival order -> the client it counts for
+        self._holding: dict[Waiting, int] = {}  # order of their first byte -> bytes held
+        self._per_client: dict[str, int] = {}
+        self.held = 0
+        """Bytes held by all partial hellos."""
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __contains__(self, conn: Waiting) -> bool:
+        return conn in self._waiting
+
+    def enter(self, conn: Waiting) -> None:
+        """``conn`` waits for its hello (from a balancer, its client is not known yet)."""
+        self._waiting.setdefault(conn, None)
+
+    def count_client(self, conn: Waiting) -> bool:
+        """Count a waiting ``conn`` for its client; False (nothing counted) if the client
+        already has ``max_per_client`` waiting."""
+        key = conn.client_ip
+        n = self._per_client.get(key, 0)
+        if n >= self.max_per_client:
+            return False
+        self._per_client[key] = n + 1
+        self._waiting[conn] = key
+        return True
+
+    def hold(self, conn: Waiting, nbytes: int) -> None:
+        """``conn``'s partial hello now holds ``nbytes``."""
+        self.held += nbytes - self._holding.get(conn, 0)
+        self._holding[conn] = nbytes
+
+    def over_memory(self) -> Waiting | None:
+        """The oldest connection holding bytes, while all of them hold more than ``max_memory``."""
+        if self.held <= self.max_memory or not self._holding:
+            return None
+        return next(iter(self._holding))
+
+    def oldest(self) -> Waiting | None:
+        return next(iter(self._waiting), None)
+
+    def leave(self, conn: Waiting) -> None:
+        """``conn`` has its hello, or is closed."""
+        key = self._waiting.pop(conn, None)
+        if key is not None:
+            n = self._per_client[key]
+            if n == 1:
+                del self._per_client[key]
+            else:
+                self._per_client[key] = n - 1
+        held = self._holding.pop(conn, None)
+        if held is not None:
+            self.held -= held
+
+    def waiting_for(self, ip: str) -> int:
+        return self._per_client.get(ip, 0)
