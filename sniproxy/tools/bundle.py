@@ -140,9 +140,11 @@ def pip_options(python: str, arch: str) -> list[str]:
     return options
 
 
-def pip(what: str, *arguments: str) -> None:
-    """Run pip quietly; a failure is one line: pip's last error, and whether the index was out of reach."""
-    command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *arguments]
+def pip(what: str, log: Path, *arguments: str) -> None:
+    """Run pip quietly, its debug log kept in `log`; a failure is one line: pip's last error, and
+    whether the index was out of reach (that shows in the debug log only)."""
+    command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", "--log", str(log),
+               *arguments]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -154,8 +156,13 @@ def pip(what: str, *arguments: str) -> None:
     if "No module named pip" in output:
         errors = [f"pip is not installed for {sys.executable}"]
     reason = errors[-1] if errors else (output.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    offline = " (the package index could not be reached: no network?)" if any(s in output for s in _OFFLINE) else ""
-    raise SniproxyError(f"{what}: {reason.strip()}{offline}")
+    try:
+        debug = log.read_text(errors="replace")
+    except OSError:
+        debug = ""
+    offline = any(s in output or s in debug for s in _OFFLINE)
+    raise SniproxyError(f"{what}: {reason.strip()}" + (" (the package index could not be reached: no network?)"
+                                                      if offline else ""))
 
 
 def checkout() -> Path | None:
@@ -175,7 +182,7 @@ def build_wheel(work: Path) -> Path:
         raise UsageError("this sniproxy is installed, not a checkout: give --wheel PATH (a sniproxy wheel)")
     copy = work / "source"
     shutil.copytree(source, copy, ignore=_NOT_SOURCE, symlinks=True)
-    pip("building the sniproxy wheel", "wheel", "--no-deps", "-w", str(work / "dist"), str(copy))
+    pip("building the sniproxy wheel", work / "pip-wheel.log", "wheel", "--no-deps", "-w", str(work / "dist"), str(copy))
     (wheel,) = (work / "dist").glob("sniproxy-*.whl")
     return wheel
 
@@ -199,7 +206,7 @@ def download(own: Wheel, python: str, platforms: tuple[str, ...], wheels: Path, 
     for arch in platforms:
         dest = work / f"download-{arch}"
         held = ["-c", str(pins)] if pins.exists() else []
-        pip(f"pip download for CPython {python} on {arch}", "download", *pip_options(python, arch), *held,
+        pip(f"pip download for CPython {python} on {arch}", work / f"pip-{arch}.log", "download", *pip_options(python, arch), *held,
             "-d", str(dest), str(own.path))
         found = [Wheel.of(p) for p in sorted(dest.glob("*.whl")) if Wheel.of(p).name != own.name]
         missing = [w.name for w in found if not w.serves(arch)]
