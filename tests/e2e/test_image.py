@@ -21,14 +21,16 @@ import io
 import json
 import resource
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from . import base_image, oci_image, procs
+from .netns import Namespace
 from .podman_store import Store
-from .world import ACCOUNT, DKR, DNS_ADDR, DNS_PORT, REGION, REPORT, World
+from .world import ACCOUNT, DKR, DNS_ADDR, DNS_PORT, REGION, REPORT, World, listening
 
 pytestmark = pytest.mark.e2e
 NEEDS = ("podman", "image")
@@ -38,6 +40,7 @@ LINK = ("198.19.7.1", "198.19.7.2")  # srv end, img end
 PROXY = "198.18.1.20"
 PORT, METRICS = 8443, 9464  # the image's EXPOSE and [metrics] port's default
 IMAGE = "localhost/sniproxy:e2e"
+USER = "10001"  # the image's
 NAME = "sniproxy-e2e"
 HAPROXY = "/usr/sbin/haproxy"
 DRAIN_DELAY, DRAIN_TIMEOUT = 1.0, 5.0
@@ -48,8 +51,8 @@ _NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 _ULIMITS = ("--ulimit", f"nofile={_NOFILE}:{_NOFILE}", "--ulimit", "nproc=4096:4096")
 
 
-def _readyz() -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", METRICS, timeout=2)
+def _readyz(port: int = METRICS) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/readyz")
         return conn.getresponse().status
@@ -96,22 +99,41 @@ def image(world: World, store: Store, bundle: Path) -> str:
 def test_the_image_is_non_root_on_an_unprivileged_port_with_a_health_check(store, image):
     inspected = json.loads(store.check("image", "inspect", image))[0]
     config = inspected["Config"]
-    assert config["User"] == "10001:10001"
+    assert config["User"] == f"{USER}:{USER}"
     assert config["StopSignal"] in ("SIGTERM", "15")
     assert set(config["ExposedPorts"]) == {f"{PORT}/tcp", f"{METRICS}/tcp"}
     assert config["Entrypoint"] == ["sniproxy"] and config["Cmd"] == ["run"]
     assert "/readyz" in " ".join(inspected["Healthcheck"]["Test"])
 
 
-def _config(path: Path) -> Path:
+def _config(path: Path, listen: str = f'address = "{PROXY}"\nport = {PORT}\nproxy_protocol = true', server: str = "",
+            metrics: int = METRICS) -> Path:
     path.write_text(
-        f'[[listen]]\naddress = "{PROXY}"\nport = {PORT}\nproxy_protocol = true\n\n'
+        f'[[listen]]\n{listen}\n\n'
         f'[resolver]\nnameservers = ["{DNS_ADDR}"]\nport = {DNS_PORT}\ntimeout = 2.0\n\n'
-        f'[server]\ndrain_delay = {DRAIN_DELAY}\ndrain_timeout = {DRAIN_TIMEOUT}\n\n'
-        f'[metrics]\naddress = "0.0.0.0"\nport = {METRICS}\n\n'
+        f'[server]\ndrain_delay = {DRAIN_DELAY}\ndrain_timeout = {DRAIN_TIMEOUT}\n{server}\n'
+        f'[metrics]\naddress = "0.0.0.0"\nport = {metrics}\n\n'
         f'[ecr]\nregion = "{REGION}"\naccounts = ["{ACCOUNT}"]\n')
-    path.chmod(0o644)
+    path.chmod(0o644)  # the image's user reads it
     return path
+
+
+def _stop(store: Store, container: procs.Service, name: str, srv: Namespace) -> tuple[subprocess.CompletedProcess, float, int]:
+    """`podman stop` (the image's STOPSIGNAL), then the attached `podman run` exits with the
+    container's status; it is stopped by PID only if it does not."""
+    stop, seconds = store.podman("stop", "--time", "30", name, ns=srv, timeout=60)
+    try:
+        rc = container.popen.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        rc = container.stop(timeout=10)
+    return stop, seconds, rc
+
+
+def _uids(store: Store, name: str) -> list[str]:
+    """Real, effective, saved and file-system uid of the container's main process."""
+    pid = int(store.check("inspect", "--format", "{{.State.Pid}}", name))
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+    return line.split()[1:]
 
 
 def _balancer(world: World) -> tuple[procs.Service, Path]:
@@ -179,9 +201,7 @@ def test_the_container_serves_a_push_and_a_pull_behind_a_balancer(world, store, 
         # (the health check is one) gets podman's, so podman must run in srv's.
         healthy, _ = store.podman("healthcheck", "run", NAME, ns=srv)
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-        pid = int(store.check("inspect", "--format", "{{.State.Pid}}", NAME))
-        uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
-        assert uids.split()[1:] == ["10001"] * 4, uids
+        assert _uids(store, NAME) == [USER] * 4
 
         nlb, stats = _balancer(world)
         procs.wait_until(lambda: nlb.check_alive() or _server_status(stats) == "UP", 20, "the balancer to mark it UP")
@@ -195,8 +215,7 @@ def test_the_container_serves_a_push_and_a_pull_behind_a_balancer(world, store, 
         assert oci_image.read(tmp_path / "pulled", "v1") == (pushed_image.manifest_digest, pushed_image.blobs)
         REPORT["image: skopeo push / pull through the container (2 MiB layer)"] = f"{push_s:.2f} s / {pull_s:.2f} s"
     finally:
-        stop, stop_s = store.podman("stop", "--time", "30", NAME, ns=srv, timeout=60)
-        rc = container.stop(timeout=30)
+        stop, stop_s, rc = _stop(store, container, NAME, srv)
     assert stop.returncode == 0, stop.stderr
     assert rc == 0, f"the container exited {rc} on podman stop:\n{procs.tail(log)}"
     assert stop_s >= DRAIN_DELAY, "the drain delay was skipped"
@@ -206,3 +225,25 @@ def test_the_container_serves_a_push_and_a_pull_behind_a_balancer(world, store, 
     assert {"ecr-dkr", "ecr-s3"} <= routes, access
     # The balancer's PROXY v2 header named the builder, not the balancer.
     assert {entry["client"].rsplit(":", 1)[0] for entry in access} == {LINK[1]}, access
+
+
+def test_port_443_with_only_the_capability_to_bind_it(world, store, image, tmp_path):
+    """docs/container.md's way to listen on 443 in the container: start as root with every
+    capability dropped but NET_BIND_SERVICE (and SETUID/SETGID to give up root), and let
+    [server] user drop to the image's user once the listener is bound."""
+    srv, address, metrics = world.ns["srv"], "198.18.1.21", METRICS + 1
+    srv.run_ip("addr", "add", f"{address}/32", "dev", "lo")
+    config = _config(tmp_path / "sniproxy.toml", f'address = "{address}"\nport = 443', 'user = "sniproxy"\n', metrics)
+    name, log = f"{NAME}-443", world.tmp / "logs" / "container-443.log"
+    container = store.spawn(name, "run", "--rm", "--name", name, "--network", "host", "--health-interval", "disable",
+                            *_ULIMITS, "--user", "0", "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE",
+                            "--cap-add", "SETUID", "--cap-add", "SETGID",
+                            "--volume", f"{config}:/etc/sniproxy/sniproxy.toml:ro", image, ns=srv, log=log)
+    try:
+        procs.wait_until(lambda: container.check_alive() or srv.call(_readyz, metrics) == 200, 60,
+                         "the container's /readyz")
+        assert (address, 443) in srv.call(listening)
+        assert _uids(store, name) == [USER] * 4  # root is gone once the socket is bound
+    finally:
+        stop, _, rc = _stop(store, container, name, srv)
+    assert stop.returncode == 0 and rc == 0, f"{stop.stderr}\n{procs.tail(log)}"
