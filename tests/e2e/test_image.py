@@ -17,17 +17,16 @@ time from `podman run` to /readyz answering 200 go to the e2e measurements.
 
 from __future__ import annotations
 
-import csv
 import http.client
-import io
 import json
 import resource
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import haproxy_stats
 
 from . import base_image, oci_image, procs
 from .netns import Namespace
@@ -170,16 +169,9 @@ backend sniproxy
 
 def _server_status(stats: Path) -> str:
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(str(stats))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+        rows = haproxy_stats(stats)
     except OSError:
         return ""
-    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
     return next((r["status"] for r in rows if r["pxname"] == "sniproxy" and r["svname"] == "container"), "")
 
 
