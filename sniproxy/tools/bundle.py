@@ -249,7 +249,7 @@ def manifest(own: Wheel, python: str, by_arch: dict[str, list[Wheel]]) -> dict:
         "implementation": "cp",
         "platforms": {arch: platform_tags(arch) for arch in by_arch},
         "distributions": {w.name: w.version for w in sorted(every, key=lambda w: w.name)},
-        "wheels": {w.path.name: {"sha256": w.sha256(),
+        "wheels": {w.path.name: {"sha256": w.sha256(), "pure": w.pure,
                                  "architectures": [arch for arch in by_arch if w.serves(arch)]}
                    for w in sorted(every, key=lambda w: w.path.name)},
     }
@@ -353,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"bundle: error: {exc.filename or args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    compiled = sorted({w for w, f in info["wheels"].items() if not w.endswith("-any.whl")})
+    compiled = [name for name, wheel in info["wheels"].items() if not wheel["pure"]]
     print(f"wrote {args.output}: sniproxy {info['sniproxy']} for CPython {python} on {', '.join(platforms)}, "
           f"{len(info['wheels'])} wheels ({len(compiled)} compiled), {os.path.getsize(args.output) / (1 << 20):.1f} MiB")
     return 0

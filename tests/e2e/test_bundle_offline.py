@@ -67,6 +67,11 @@ def test_the_bundle_installs_and_proxies_with_no_network(bundle, offline, tmp_pa
     where = procs.run(offline, [str(venv / "bin" / "python"), "-I", "-c", "import sniproxy, uvloop; print(sniproxy.__file__)"],
                       env, timeout=60)
     assert where.stdout.startswith(str(venv) + "/"), where.stdout + where.stderr
+    # An installed sniproxy has no checkout to build its own wheel from: it asks for one.
+    again = procs.run(offline, [str(venv / "bin" / "sniproxy"), "bundle", "-o", str(tmp_path / "again.tar.gz")], env,
+                      timeout=60)
+    assert (again.returncode, again.stderr.splitlines()) == (2, [
+        "bundle: error: this sniproxy is installed, not a checkout: give --wheel PATH (a sniproxy wheel)"])
 
     import trustme
 

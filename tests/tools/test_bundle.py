@@ -138,6 +138,8 @@ def test_requirements_pin_and_hash_every_wheel(unpacked):
     assert {"sniproxy", "uvloop", "dnspython", "prometheus-client", "boto3", "botocore"} <= set(manifest["distributions"])
     assert manifest["python"] == BUNDLE_PYTHON and set(manifest["platforms"]) == set(ARCHITECTURES)
     assert manifest["distributions"] == {name: version for name, (version, _) in pinned.items()}
+    assert {name for name, w in manifest["wheels"].items() if not w["pure"]} == {
+        w.path.name for w in wheels if not w.pure}
 
 
 def test_every_compiled_dependency_has_a_wheel_for_each_architecture(unpacked):
