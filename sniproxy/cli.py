@@ -41,7 +41,10 @@ def _load_text(args: argparse.Namespace) -> tuple[config_mod.Config, bytes]:
             raise ConfigError("", "give either --config or --region/--account, not both")
         if not (args.region and args.account):
             raise ConfigError("", "--region and --account go together")
-        config, text = config_mod.embedded(args.region, args.account, ipv6=_has_ipv6()), b""
+        config = config_mod.embedded(args.region, args.account, ipv6=_has_ipv6(), port=getattr(args, "port", None))
+        text = b""
+    elif getattr(args, "port", None) is not None:
+        raise ConfigError("", "--port goes with --region/--account; a config file sets [[listen]] port")
     else:
         path = args.config or config_mod.DEFAULT_PATH
         text = config_mod.read(path)
@@ -188,8 +191,13 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--region", help="serve the built-in ECR routes of this region (no config file)")
         sp.add_argument("--account", action="append", help="ECR registry id allowed on the dkr name (repeatable)")
 
+    def with_port(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--port", type=int, help="with --region: the port to listen on, e.g. 8443 for a user "
+                        "that may not bind 443 (default: [[listen]] port's)")
+
     run = sub.add_parser("run", help="run the proxy in the foreground")
     with_config(run)
+    with_port(run)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
     run.add_argument("--no-access-log", action="store_true", help="do not log one JSON line per connection")
     # Internal: how the supervisor starts its workers.
@@ -201,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config, and that this host can run it (accounts, log files, "
                            "addresses); print the listeners and routes")
     with_config(check)
+    with_port(check)
     check.add_argument("--quiet", "-q", action="store_true", help="print errors only (for ExecReload=)")
     check.add_argument("--config-only", action="store_true", help="check the config alone, not this host: for a "
                        "config meant for another machine")
@@ -216,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     files.add_argument("name", nargs="?", help="the file to print, e.g. sniproxy.service")
     files.set_defaults(func=cmd_files)
 
-    from .tools import discover, doctor, policy
+    from .tools import bundle, discover, doctor, policy
 
     d = sub.add_parser("discover", help="find the ECR/S3 VPC endpoints and write a config (read-only AWS calls)")
     discover.add_arguments(d)
@@ -227,6 +236,10 @@ def parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="write the minimal VPC endpoint policies for the registries the config routes")
     policy.add_arguments(pol)
     pol.set_defaults(func=policy.main)
+    b = sub.add_parser("bundle", help="make an offline install tarball: the sniproxy wheel and every dependency's "
+                       "wheel for a CPython and architectures, pinned with hashes")
+    bundle.add_arguments(b)
+    b.set_defaults(func=bundle.main)
     return p
 
 

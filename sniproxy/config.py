@@ -552,11 +552,13 @@ def load(path: str, resolv_conf: str = RESOLV_CONF) -> Config:
     return loads(read(path), path, resolv_conf)
 
 
-def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF, ipv6: bool = True) -> Config:
-    """The first-run default: the ECR routes of one region on every address, port 443
-    (IPv6 too where the host has it)."""
+def embedded(region: str, accounts: list[str], resolv_conf: str = RESOLV_CONF, ipv6: bool = True,
+             port: int | None = None) -> Config:
+    """The first-run default: the ECR routes of one region on every address, on `port` or
+    [[listen]] port's default (IPv6 too where the host has it)."""
+    chosen = {} if port is None else {"port": port}
     data = {
-        "listen": [{"address": "0.0.0.0"}] + ([{"address": "::"}] if ipv6 else []),
+        "listen": [{"address": "0.0.0.0", **chosen}] + ([{"address": "::", **chosen}] if ipv6 else []),
         "ecr": {"region": region, "accounts": list(accounts)},
     }
     return from_dict(data, source="--region/--account", resolv_conf=resolv_conf)

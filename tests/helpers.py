@@ -5,6 +5,8 @@ Everything binds loopback only, every wait has a deadline, and nothing sleeps to
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import signal
@@ -334,6 +336,19 @@ class Proxy:
             self.proc.kill()
             self.proc.wait(5)
             raise AssertionError("proxy did not stop within %ss" % timeout) from None
+
+
+def haproxy_stats(stats: Path) -> list[dict[str, str]]:
+    """HAProxy's ``show stat`` from its admin socket: one row per frontend, backend and server
+    (pxname, svname, status...)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        s.connect(str(stats))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
 
 
 LINGER_RST = struct.pack("ii", 1, 0)

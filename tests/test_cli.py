@@ -84,7 +84,11 @@ ARGV = {
     "hosts_bad_address": ["hosts", "--config", "{d}/good.toml", "--address", "proxy.example.com"],
     "check_region": ["check", "--config-only", "--region", "us-east-1", "--account", "123456789012", "--account",
                      "210987654321"],
+    "check_region_port": ["check", "--config-only", "--region", "us-east-1", "--account", "123456789012", "--account",
+                          "210987654321", "--port", "8443"],
     "region_without_account": ["check", "--region", "us-east-1"],
+    "config_and_port": ["check", "--config", "{d}/good.toml", "--port", "8443"],
+    "bad_port": ["check", "--region", "us-east-1", "--account", "123456789012", "--port", "0"],
     "config_and_region": ["check", "--config", "{d}/good.toml", "--region", "us-east-1", "--account", "123456789012"],
     "bad_region": ["hosts", "--region", "mars-north-1", "--account", "123456789012", "--address", "10.0.0.1"],
     "bad_account": ["check", "--region", "us-east-1", "--account", "1234"],
@@ -248,15 +252,17 @@ def test_hosts(cli, mode, name, address):
 
 @pytest.mark.skipif(not system_nameservers(), reason="/etc/resolv.conf lists no nameserver, and --region has no "
                     "way to name another resolv.conf")
-@pytest.mark.parametrize("mode, name", modes("check_region"))
-def test_check_region_and_accounts(cli, mode, name):
+@pytest.mark.parametrize("mode, name, port", modes("check_region", "check_region_port", check_region=["443"],
+                                                   check_region_port=["8443"]))
+def test_check_region_and_accounts(cli, mode, name, port):
+    """--port moves the listeners of --region, as a container's non-root user needs."""
     r = cli(mode, name)
     assert r.returncode == 0
     assert [line.split(" is on ")[0] for line in r.stderr.splitlines()] == [
-        "warning: listener 0.0.0.0:443", "warning: listener [::]:443"]
+        f"warning: listener 0.0.0.0:{port}", f"warning: listener [::]:{port}"]
     lines = r.stdout.splitlines()
     assert lines[0] == "config --region/--account: ok"
-    assert lines[1:4] == ["listeners:", "  0.0.0.0:443", "  [::]:443"]
+    assert lines[1:4] == ["listeners:", f"  0.0.0.0:{port}", f"  [::]:{port}"]
     assert lines[lines.index("routes:") + 1 :] == ECR_ROUTE_LINES
 
 
@@ -273,6 +279,8 @@ BAD_INPUT = {
     "hosts_bad_address": ["proxy.example.com", "not an IP address"],
     "region_without_account": ["--region and --account"],
     "config_and_region": ["--config", "--region"],
+    "config_and_port": ["--port goes with --region"],
+    "bad_port": ["config error: listen[0].port: "],
 }
 
 

@@ -27,6 +27,8 @@ PROGRAMS = {
                ("/usr/bin/nsenter", "util-linux"), ("/usr/bin/unshare", "util-linux")),
     "podman": (("/usr/bin/podman", "podman"),),
     "pq": (("/usr/sbin/ethtool", "ethtool"), ("/usr/sbin/tc", "iproute2")),
+    "image": (("/usr/bin/mmdebstrap", "mmdebstrap"), ("/usr/sbin/haproxy", "haproxy"),
+              ("/usr/bin/nsenter", "util-linux"), ("/usr/bin/python3.11", "python3-venv")),
 }
 MODULES = {
     "world": (("moto", "moto[server]"), ("flask", "moto[server]"), ("bcrypt", "bcrypt"),

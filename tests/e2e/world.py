@@ -193,6 +193,19 @@ class World:
             **UPSTREAM_BY_NAME, OTHER_DKR: UPSTREAM_BY_NAME[DKR],
             OTHER_API: UPSTREAM_BY_NAME[API]}))
 
+    def add_client(self, role: str, link: tuple[str, str], proxy: str) -> Namespace:
+        """One more builders' namespace, joined to srv like the others (link: the srv end and
+        its own), whose /etc/hosts pins the ECR names to `proxy`, a new address on srv's lo.
+        It goes with the world."""
+        ns = Namespace(role)
+        self.ns[role] = ns
+        ns.create()
+        self.ns["srv"].run_ip("addr", "add", f"{proxy}/32", "dev", "lo")
+        netns.link(self.ns["srv"], link[0], ns, link[1])
+        ns.run_ip("route", "add", SERVICE_NET, "via", link[0])
+        ns.write_etc("hosts", _hosts({name: proxy for name in NAMES}))
+        return ns
+
     def _sniproxy_hosts(self) -> str:
         """The single-address builders' /etc/hosts, as `sniproxy hosts` prints it."""
         result = subprocess.run(

@@ -16,8 +16,6 @@ was sent before the check noticed, and only for about the check's interval x fal
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import signal
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DnsServer, LineLog, Proxy, free_port
+from tests.helpers import DnsServer, LineLog, Proxy, free_port, haproxy_stats
 from tests.integration.conftest import NAME, TEST_SPLICE
 from tests.integration.fleet_load import ClientFigures, Load, report
 
@@ -148,14 +146,7 @@ class Balancer:
         self._thread.start()
 
     def _show_stat(self) -> dict[str, str]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(str(self.stats))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+        rows = haproxy_stats(self.stats)
         return {r["svname"]: r["status"] for r in rows if r["pxname"] == "sniproxy" and r["svname"] in INSTANCES}
 
     def _poll(self) -> None:
