@@ -41,7 +41,7 @@ from sniproxy.observe.http import READY_PATH
 from tests.e2e import netns
 from tests.e2e.procs import wait_until
 
-from . import bundle_fixture, vpc_standins
+from . import vpc_standins
 from .cfn import Stack, load
 from .test_sniproxy_fleet import REQUIRED, TEMPLATE, user_data
 
@@ -117,11 +117,6 @@ def prerequisites():
             pytest.fail(f"the boot rehearsal must run on CI but cannot: {missing}", pytrace=False)
         pytest.skip(f"boot rehearsal skipped: {missing}")
     netns.clean_stale()
-
-
-@pytest.fixture(scope="module")
-def bundle(prerequisites, tmp_path_factory) -> Path:
-    return bundle_fixture.make(tmp_path_factory.mktemp("bundle") / "sniproxy-bundle.tar.gz")
 
 
 @pytest.fixture(scope="module")
