@@ -184,6 +184,22 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
+def connect_from(source: str, port: int, dest: str = "127.0.0.1") -> socket.socket:
+    """A client connection from a chosen loopback address (one client of several), as the
+    proxy relays: TCP_NODELAY."""
+    s = socket.create_connection((dest, port), timeout=10, source_address=(source, 0))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def refused(s: socket.socket) -> bool:
+    """The proxy closed (or reset) the connection without sending a byte."""
+    try:
+        return recv_all(s) == b""
+    except ConnectionResetError:
+        return True
+
+
 def recv_all(sock: socket.socket) -> bytes:
     out = bytearray()
     while True:

@@ -19,25 +19,12 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Proxy, free_port, recv_all, recv_exactly
+from tests.helpers import Proxy, connect_from, free_port, recv_exactly, refused
 from tests.integration.conftest import NAME, TEST_WORKERS, make_hello, proxy_config
 from tests.integration.test_proxy import _wait_until, route
 
 WORKERS = int(TEST_WORKERS)
 single_worker = pytest.mark.skipif(WORKERS != 1, reason="a per-process bound: with workers, each has its own")
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
-def closed_by_proxy(s: socket.socket) -> bool:
-    try:
-        return recv_all(s) == b""
-    except ConnectionResetError:
-        return True
 
 
 def echoed(source: str, port: int, hello: bytes) -> bool:
@@ -76,7 +63,7 @@ def test_silent_connections_cannot_starve_another_client(dns_server, upstream, s
     assert rejected(proxy, "limit") == 0
     if WORKERS == 1:  # one full table: each newcomer that stays made room by dropping one silent connection
         assert rejected(proxy, "evicted") == 30
-        assert sum(closed_by_proxy(s) for s in silent[:30]) == 30  # the oldest ones
+        assert sum(refused(s) for s in silent[:30]) == 30  # the oldest ones
         proxy.log.wait_for(r"connection table full \(max_connections\): dropped the oldest connection waiting")
     for s in silent + served:
         s.close()
@@ -89,7 +76,7 @@ def test_one_client_waits_in_at_most_max_handshakes_per_client(dns_server, upstr
     silent = [connect_from("127.0.0.10", port) for _ in range(30)]
     _wait_until(lambda: rejected(proxy, "client_handshakes") == 10)
     assert proxy.sample("sniproxy_handshakes_waiting") == 20
-    assert sum(closed_by_proxy(s) for s in silent[20:]) == 10
+    assert sum(refused(s) for s in silent[20:]) == 10
     line = proxy.log.wait_for(r"127\.0\.0\.10 has 20 connections waiting for a ClientHello")
     assert "WARNING" in line
     # Another client is not affected, nor this one once its hellos arrive.
@@ -125,7 +112,7 @@ def test_hellos_past_a_bound_are_refused_and_counted_by_bound(dns_server, upstre
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused while it was still sending: that is the point
-        assert closed_by_proxy(s)
+        assert refused(s)
     _wait_until(lambda: proxy.sample("sniproxy_hello_limit_total", limit=limit) == 1)
     assert rejected(proxy, "bad_hello") == 1
     proxy.log.wait_for(rf"refused a ClientHello over a bound: .*{'records' if shape == 'records' else 'ALPN'}")
@@ -165,7 +152,7 @@ def test_partial_hellos_hold_no_more_than_max_hello_memory(dns_server, upstream,
     assert rejected(proxy, "hello_memory") >= 5 * WORKERS
     proxy.log.wait_for(r"partial ClientHellos hold more than max_hello_memory \(262144 bytes\): dropped the oldest")
     if WORKERS == 1:  # the oldest went first; the newest is still waiting
-        assert closed_by_proxy(held[0])
+        assert refused(held[0])
         held[-1].settimeout(0.2)
         with pytest.raises(TimeoutError):
             held[-1].recv(1)
@@ -201,7 +188,7 @@ def test_a_proxy_header_is_believed_only_from_proxy_from(dns_server, upstream, s
     hello = make_hello(NAME)
     with connect_from("127.0.0.10", port) as direct:  # a client outside the allowlist, claiming to be in it
         direct.sendall(header + hello)
-        assert closed_by_proxy(direct)
+        assert refused(direct)
     proxy.log.wait_for(r'"client":"127\.0\.0\.10:\d+".*"close":"untrusted_proxy"')
     assert rejected(proxy, "untrusted_proxy") == 1
     with connect_from("127.0.0.9", port) as balancer:
@@ -238,7 +225,7 @@ def test_a_loop_is_judged_by_what_connect_would_reach(dns_server, start_proxy, a
     proxy = start_proxy(proxy_config(port, dns_server, route(port=port)))
     with connect_from("127.0.0.10", port) as s:
         s.sendall(make_hello(NAME))
-        assert closed_by_proxy(s)
+        assert refused(s)
     proxy.log.wait_for(r'"close":"loop"')
     assert rejected(proxy, "loop") == 1
     assert [line["client"].split(":")[0] for line in proxy.log.access()] == ["127.0.0.10"]  # no self-connection

@@ -27,11 +27,11 @@ from tests.helpers import (
     free_port,
     recv_all,
     recv_exactly,
+    refused,
     socket_activated,
     stall_after_hello,
 )
 from tests.integration.conftest import NAME, TEST_WORKERS, make_hello, proxy_config
-from tests.integration.test_operations import refused
 from tests.integration.test_proxy import connect, route
 
 single_worker = pytest.mark.skipif(TEST_WORKERS != "1", reason="limits are per worker; with several they add up")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, LineLog, clean_env, free_port, recv_all, recv_exactly, socket_activated
+from tests.helpers import REPO, LineLog, clean_env, connect_from, free_port, recv_all, recv_exactly, refused, socket_activated
 from tests.integration.conftest import NAME, make_hello, proxy_config
 from tests.integration.test_lifecycle import open_forwarding
 from tests.integration.test_proxy import route
@@ -25,21 +25,6 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 single_worker = pytest.mark.skipif(os.environ.get("SNIPROXY_TEST_WORKERS", "1") != "1",
                                    reason="limits are per worker; with several workers they add up")
 
-
-
-def connect_from(source: str, port: int, dest: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket()
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect((dest, port))
-    return s
-
-
-def refused(s: socket.socket) -> bool:
-    try:
-        return recv_all(s) == b""
-    except ConnectionResetError:
-        return True
 
 
 class NotifySocket:
