@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import signal
 import statistics
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procs  # noqa: E402
 import run  # noqa: E402
+from paired import bootstrap_median, verdict  # noqa: E402
 from provenance import header, provenance  # noqa: E402
 from proxies import DNS, METRICS, PROXY, UPSTREAM, Proxy, all_proxies  # noqa: E402
 
@@ -59,7 +59,6 @@ BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "results" / "ab"
 #: A and B each listen on their own port, and serve metrics on their own port.
 PORTS = {"a": (PROXY[1] + 10, METRICS[1] + 10), "b": (PROXY[1] + 11, METRICS[1] + 11)}
-BOOTSTRAP = 4000
 
 
 def log(msg: str) -> None:
@@ -90,14 +89,10 @@ def block(proxy: Proxy, roots: list[int], wl: str, dur: float, own: list[int]) -
 
 def disturbed(b: dict, max_other: float, max_steal: float) -> str:
     """Why a block cannot be trusted, or ''."""
-    why = []
-    if b["other_cores"] > max_other:
-        why.append(f"other processes used {b['other_cores']:.2f} cores")
-    if b["steal"] > max_steal:
-        why.append(f"steal {b['steal']:.1%}")
+    why = [procs.disturbed(b, max_other, max_steal)]
     if b["errors"] or not b["us_per_conn"]:
         why.append(f"{b['errors']} load errors")
-    return "; ".join(why)
+    return "; ".join(w for w in why if w)
 
 
 # ---------------------------------------------------------------- callgrind
@@ -131,31 +126,6 @@ def callgrind_block(proxy: Proxy, pid: int, wl: str, dur: float, workdir: Path) 
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def bootstrap_median(rounds: list[list[float]], n: int = BOOTSTRAP, seed: int = 21) -> tuple[float, float]:
-    """95 % interval of the median ratio: resample the rounds, then the pairs within each
-    chosen round (a round's pairs share its processes, so they are not independent)."""
-    rng = random.Random(seed)
-    rounds = [r for r in rounds if r]
-    if not rounds:
-        return (float("nan"), float("nan"))
-    meds = []
-    for _ in range(n):
-        sample: list[float] = []
-        for r in (rng.choice(rounds) for _ in rounds):
-            sample += [rng.choice(r) for _ in r]
-        meds.append(statistics.median(sample))
-    meds.sort()
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
-
-
-def verdict(lo: float, hi: float, target: float) -> str:
-    if 1 - target <= lo and hi <= 1 + target:
-        return f"within ±{target:.0%}"
-    if lo > 1 + target or hi < 1 - target:
-        return f"beyond ±{target:.0%}"
-    return f"not resolved at ±{target:.0%} (interval {100 * (lo - 1):+.1f}% to {100 * (hi - 1):+.1f}%)"
 
 
 def summarize(rounds: list[list[dict]], field: str, target: float) -> dict:
@@ -201,10 +171,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8, help="fresh A and B processes this many times (default 8)")
     ap.add_argument("--pairs", type=int, default=4, help="clean A/B pairs per round (default 4)")
     ap.add_argument("--block", type=float, default=1.0, help="seconds of load per block (default 1.0)")
-    ap.add_argument("--max-other", type=float, default=0.15,
+    ap.add_argument("--max-other", type=float, default=procs.MAX_OTHER_CORES,
                     help="a block is disturbed when processes outside the benchmark used more than this many "
-                         "cores (default 0.15)")
-    ap.add_argument("--max-steal", type=float, default=0.02, help="... or the hypervisor stole more than this share")
+                         f"cores (default {procs.MAX_OTHER_CORES})")
+    ap.add_argument("--max-steal", type=float, default=procs.MAX_STEAL,
+                    help=f"... or the hypervisor stole more than this share (default {procs.MAX_STEAL})")
     ap.add_argument("--max-extra", type=int, default=4, help="pairs run again per round to replace disturbed ones")
     ap.add_argument("--target", type=float, default=0.02, help="the difference to resolve (default 0.02)")
     ap.add_argument("--callgrind", action="store_true", help="instructions per connection under callgrind")

@@ -99,6 +99,12 @@ def stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
 # ---------------------------------------------------------------- precise CPU, and the machine
 
 
+#: A run is disturbed when processes outside the benchmark used more CPU than this (cores)...
+MAX_OTHER_CORES = 0.15
+#: ... or the hypervisor stole more than this share of the machine's time.
+MAX_STEAL = 0.02
+
+
 def tree_runtime_s(roots) -> float:
     """CPU seconds the live threads of the process trees have run, from
     /proc/<pid>/task/<tid>/schedstat (nanoseconds, not the 10 ms ticks of /proc/<pid>/stat):
@@ -144,3 +150,13 @@ def disturbance(before: dict, after: dict) -> dict:
     own = after["own"] - before["own"]
     other = max(0.0, (user + nice + system) / CLK_TCK - own)
     return {"other_cores": other / wall, "steal": steal / total, "loadavg": after["loadavg"], "wall_s": wall}
+
+
+def disturbed(d: dict, max_other: float = MAX_OTHER_CORES, max_steal: float = MAX_STEAL) -> str:
+    """Why a run with this ``disturbance`` cannot be trusted, or ''."""
+    why = []
+    if d["other_cores"] > max_other:
+        why.append(f"other processes used {d['other_cores']:.2f} cores")
+    if d["steal"] > max_steal:
+        why.append(f"steal {d['steal']:.1%}")
+    return "; ".join(why)
