@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import callgrind  # noqa: E402
 import procs  # noqa: E402
 import run  # noqa: E402
 from paired import bootstrap_median, verdict  # noqa: E402
@@ -98,9 +98,6 @@ def disturbed(b: dict, max_other: float, max_steal: float) -> str:
 # ---------------------------------------------------------------- callgrind
 
 
-_TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
-
-
 def callgrind_block(proxy: Proxy, pid: int, wl: str, dur: float, workdir: Path) -> dict:
     """Zero the counters of the proxy under callgrind, run a block, dump: instructions per
     connection over the block (the proxy's whole user space: interpreter, uvloop, libc)."""
@@ -117,12 +114,13 @@ def callgrind_block(proxy: Proxy, pid: int, wl: str, dur: float, workdir: Path) 
     dumps = sorted(set(workdir.glob("callgrind.out.*")) - before, key=lambda p: p.stat().st_mtime)
     if not dumps:
         raise RuntimeError("callgrind wrote no dump")
-    m = _TOTALS.search(dumps[-1].read_bytes())
-    if not m:
-        raise RuntimeError(f"no totals in {dumps[-1]}")
     n = out["completed"] + out.get("completed_late", 0) + out["unfinished"]
-    ir = int(m.group(1))
-    return {"ir": ir, "conns": n, "ir_per_conn": ir / n if n else None, "errors": out.get("errors", 0)}
+    try:
+        ir = callgrind.total(dumps[-1])
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+    return {"ir": ir, "conns": n, "ir_per_conn": ir / n if n else None, "errors": out.get("errors", 0),
+            "dump": str(dumps[-1])}
 
 
 # ---------------------------------------------------------------- statistics
@@ -153,13 +151,19 @@ def choose(keys: dict[str, Proxy], key: str, side: str, callgrind: bool, workdir
         raise SystemExit(f"no proxy {key!r}; keys: {', '.join(sorted(keys))}")
     if p.skip:
         raise SystemExit(f"{key}: {p.skip}")
-    if callgrind and p.family != "sniproxy":
+    if callgrind and p.family not in ("sniproxy", "floor"):
         raise SystemExit(f"--callgrind counts the Python proxies only; {key} is {p.family}")
+    return side_by_side(p, side, workdir if callgrind else None)
+
+
+def side_by_side(p: Proxy, side: str, callgrind_dir: Path | None = None) -> Proxy:
+    """A copy of ``p`` on side ``side``'s ports; under callgrind (dumps in callgrind_dir/side)
+    when a directory is given."""
     port, mport = PORTS[side]
     opts = {**p.options, "port": port, "metrics_port": mport}
-    if callgrind:
+    if callgrind_dir is not None:
         opts["wrap"] = ["valgrind", "--tool=callgrind", "--vgdb=yes",
-                        f"--callgrind-out-file={workdir / side / 'callgrind.out.%p'}"]
+                        f"--callgrind-out-file={callgrind_dir / side / 'callgrind.out.%p'}"]
     return Proxy(f"{p.key}@{side}", p.family, p.label, p.workers, p.note, "", opts)
 
 
@@ -279,6 +283,7 @@ def main() -> int:
 
 def start_slow(p: Proxy, nofile: int, hello: bytes, workdir: Path) -> list:
     """Start a proxy under valgrind: it takes tens of seconds to import and bind."""
+    workdir.mkdir(parents=True, exist_ok=True)
     for f in workdir.glob("callgrind.out.*"):
         f.unlink()
     ps = p.start(run.WORK / p.key.replace("@", "-"), nofile)

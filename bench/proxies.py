@@ -70,7 +70,7 @@ def clean_env(pythonpath: str | None = None) -> dict:
 @dataclass
 class Proxy:
     key: str  # unique id, used in results
-    family: str  # direct | sniproxy | nginx | haproxy | c-sniproxy
+    family: str  # direct | sniproxy | nginx | haproxy | c-sniproxy | floor
     label: str
     workers: int
     note: str = ""
@@ -190,6 +190,10 @@ table bench {{
             path.write_text(conf)
             cmds.append([C_SNIPROXY, "-f", "-c", str(path)])
         return cmds
+
+    def _cmds_floor(self, workdir, nofile):
+        return [[sys.executable, str(Path(__file__).resolve().parent / "floor.py"), self.listen[0], str(self.listen[1]),
+                 SNI, UPSTREAM[0], str(UPSTREAM[1])]]
 
     def _cmds_sniproxy(self, workdir, nofile):
         path = workdir / "sniproxy.toml"
@@ -351,6 +355,8 @@ def all_proxies(workdir: Path, nofile: int, gap: bool = False) -> list[Proxy]:
                          options={"extra_routes": extra, "access_log": access}))
         out.append(Proxy(f"haproxy-{profile}-w1", "haproxy", f"HAProxy req.ssl_sni: {what}", 1,
                          options={"extra_routes": extra, "access_log": access}))
+    out.append(Proxy("floor-w1", "floor", "the Python floor: a minimal SNI proxy in pure Python (bench/floor.py), "
+                     "the same system calls, no features", 1))
     if gap:
         out.append(Proxy("nginx-issue-a-w2", "nginx", "nginx ssl_preread, default buffers: 6 extra routes, "
                          "access log off, worker_processes 2 (Debian's nginx.conf says auto)", 2,

@@ -62,6 +62,8 @@ WORKLOADS_W1 = ["push1", "pull1", "short-normal", "short-pq", "short-issue", "sh
 WORKLOADS_W2 = ["push16", "pull16"]
 # the metrics-off variant only runs what the "metrics on vs off" target compares
 WORKLOADS_METRICS = ["push1", "pull1", "short-normal"]
+# bench/floor.py, the interpreter's floor, runs the short workloads only
+WORKLOADS_FLOOR = ["short-normal", "short-issue", "short-issue-r1000"]
 # the issue-14 profiles (*-issue-a-*, *-issue-b-*) run the issue's workload
 WORKLOADS_ISSUE = ["short-issue", "short-issue-r1000"]
 # --gap: every proxy runs these (both ends and each one-change variant)
@@ -324,11 +326,14 @@ def run_idle(proxy: Proxy, nofile: int, hello: bytes, settle: float) -> dict:
 
 
 def workloads_for(proxy: Proxy, only_wl, gap: bool = False) -> list[str]:
-    if only_wl and not gap:  # asked for by name: on every proxy selected
-        return [w for w in only_wl if w in SHORT or w in WORKLOADS_W1 + WORKLOADS_W2 or w == "idle"]
+    if only_wl and not gap:  # asked for by name: on every proxy selected (the floor: short ones only)
+        return [w for w in only_wl if (w in SHORT or w in WORKLOADS_W1 + WORKLOADS_W2 or w == "idle")
+                and (proxy.family != "floor" or w in SHORT)]
     if gap:  # the workload variants on the ends; each config variant on the issue's workload
         wls = (["short-issue"] if proxy.options.get("gap_profile") else
                ["short-normal", "short-issue"] if proxy.options.get("splice") in ("on", "off") else WORKLOADS_GAP)
+    elif proxy.family == "floor":  # short connections only: it is a floor, not a proxy
+        wls = WORKLOADS_FLOOR
     elif proxy.key.endswith("-nometrics"):
         wls = WORKLOADS_METRICS
     elif "-issue-" in proxy.key:
@@ -463,7 +468,7 @@ def main() -> int:
     if a.only:
         keys = a.only.split(",")
         proxies = [p for p in proxies if any(p.key.startswith(k) for k in keys)]
-    family_order = ["direct", "sniproxy", "nginx", "haproxy", "c-sniproxy"]
+    family_order = ["direct", "sniproxy", "floor", "nginx", "haproxy", "c-sniproxy"]
     runnable = sorted((p for p in proxies if not p.skip), key=lambda p: (p.workers, family_order.index(p.family)))
     for p in proxies:
         if p.skip:
