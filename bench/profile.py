@@ -287,14 +287,19 @@ def main() -> int:
                 try:
                     roots = [x.pid for x in proc_list]
                     workload(p, a.workload, 0.3)  # warm up (imports, caches, the first DNS lookup)
+                    m0 = procs.machine_sample([os.getpid()])
                     u0, s0 = tree_times(roots)
                     lg = workload(p, a.workload, a.duration)
                     u1, s1 = tree_times(roots)
+                    machine = procs.disturbance(m0, procs.machine_sample([os.getpid()]))
                     n = conns(lg)
                     out["plain"] = {"conns": n, "rate_per_s": lg.get("rate_per_s", lg.get("gib_per_s")),
                                     "errors": lg["errors"],
                                     "user_us": (u1 - u0) / n * 1e6, "sys_us": (s1 - s0) / n * 1e6,
-                                    "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6}
+                                    "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6,
+                                    "machine": machine, "disturbed": procs.disturbed(machine)}
+                    if out["plain"]["disturbed"]:
+                        run.log(f"  disturbed: {out['plain']['disturbed']}")
                     if not a.no_strace:
                         out["strace"] = strace_run(p, roots, a.workload, a.duration, wd)
                     if not a.no_perf:
@@ -338,7 +343,11 @@ def summarize(res: dict) -> dict:
     out = {}
     for key, runs in res.items():
         s = {}
-        plain = [r["plain"] for r in runs if "plain" in r]
+        every = [r["plain"] for r in runs if "plain" in r]
+        plain = [p for p in every if not p.get("disturbed")] or every  # all disturbed: say so, use them
+        s["disturbed"] = sum(1 for p in every if p.get("disturbed"))
+        s["runs"] = len(every)
+        s["all_disturbed"] = bool(every) and s["disturbed"] == len(every)
         for f in ("cpu_us", "user_us", "sys_us", "rate_per_s"):
             s[f] = med(p[f] for p in plain)
             s[f + "_runs"] = [p[f] for p in plain]
@@ -374,7 +383,10 @@ def markdown(data: dict) -> str:
          f"load average {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end · sniproxy: "
          f"{m['sniproxy_source']}" + "".join(f" · sniproxy-{k}: {v}" for k, v in m["also"].items()) + "\n",
          header(m),
-         "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer. "
+         "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer, "
+         "median of the runs no other process disturbed (more than "
+         f"{procs.MAX_OTHER_CORES} cores of other processes meanwhile: those are left out, and marked ⚠ when every "
+         "run was). "
          "Syscalls: `strace -c -f` on every thread of the proxy, divided by the connections of that run. "
          "Profile: `perf record -e cpu-clock` on the proxy's processes, samples by shared object.\n",
          f"| proxy | CPU µs/{unit} | ×nginx | user µs | sys µs | user share | syscalls/{unit} |",
@@ -382,7 +394,9 @@ def markdown(data: dict) -> str:
     for k, s in summ.items():
         r = f"{s['cpu_us'] / summ[nginx]['cpu_us']:.2f}×" if nginx and s.get("cpu_us") and summ[nginx].get("cpu_us") else "–"
         sc = s.get("syscalls_per_conn")
-        L.append(f"| {labels.get(k, k)} | {s['cpu_us']:.0f} | {r} | {s['user_us']:.0f} | {s['sys_us']:.0f} | "
+        warn = " ⚠ every run disturbed" if s.get("all_disturbed") else (
+            f" ({s['disturbed']} of {s['runs']} runs disturbed, left out)" if s.get("disturbed") else "")
+        L.append(f"| {labels.get(k, k)}{warn} | {s['cpu_us']:.0f} | {r} | {s['user_us']:.0f} | {s['sys_us']:.0f} | "
                  f"{s['user_us'] / s['cpu_us']:.0%} | {'–' if sc is None else f'{sc:.1f}'} |")
     L.append("")
     L.append(f"## Syscalls per {unit}, by name (medians)\n")
