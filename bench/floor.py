@@ -16,6 +16,7 @@ pure-Python engine can win back. It prints "ready" once listening; SIGTERM stops
 from __future__ import annotations
 
 import _socket
+import ctypes
 import os
 import select
 import signal
@@ -26,6 +27,9 @@ IN, OUT, RDHUP, ET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP, select.
 ERR = select.EPOLLERR | select.EPOLLHUP
 EVENTS = IN | OUT | RDHUP | ET
 STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+#: shutdown(2) on the client's bare descriptor: a socket object made from it would cost a
+#: getsockname(2) per connection (CPython checks the descriptor), as the engine found too.
+_shutdown = ctypes.CDLL(None, use_errno=True).shutdown
 BUF = bytearray(256 * 1024)
 VIEW = memoryview(BUF)
 VIEWS = [VIEW]
@@ -54,11 +58,10 @@ def sni_of(d: bytes) -> str | None:
 
 
 class Conn:
-    __slots__ = ("cfd", "csock", "ufd", "usock", "forwarding", "held", "c_ready", "c_fin", "c_done", "u_done")
+    __slots__ = ("cfd", "ufd", "usock", "forwarding", "held", "c_ready", "c_fin", "c_done", "u_done")
 
-    def __init__(self, cfd: int, csock):
+    def __init__(self, cfd: int):
         self.cfd = cfd
-        self.csock = csock
         self.ufd = -1
         self.usock = None
         self.forwarding = False
@@ -91,7 +94,6 @@ def main() -> int:
         for fd in (c.cfd, c.ufd):
             if fd >= 0 and conns.pop(fd, None) is not None:
                 closing.append(fd)
-        c.csock.detach()
         if c.usock is not None:
             c.usock.detach()
 
@@ -117,8 +119,10 @@ def main() -> int:
                     c.u_done = True
                 if c.c_done and c.u_done:
                     finish(c)
+                elif up:
+                    c.usock.shutdown(socket.SHUT_WR)
                 else:
-                    (c.usock if up else c.csock).shutdown(socket.SHUT_WR)
+                    _shutdown(c.cfd, socket.SHUT_WR)
                 return
             write(dst, VIEW[:n])
             if n < len(BUF) and not fin:
@@ -162,7 +166,7 @@ def main() -> int:
                         except BlockingIOError:
                             break
                         os.set_blocking(cfd, False)
-                        c = Conn(cfd, _socket.socket(fileno=cfd))
+                        c = Conn(cfd)
                         conns[cfd] = c
                         register(cfd, EVENTS)
                         hello(c)
