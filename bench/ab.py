@@ -342,18 +342,23 @@ def markdown(data: dict) -> str:
               f"| per-round medians | {', '.join(f'{x:.3f}' for x in r['round_medians'] if x)} |",
               f"| clean pairs (set aside as disturbed) | {r['n']} ({r['set_aside']}) |",
               f"| verdict (target ±{m['target']:.0%}) | **{r['verdict']}** |", ""]
-    L += ["## Every pair\n",
-          "| round | order | A | B | A/B | A conn/s | B conn/s | other cores (A, B) | steal (A, B) | set aside because |",
-          "|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
+    f = "ir_per_conn" if cg else "us_per_conn"
+    L += ["## Every pair\n"]
+    if cg:
+        L += ["| round | order | A | B | A/B | A conns | B conns |", "|---:|---|---:|---:|---:|---:|---:|"]
+    else:
+        L += ["| round | order | A | B | A/B | A conn/s | B conn/s | other cores (A, B) | steal (A, B) | set aside because |",
+              "|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     for i, rnd in enumerate(data["rounds"], 1):
         for p in rnd:
             a, b = p["a"], p["b"]
-            f = "ir_per_conn" if cg else "us_per_conn"
-            L.append(f"| {i} | {p['order'].upper()} | {a[f] or 0:,.1f} | {b[f] or 0:,.1f} | "
-                     f"{ratio_cell(p['ratio'])} | "
-                     f"{a.get('rate_per_s') or 0:,.0f} | {b.get('rate_per_s') or 0:,.0f} | "
-                     f"{a.get('other_cores', 0):.2f}, {b.get('other_cores', 0):.2f} | "
-                     f"{a.get('steal', 0):.1%}, {b.get('steal', 0):.1%} | {p['why']} |")
+            cells = f"| {i} | {p['order'].upper()} | {a[f] or 0:,.1f} | {b[f] or 0:,.1f} | {ratio_cell(p['ratio'])} | "
+            if cg:
+                L.append(cells + f"{a['conns']:,} | {b['conns']:,} |")
+            else:
+                L.append(cells + f"{a.get('rate_per_s') or 0:,.0f} | {b.get('rate_per_s') or 0:,.0f} | "
+                         f"{a['other_cores']:.2f}, {b['other_cores']:.2f} | {a['steal']:.1%}, {b['steal']:.1%} | "
+                         f"{p['why']} |")
     if data["errors"]:
         L += ["", "## Errors\n"] + [f"- {e}" for e in data["errors"]]
     return "\n".join(L) + "\n"
