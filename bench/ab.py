@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -192,7 +193,6 @@ def main() -> int:
         a.block = max(a.block, 3.0)
     signal.signal(signal.SIGTERM, lambda *_: (run.cleanup(), sys.exit(143)))
     if a.nice:
-        import os
         os.nice(a.nice)
     run.WORK.mkdir(parents=True, exist_ok=True)
     run.build()
@@ -211,7 +211,6 @@ def main() -> int:
     try:
         up = run.start_helper([str(run.BUILD / "upstream"), f"{UPSTREAM[0]}:{UPSTREAM[1]}"], "upstream")
         dns = run.start_helper([sys.executable, str(BENCH / "dnsserver.py"), DNS[0], str(DNS[1]), UPSTREAM[0]], "dns")
-        import os
         own = [os.getpid()]
         for r in range(a.rounds):
             pairs: list[dict] = []
