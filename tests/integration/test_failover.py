@@ -14,12 +14,12 @@ Measured: a SIGTERM (with ``drain_delay`` above the check's interval x fall) and
 was sent before the check noticed, and only for about the check's interval x fall.
 
 No connection may wait over 1 s for its first byte, the cost of a SYN dropped by a full
-listen queue. Every process of the fleet runs at a raised priority (``raised_priority``):
-on a 2-core machine shared with another CPU-heavy job, the clients, the echo, HAProxy and
-the proxies otherwise queue for CPU long enough to cross 1 s with no SYN dropped anywhere
-(seen with kernel tracepoints: no SYN retransmitted, no listen queue overflowed), and the
-test would time the machine's load instead of the proxy. Each client records its SYN's
-retransmissions, so a stall says which it was.
+listen queue. Under another job's CPU load both causes of such a wait were seen: the test's
+own parts queueing for CPU (no SYN dropped anywhere, by kernel tracepoints), and the echo
+upstream's listen queue overflowing (SYNs from the proxy retransmitted after 1 s), which
+``fleet_load`` now prevents. So every process of the fleet runs at a raised priority
+(``raised_priority``: the clients, the echo, HAProxy and the proxies), and each client
+records its SYN's retransmissions, so a stall says which it was.
 """
 
 from __future__ import annotations
