@@ -525,7 +525,7 @@ def markdown(meta, proxies, summary, errors) -> str:
                  "(runs interleave every proxy, so run i of both variants saw the same machine) with their "
                  "median, min–max and a 95% bootstrap interval of that median. A pair is set aside when either "
                  "run was disturbed (other processes used more than "
-                 f"{procs_limits()} meanwhile). `bench/ab.py` measures this figure to about ±1%.\n")
+                 f"{procs_limits()} meanwhile). `bench/ab.py --callgrind` resolves it to about ±0.5% (user space; the system calls per connection are the same either way).\n")
         L.append("| figure | metrics on | metrics off | difference of medians | spread | paired: median (min–max) "
                  "| 95% interval | each pair | set aside | verdict (±2%) |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
