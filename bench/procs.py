@@ -94,3 +94,69 @@ def stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             p.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
+
+
+# ---------------------------------------------------------------- precise CPU, and the machine
+
+
+#: A run is disturbed when processes outside the benchmark used more CPU than this (cores)...
+MAX_OTHER_CORES = 0.15
+#: ... or the hypervisor stole more than this share of the machine's time.
+MAX_STEAL = 0.02
+
+
+def tree_runtime_s(roots) -> float:
+    """CPU seconds the live threads of the process trees have run, from
+    /proc/<pid>/task/<tid>/schedstat (nanoseconds, not the 10 ms ticks of /proc/<pid>/stat):
+    precise enough for a block of one second. Threads that exited are not counted."""
+    ns = 0
+    for pid in descendants(roots):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    ns += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return ns / 1e9
+
+
+def _cpu_ticks() -> list[int]:
+    """The machine's "cpu" line of /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat", "rb") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def machine_sample(own_roots) -> dict:
+    """What the machine did, to be compared with a later sample (``disturbance``): its CPU
+    ticks by kind, and the ticks of the benchmark's own process trees (reaped children
+    included, so a load generator that has exited still counts)."""
+    return {"t": time.monotonic(), "ticks": _cpu_ticks(), "own": tree_cpu(own_roots),
+            "loadavg": os.getloadavg()[0]}
+
+
+def disturbance(before: dict, after: dict) -> dict:
+    """Between two samples: ``other_cores``, the CPU (in cores) of every process outside the
+    benchmark's trees (user + nice + system ticks of the machine, minus the benchmark's);
+    ``steal``, the share of the machine's time the hypervisor gave to someone else; and the
+    load average at the end. Tick counts: about 1/CLK_TCK s per CPU of error."""
+    wall = max(after["t"] - before["t"], 1e-9)
+    d = [b - a for a, b in zip(before["ticks"], after["ticks"])]
+    user, nice, system, steal = d[0], d[1], d[2], d[7]
+    total = sum(d) or 1
+    own = after["own"] - before["own"]
+    other = max(0.0, (user + nice + system) / CLK_TCK - own)
+    return {"other_cores": other / wall, "steal": steal / total, "loadavg": after["loadavg"], "wall_s": wall}
+
+
+def disturbed(d: dict, max_other: float = MAX_OTHER_CORES, max_steal: float = MAX_STEAL) -> str:
+    """Why a run with this ``disturbance`` cannot be trusted, or ''."""
+    why = []
+    if d["other_cores"] > max_other:
+        why.append(f"other processes used {d['other_cores']:.2f} cores")
+    if d["steal"] > max_steal:
+        why.append(f"steal {d['steal']:.1%}")
+    return "; ".join(why)

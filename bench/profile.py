@@ -19,6 +19,11 @@ the other, each under a bounded run of the workload (64 in flight, --duration se
    functions that cost most, with calls per connection (py-spy cannot read this Python:
    "Failed to find python version from target process"). Strace counts epoll_wait per
    connection low: slowed down, the proxy finds more events per wait.
+5. with --callgrind, the Python proxies only (sniproxy, bench/floor.py): an instance under
+   ``valgrind --tool=callgrind``, counters zeroed after a warm-up, a block of the workload
+   at 8 in flight, a dump: instructions per connection in user space, split by shared
+   object, and the functions that ran most of them (callgrind.py). The count does not move
+   with the machine's load, and is the same on another machine with the same build.
 
 Runs of the proxies interleave (the order rotates); medians over --runs are reported.
 Writes bench/results/profile.{md,json}. Every step is bounded in time; processes are
@@ -39,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import callgrind  # noqa: E402
 import procs  # noqa: E402
 import run  # noqa: E402
 from provenance import header, provenance  # noqa: E402
@@ -135,22 +141,7 @@ def strace_run(proxy, roots, wl, dur, workdir: Path) -> dict:
 # ---------------------------------------------------------------- perf
 
 def dso_class(dso: str) -> str:
-    d = dso.lower()
-    if "kernel" in d or d.startswith("[k") or d == "[vdso]":
-        return "kernel"
-    if "libpython" in d or re.fullmatch(r"python3?(\.\d+)?", d):
-        return "interpreter (libpython)"
-    if "uvloop" in d or d.startswith("loop.cpython"):
-        return "uvloop (+libuv)"
-    if d.startswith("libc.so") or d.startswith("libc-") or d.startswith("ld-linux") or d.startswith("libm"):
-        return "libc"
-    if ".cpython-" in d:
-        return "other C extensions"
-    if d.startswith(("nginx", "ngx_")):
-        return "nginx"
-    if d.startswith("haproxy"):
-        return "haproxy"
-    return "other: " + dso
+    return callgrind.object_class(dso)
 
 
 def perf_run(proxy, roots, wl, dur, workdir: Path) -> dict:
@@ -224,6 +215,23 @@ def cprofile_run(proxy, nofile, hello, wl, dur, workdir: Path) -> dict:
             "top_cum": sorted(rows, key=lambda r: -(r["cum_share"] or 0))[:30]}
 
 
+# ---------------------------------------------------------------- callgrind
+
+def callgrind_run(proxy, nofile, hello, wl, dur) -> dict:
+    """Instructions per connection of the proxy under callgrind (see ab.py --callgrind)."""
+    import ab
+    workdir = run.WORK / "profile" / "callgrind"
+    p = ab.side_by_side(proxy, "a", workdir)
+    ps = ab.start_slow(p, nofile, hello, workdir / "a")
+    try:
+        run.loadgen(["--mode", "short", "--target", f"{p.target[0]}:{p.target[1]}", "--hello",
+                     str(run.HELLOS["chrome"]), "--conns", "8", "--duration", "2"], timeout=120)
+        b = ab.callgrind_block(p, ps[0].pid, wl, dur, workdir / "a")
+    finally:
+        run.stop_procs(ps)
+    return {"conns": b["conns"], **callgrind.breakdown(Path(b["dump"]), b["conns"])}
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> int:
@@ -238,6 +246,8 @@ def main() -> int:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--no-perf", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="also a run of sniproxy under cProfile")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="also a run of each Python proxy under callgrind: instructions per connection")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (run.cleanup(), sys.exit(143)))
@@ -277,14 +287,19 @@ def main() -> int:
                 try:
                     roots = [x.pid for x in proc_list]
                     workload(p, a.workload, 0.3)  # warm up (imports, caches, the first DNS lookup)
+                    m0 = procs.machine_sample([os.getpid()])
                     u0, s0 = tree_times(roots)
                     lg = workload(p, a.workload, a.duration)
                     u1, s1 = tree_times(roots)
+                    machine = procs.disturbance(m0, procs.machine_sample([os.getpid()]))
                     n = conns(lg)
                     out["plain"] = {"conns": n, "rate_per_s": lg.get("rate_per_s", lg.get("gib_per_s")),
                                     "errors": lg["errors"],
                                     "user_us": (u1 - u0) / n * 1e6, "sys_us": (s1 - s0) / n * 1e6,
-                                    "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6}
+                                    "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6,
+                                    "machine": machine, "disturbed": procs.disturbed(machine)}
+                    if out["plain"]["disturbed"]:
+                        run.log(f"  disturbed: {out['plain']['disturbed']}")
                     if not a.no_strace:
                         out["strace"] = strace_run(p, roots, a.workload, a.duration, wd)
                     if not a.no_perf:
@@ -293,6 +308,11 @@ def main() -> int:
                     errors.append(f"{p.key}: {e}")
                 finally:
                     run.stop_procs(proc_list)
+                if a.callgrind and p.family in ("sniproxy", "floor") and r == a.runs - 1 and a.workload in run.SHORT:
+                    try:
+                        out["callgrind"] = callgrind_run(p, nofile, hello, a.workload, max(a.duration, 3.0))
+                    except (RuntimeError, subprocess.SubprocessError, OSError, json.JSONDecodeError) as e:
+                        errors.append(f"{p.key} callgrind: {e}")
                 if a.cprofile and p.family == "sniproxy" and r == a.runs - 1:
                     try:
                         out["cprofile"] = cprofile_run(p, nofile, hello, a.workload, a.duration, wd)
@@ -323,7 +343,11 @@ def summarize(res: dict) -> dict:
     out = {}
     for key, runs in res.items():
         s = {}
-        plain = [r["plain"] for r in runs if "plain" in r]
+        every = [r["plain"] for r in runs if "plain" in r]
+        plain = [p for p in every if not p.get("disturbed")] or every  # all disturbed: say so, use them
+        s["disturbed"] = sum(1 for p in every if p.get("disturbed"))
+        s["runs"] = len(every)
+        s["all_disturbed"] = bool(every) and s["disturbed"] == len(every)
         for f in ("cpu_us", "user_us", "sys_us", "rate_per_s"):
             s[f] = med(p[f] for p in plain)
             s[f + "_runs"] = [p[f] for p in plain]
@@ -343,6 +367,9 @@ def summarize(res: dict) -> dict:
         cp = [r["cprofile"] for r in runs if "cprofile" in r]
         if cp:
             s["cprofile"] = cp[-1]
+        cg = [r["callgrind"] for r in runs if "callgrind" in r]
+        if cg:
+            s["callgrind"] = cg[-1]
         out[key] = s
     return out
 
@@ -356,7 +383,10 @@ def markdown(data: dict) -> str:
          f"load average {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end · sniproxy: "
          f"{m['sniproxy_source']}" + "".join(f" · sniproxy-{k}: {v}" for k, v in m["also"].items()) + "\n",
          header(m),
-         "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer. "
+         "CPU from /proc (utime = user, stime = kernel) per completed connection, in a run without any tracer, "
+         "median of the runs no other process disturbed (more than "
+         f"{procs.MAX_OTHER_CORES} cores of other processes meanwhile: those are left out, and marked ⚠ when every "
+         "run was). "
          "Syscalls: `strace -c -f` on every thread of the proxy, divided by the connections of that run. "
          "Profile: `perf record -e cpu-clock` on the proxy's processes, samples by shared object.\n",
          f"| proxy | CPU µs/{unit} | ×nginx | user µs | sys µs | user share | syscalls/{unit} |",
@@ -364,7 +394,9 @@ def markdown(data: dict) -> str:
     for k, s in summ.items():
         r = f"{s['cpu_us'] / summ[nginx]['cpu_us']:.2f}×" if nginx and s.get("cpu_us") and summ[nginx].get("cpu_us") else "–"
         sc = s.get("syscalls_per_conn")
-        L.append(f"| {labels.get(k, k)} | {s['cpu_us']:.0f} | {r} | {s['user_us']:.0f} | {s['sys_us']:.0f} | "
+        warn = " ⚠ every run disturbed" if s.get("all_disturbed") else (
+            f" ({s['disturbed']} of {s['runs']} runs disturbed, left out)" if s.get("disturbed") else "")
+        L.append(f"| {labels.get(k, k)}{warn} | {s['cpu_us']:.0f} | {r} | {s['user_us']:.0f} | {s['sys_us']:.0f} | "
                  f"{s['user_us'] / s['cpu_us']:.0%} | {'–' if sc is None else f'{sc:.1f}'} |")
     L.append("")
     L.append(f"## Syscalls per {unit}, by name (medians)\n")
@@ -391,6 +423,26 @@ def markdown(data: dict) -> str:
     for c in classes:
         L.append(f"| {c} | " + " | ".join(f"{(s.get('by_class') or {}).get(c, 0):.1f}%" for s in summ.values()) + " |")
     L.append("")
+    cg = {k: s["callgrind"] for k, s in summ.items() if s.get("callgrind")}
+    if cg:
+        classes = list(dict.fromkeys(c for x in cg.values() for c in x["by_class"]))
+        L.append(f"## Instructions per {unit} in user space (callgrind, one run; 8 in flight)\n")
+        L.append("The same code gives the same count on a busy machine and on another machine with the same "
+                 "Python build: µs = instructions / the machine's instructions per µs. The kernel's share is "
+                 "not counted.\n")
+        L.append(f"| proxy | instructions/{unit} | " + " | ".join(classes) + " |")
+        L.append("|---|---:|" + "---:|" * len(classes))
+        for k, x in cg.items():
+            L.append(f"| {labels.get(k, k)} | {x['ir_per_unit']:,.0f} | "
+                     + " | ".join(f"{100 * x['by_class'].get(c, 0):.1f}%" for c in classes) + " |")
+        L.append("")
+        for k, x in cg.items():
+            L.append(f"### Functions by their own instructions: {k} (callgrind)\n")
+            L.append(f"| share | instructions/{unit} | object | function |")
+            L.append("|---:|---:|---|---|")
+            for share, ob, fn, per in x["top_functions"][:25]:
+                L.append(f"| {100 * share:.1f}% | {per:,.0f} | {ob} | `{fn}` |")
+            L.append("")
     for k, s in summ.items():
         if s.get("top_symbols"):
             L.append(f"### Hottest symbols: {k} (one run, % of its samples)\n")

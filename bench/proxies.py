@@ -70,7 +70,7 @@ def clean_env(pythonpath: str | None = None) -> dict:
 @dataclass
 class Proxy:
     key: str  # unique id, used in results
-    family: str  # direct | sniproxy | nginx | haproxy | c-sniproxy
+    family: str  # direct | sniproxy | nginx | haproxy | c-sniproxy | floor
     label: str
     workers: int
     note: str = ""
@@ -79,13 +79,20 @@ class Proxy:
 
     @property
     def target(self):
-        return UPSTREAM if self.family == "direct" else PROXY
+        return UPSTREAM if self.family == "direct" else self.listen
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        """Where the proxy listens: PROXY, unless ``options["port"]`` moves it (ab.py runs two
+        proxies side by side, each on its own port, with its own metrics port)."""
+        return (PROXY[0], self.options.get("port") or PROXY[1])
 
     def start(self, workdir: Path, nofile: int) -> list[subprocess.Popen]:
         workdir.mkdir(parents=True, exist_ok=True)
         cmds = getattr(self, f"_cmds_{self.family.replace('-', '_')}")(workdir, nofile)
         procs = []
         for i, cmd in enumerate(cmds):
+            cmd = self.options.get("wrap", []) + cmd  # e.g. valgrind (ab.py --callgrind)
             log = open(workdir / f"{self.family}-{i}.log", "wb")
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           env=clean_env(self.options.get("pythonpath")), cwd=workdir,
@@ -122,7 +129,7 @@ stream {{{logfmt}
         default 127.0.4.2:1;
     }}
     server {{
-        listen {PROXY[0]}:{PROXY[1]} reuseport backlog=4096;
+        listen {self.listen[0]}:{self.listen[1]} reuseport backlog=4096;
         ssl_preread on;
         proxy_pass $bench_upstream;
         {log}
@@ -153,7 +160,7 @@ defaults
     timeout client 120s
     timeout server 120s
 frontend bench
-    bind {PROXY[0]}:{PROXY[1]}
+    bind {self.listen[0]}:{self.listen[1]}
     tcp-request inspect-delay 5s
     tcp-request content accept if {{ req.ssl_hello_type 1 }}{use}
 {backends}"""
@@ -170,7 +177,7 @@ error_log {{
     filename {workdir}/sniproxy-{i}.err
     priority notice
 }}
-listener {PROXY[0]}:{PROXY[1]} {{
+listener {self.listen[0]}:{self.listen[1]} {{
     protocol tls
     table bench
     reuseport yes
@@ -183,6 +190,10 @@ table bench {{
             path.write_text(conf)
             cmds.append([C_SNIPROXY, "-f", "-c", str(path)])
         return cmds
+
+    def _cmds_floor(self, workdir, nofile):
+        return [[sys.executable, str(Path(__file__).resolve().parent / "floor.py"), self.listen[0], str(self.listen[1]),
+                 SNI, UPSTREAM[0], str(UPSTREAM[1])]]
 
     def _cmds_sniproxy(self, workdir, nofile):
         path = workdir / "sniproxy.toml"
@@ -202,7 +213,7 @@ def sniproxy_config(workers: int, options: dict, nofile: int) -> str:
         server.insert(0, f"workers = {workers}")
     if options.get("splice"):
         server.append(f'splice = "{options["splice"]}"')
-    metrics = f'[metrics]\naddress = "{METRICS[0]}"\nport = {METRICS[1]}\n'
+    metrics = f'[metrics]\naddress = "{METRICS[0]}"\nport = {options.get("metrics_port") or METRICS[1]}\n'
     if not options.get("metrics", True):
         metrics += "enabled = false\n"
     log = ""
@@ -216,7 +227,7 @@ def sniproxy_config(workers: int, options: dict, nofile: int) -> str:
                       f'upstream = "{ECR_UPSTREAM[0]}"\nport = {ECR_UPSTREAM[1]}\n')
     return f"""[[listen]]
 address = "{PROXY[0]}"
-port = {PROXY[1]}
+port = {options.get("port") or PROXY[1]}
 
 [resolver]
 nameservers = ["{DNS[0]}"]
@@ -344,6 +355,8 @@ def all_proxies(workdir: Path, nofile: int, gap: bool = False) -> list[Proxy]:
                          options={"extra_routes": extra, "access_log": access}))
         out.append(Proxy(f"haproxy-{profile}-w1", "haproxy", f"HAProxy req.ssl_sni: {what}", 1,
                          options={"extra_routes": extra, "access_log": access}))
+    out.append(Proxy("floor-w1", "floor", "the Python floor: a minimal SNI proxy in pure Python (bench/floor.py), "
+                     "the same system calls, no features", 1))
     if gap:
         out.append(Proxy("nginx-issue-a-w2", "nginx", "nginx ssl_preread, default buffers: 6 extra routes, "
                          "access log off, worker_processes 2 (Debian's nginx.conf says auto)", 2,
