@@ -79,6 +79,15 @@ def raised_priority(nice: int = FLEET_NICE) -> Iterator[bool]:
             os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
+def assert_no_stall(figures: ClientFigures, where: str = "the proxy") -> None:
+    """No SYN dropped on the way in (a full listen queue costs TCP's 1 s initial retransmission
+    timeout), and no connection over 1 s to its first byte."""
+    assert not figures.syn_retransmitted, (
+        f"{len(figures.syn_retransmitted)} SYNs to {where} were dropped and sent again "
+        f"(first: {figures.syn_retransmitted[:3]}): {figures.summary()}")
+    assert not figures.slow, f"{len(figures.slow)} connections over 1 s to first byte: {figures.summary()}"
+
+
 def _raise_own_priority() -> None:
     """Every part runs at FLEET_NICE when it may (root): the load generator, the echo and the
     bulk sender must not queue for CPU behind another job on a shared machine, or the test

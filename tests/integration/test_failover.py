@@ -37,7 +37,7 @@ import pytest
 
 from tests.helpers import DnsServer, LineLog, Proxy, free_port, haproxy_stats
 from tests.integration.conftest import NAME, TEST_SPLICE
-from tests.integration.fleet_load import ClientFigures, Load, raised_priority, report
+from tests.integration.fleet_load import ClientFigures, Load, assert_no_stall, raised_priority, report
 
 HAPROXY = "/usr/sbin/haproxy"
 BALANCER = "127.0.7.10"
@@ -277,14 +277,6 @@ def fleet(tmp_path_factory, ca):
         finally:
             problems = built.close()
     assert not problems, problems
-
-
-def assert_no_stall(figures: ClientFigures) -> None:
-    """No SYN dropped on the way to the balancer, and no connection over 1 s to its first byte."""
-    assert not figures.syn_retransmitted, (
-        f"{len(figures.syn_retransmitted)} SYNs to the balancer were dropped and sent again "
-        f"(first: {figures.syn_retransmitted[:3]}): {figures.summary()}")
-    assert not figures.slow, f"{len(figures.slow)} connections over 1 s to first byte: {figures.summary()}"
 
 
 def _access(proxy: Proxy, mark: int) -> list[dict]:
