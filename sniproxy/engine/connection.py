@@ -79,7 +79,13 @@ _NEXT: dict[State, frozenset[State]] = {
     State.FORWARDING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
-_DONE = Close.DONE  # the close of nearly every connection: a plain name on the hot path
+#: Members the hot path compares with, as module globals: on 3.11 an attribute of an Enum
+#: class is looked up through EnumType.__getattr__ (about 1,100 instructions, against about
+#: 25 for a global), and a connection does so a few dozen times.
+_PROXY_HEADER, _HELLO, _RESOLVING = State.PROXY_HEADER, State.HELLO, State.RESOLVING
+_CONNECTING, _FORWARDING, _CLOSED = State.CONNECTING, State.FORWARDING, State.CLOSED
+_WAIT, _MORE, _EOF, _SRC_FAILED = Result.WAIT, Result.MORE, Result.EOF, Result.SRC_FAILED
+_DONE = Close.DONE
 #: States whose deadline is the handshake timeout (a tuple: membership by identity).
 _HANDSHAKE = (State.PROXY_HEADER, State.HELLO)
 
@@ -121,20 +127,30 @@ class ListenerInfo:
 
 
 class Connection:
-    # Set once the hello is routed (the first four) or the upstream connected (the flows), and
-    # read only from then on: the state says which exist, so they are never None-markers.
+    # Set once the hello is routed (the route facts), the upstream is tried (the attempt), or
+    # it connected (the flows and the idle clock), and read only from then on: the state says
+    # which exist, so they are never None-markers, and an accept writes none of them.
     route_stats: RouteStats
     upstream_host: str
     upstream_port: int
+    addresses: tuple[str, ...]
+    attempt: int
+    loops: int
+    failures: list[str]
+    upstream_ip: str  # the address connected to; named host:port only for a log line
+    connect_started: float
+    task: asyncio.Task  # while RESOLVING: a DNS cache miss
     up: Flow  # client -> upstream
     down: Flow  # upstream -> client
+    idle_mark: int
+    idle_since: float
 
     __slots__ = (
         "ctx", "listener", "on_closed", "state", "client_fd", "upstream_fd", "client_ip",
         "client_port", "holds_slot", "received", "reader", "client_readable", "client_eof", "hello_bytes",
         "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "upstream_host",
         "upstream_port", "addresses",
-        "attempt", "loops", "failures", "upstream_addr", "up", "down", "started", "connect_started",
+        "attempt", "loops", "failures", "upstream_ip", "up", "down", "started", "connect_started",
         "deadline", "task", "close_reason", "idle_mark", "idle_since", "waiting",
     )
 
@@ -143,7 +159,7 @@ class Connection:
         self.ctx = ctx
         self.listener = listener
         self.on_closed = on_closed
-        self.state = State.PROXY_HEADER if listener.proxy_protocol else State.HELLO
+        self.state = _PROXY_HEADER if listener.proxy_protocol else _HELLO
         self.client_fd = fd
         self.upstream_fd = -1
         self.client_ip = client_key(peer[0]) if peer else ""
@@ -159,18 +175,9 @@ class Connection:
         self.hello_seconds = 0.0
         self.hello: ClientHello | None = None  # for the access log, which shows null without one
         self.route: Route | None = None  # likewise
-        self.addresses: tuple[str, ...] = ()
-        self.attempt = 0
-        self.loops = 0
-        self.failures: list[str] = []
-        self.upstream_addr: str | None = None
         self.started = clock()
-        self.connect_started = 0.0
         self.deadline = self.started + ctx.handshake_timeout
-        self.task: asyncio.Task | None = None
         self.close_reason: Close | Refusal = Close.CLIENT_CLOSED
-        self.idle_mark = -1
-        self.idle_since = self.started
         self.waiting = False  # in ctx.handshakes: its hello did not come whole with the first read
 
     # Live byte counters, read by the stats snapshot while the connection is forwarding.
@@ -184,9 +191,9 @@ class Connection:
 
     def on_error(self, exc: Exception) -> None:
         """A bug in this connection's handling: it alone is closed, as internal_error."""
-        if self.state is State.FORWARDING:
+        if self.state is _FORWARDING:
             self._close(Close.INTERNAL_ERROR, reset_client=True, reset_upstream=True)
-        elif self.state is not State.CLOSED:
+        elif self.state is not _CLOSED:
             self.refuse(Refusal.INTERNAL_ERROR, detail=repr(exc))
 
     def _enter(self, state: State) -> None:
@@ -200,7 +207,7 @@ class Connection:
         """Just accepted: admit the client (unless a PROXY header will name it, and then only
         from a peer trusted to), watch the socket, and read at once: the hello has usually
         arrived with the handshake's ACK."""
-        if self.state is State.HELLO:
+        if self.state is _HELLO:
             if not self._admit():
                 return
         elif not self.listener.proxy_from.allows(self.client_ip):
@@ -230,7 +237,7 @@ class Connection:
 
     def on_event(self, fd: int, events: int) -> None:
         state = self.state
-        if state is State.FORWARDING:
+        if state is _FORWARDING:
             self._forward_event(fd, events)
         elif fd == self.client_fd:
             if events & ERR:  # reset before forwarding: the client left
@@ -244,7 +251,7 @@ class Connection:
                 self._read_client()
             else:  # resolving or connecting: remember; the client Flow reads it later
                 self.client_readable = True
-        elif state is State.CONNECTING:
+        elif state is _CONNECTING:
             if events & ERR:
                 self._connect_failed(errno_name(socket_error(fd)))
             elif events & OUT:
@@ -264,7 +271,7 @@ class Connection:
         if events & OUT and not writes.writable:  # it was waiting for room: edge-triggered,
             writes.writable = True                # every other event carries OUT as well
             self._run(writes)
-        if events & IN and self.state is State.FORWARDING:
+        if events & IN and self.state is _FORWARDING:
             reads.readable = True
             if events & RDHUP:
                 reads.eof_pending = True
@@ -291,7 +298,7 @@ class Connection:
         # says there is more (or the FIN, seen as EPOLLRDHUP, is still to be read).
         self.client_readable = n == len(scratch.buffer) or self.client_eof
         data = bytes(scratch.buffer[:n])
-        if self.state is State.PROXY_HEADER:
+        if self.state is _PROXY_HEADER:
             data = self._proxy_header(data)
             if not data:
                 return
@@ -344,7 +351,7 @@ class Connection:
         if header.source is not None:
             self.client_ip = client_key(header.source[0])
             self.client_port = header.source[1]
-        self._enter(State.HELLO)
+        self._enter(_HELLO)
         if not self._admit():
             return b""
         if self.waiting:  # now that the client is known, it counts for it
@@ -364,7 +371,7 @@ class Connection:
         self.waiting = True
         handshakes = self.ctx.handshakes
         handshakes.enter(self)
-        if self.state is State.HELLO and not handshakes.count_client(self):
+        if self.state is _HELLO and not handshakes.count_client(self):
             self._refuse_client_handshakes()
             return False
         return True
@@ -419,33 +426,33 @@ class Connection:
                          hello.pq_group, hello.ech)
         addresses = self.ctx.resolver.cached(host)
         if addresses is not None:
-            self._enter(State.CONNECTING)
+            self._enter(_CONNECTING)
             self._connect_to(addresses)
             return
-        self._enter(State.RESOLVING)
+        self._enter(_RESOLVING)
         self.task = self.ctx.spawn(self._resolve(host))
 
     async def _resolve(self, host: str) -> None:
         try:
             addresses = await self.ctx.resolver.resolve(host)
-            if self.state is State.RESOLVING:
-                self._enter(State.CONNECTING)
+            if self.state is _RESOLVING:
+                self._enter(_CONNECTING)
                 self._connect_to(addresses)
         except ResolveError as exc:
-            if self.state is State.RESOLVING:
+            if self.state is _RESOLVING:
                 log.warning("route %s: cannot resolve %s: %s", self.route_stats.name, host, exc)
                 self.refuse(Refusal.RESOLVE_FAILED, detail=str(exc))
         except Exception as exc:  # a bug costs this connection, logged, never a hung one
             log.error("internal error while resolving %s", host, exc_info=exc)
             self.on_error(exc)
-        finally:
-            self.task = None
 
     # -- upstream --------------------------------------------------------------------------
 
     def _connect_to(self, addresses: tuple[str, ...]) -> None:
         self.addresses = addresses
         self.attempt = 0
+        self.loops = 0
+        self.failures = []
         self._try_next()
 
     def _try_next(self) -> None:
@@ -475,7 +482,7 @@ class Connection:
                 self.failures.append(f"{ip}: {os.strerror(code)}")
                 continue
             fd = self.upstream_fd = sock.detach()
-            self.upstream_addr = format_address(ip, port)
+            self.upstream_ip = ip
             self.connect_started = clock()
             self.deadline = self.connect_started + self.ctx.connect_timeout
             try:
@@ -502,7 +509,6 @@ class Connection:
     def _drop_upstream(self) -> None:
         self.ctx.events.close(self.upstream_fd)
         self.upstream_fd = -1
-        self.upstream_addr = None
 
     def _connected(self, events: int) -> None:
         """The upstream accepted: forward the hello as received, then both ways."""
@@ -512,34 +518,34 @@ class Connection:
         rs.connections += 1
         rs.active += 1
         rs.connect.observe(now - self.connect_started)
-        self._enter(State.FORWARDING)
+        self._enter(_FORWARDING)
         self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, head=self.received,
                        readable=self.client_readable, eof_pending=self.client_eof)
         # The upstream is read once it has sent something: this event says whether it has.
         self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, readable=bool(events & IN),
                          eof_pending=bool(events & RDHUP))
         self.received = b""
-        self.failures = []
+        self.idle_mark = -1
         self.idle_since = now
         ctx.stats.live.add(self)
         self._run(self.up)
-        if self.down.readable and self.state is State.FORWARDING:
+        if self.down.readable and self.state is _FORWARDING:
             self._run(self.down)
 
     # -- forwarding ------------------------------------------------------------------------
 
     def _run(self, flow: Flow) -> None:
         result = flow.run(self.ctx.events.scratch)
-        if result is Result.WAIT:
+        if result is _WAIT:
             return
-        if result is Result.EOF:
+        if result is _EOF:
             if self.up.done and self.down.done:
                 self._close(_DONE)
             else:  # the other direction's FIN will end the pair: its close sends the FIN
                 (self.down if flow is self.up else self.up).last = True
-        elif result is Result.MORE:
+        elif result is _MORE:
             self.ctx.events.post(self._resume_up if flow is self.up else self._resume_down)
-        elif result is Result.SRC_FAILED:
+        elif result is _SRC_FAILED:
             self._reset("client" if flow is self.up else "upstream", flow)
         elif flow is self.up:  # DST_FAILED
             self._reset("upstream", self.down)
@@ -547,11 +553,11 @@ class Connection:
             self._reset("client", self.up)
 
     def _resume_up(self) -> None:
-        if self.state is State.FORWARDING:
+        if self.state is _FORWARDING:
             self._run(self.up)
 
     def _resume_down(self) -> None:
-        if self.state is State.FORWARDING:
+        if self.state is _FORWARDING:
             self._run(self.down)
 
     def _reset(self, side: str, sent_by: Flow) -> None:
@@ -585,9 +591,9 @@ class Connection:
 
     def force_close(self) -> None:
         """The drain is over: close now, counted as ``drain``."""
-        if self.state is State.FORWARDING:
+        if self.state is _FORWARDING:
             self._close(Close.DRAIN)
-        elif self.state is not State.CLOSED:
+        elif self.state is not _CLOSED:
             self.refuse(Refusal.DRAIN)
 
     def expire(self, now: float) -> None:
@@ -596,10 +602,10 @@ class Connection:
         if state in _HANDSHAKE:
             if now >= self.deadline:
                 self.refuse(Refusal.HANDSHAKE_TIMEOUT, detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
-        elif state is State.CONNECTING:
+        elif state is _CONNECTING:
             if now >= self.deadline:
                 self._connect_failed("timeout")
-        elif state is State.FORWARDING:
+        elif state is _FORWARDING:
             total = self.up.nbytes + self.down.nbytes
             if total != self.idle_mark:
                 self.idle_mark = total
@@ -608,15 +614,15 @@ class Connection:
                 self._close(Close.IDLE)
 
     def _close(self, reason: Close | Refusal, reset_client: bool = False, reset_upstream: bool = False) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
-        forwarding = self.state is State.FORWARDING
-        self.state = State.CLOSED
+        state = self.state
+        forwarding = state is _FORWARDING
+        self.state = _CLOSED
         self.close_reason = reason
         ctx = self.ctx
-        if self.task is not None:
+        if state is _RESOLVING:
             self.task.cancel()
-            self.task = None
         if reset_client:
             close_with_reset(self.client_fd)
         ctx.events.close(self.client_fd)
@@ -648,7 +654,7 @@ class Connection:
         route = self.route
         return format_line(
             time.time(), self._client(), self.listener.name, self.hello, route.name if route else None,
-            self.upstream_addr if forwarded else None, self.up.nbytes if forwarded else 0,
+            format_address(self.upstream_ip, self.upstream_port) if forwarded else None, self.up.nbytes if forwarded else 0,
             self.down.nbytes if forwarded else 0, duration, self.close_reason, self.hello_bytes,
             self.hello_records, self.hello_reads, self.hello_seconds,
         )

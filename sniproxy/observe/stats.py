@@ -44,7 +44,8 @@ class LiveConnection(Protocol):
 
 class RouteStats:
     __slots__ = ("name", "connections", "active", "to_upstream", "to_client", "connect", "duration",
-                 "hello_bytes", "hello_records", "hello_reads", "hello_seconds", "hello_pq", "hello_ech")
+                 "hello_bytes", "hello_records", "hello_reads", "hello_seconds", "hello_pq", "hello_ech",
+                 "hello_whole")
 
     def __init__(self, name: str):
         self.name = name
@@ -60,13 +61,19 @@ class RouteStats:
         self.hello_seconds = Histogram(HELLO_SECONDS_BUCKETS)
         self.hello_pq: dict[str, int] = {}  # group name -> hellos offering its key share
         self.hello_ech = 0
+        self.hello_whole = 0
+        """Hellos in one record and one read (nearly all): counted here, and folded into the
+        records and reads histograms at scrape time, not observed one by one."""
 
     def observe_hello(self, size: int, records: int, reads: int, seconds: float, pq_group: str | None,
                       ech: bool) -> None:
         """What a routed ClientHello looked like on the wire, and how long it took to arrive."""
         self.hello_bytes.observe(size)
-        self.hello_records.observe(records)
-        self.hello_reads.observe(reads)
+        if records == 1 and reads == 1:
+            self.hello_whole += 1
+        else:
+            self.hello_records.observe(records)
+            self.hello_reads.observe(reads)
         self.hello_seconds.observe(seconds)
         if pq_group is not None:
             self.hello_pq[pq_group] = self.hello_pq.get(pq_group, 0) + 1
@@ -115,8 +122,8 @@ class Stats:
                 "connect": rs.connect.counts + [rs.connect.total],
                 "duration": rs.duration.counts + [rs.duration.total],
                 "hello_bytes": rs.hello_bytes.counts + [rs.hello_bytes.total],
-                "hello_records": rs.hello_records.counts + [rs.hello_records.total],
-                "hello_reads": rs.hello_reads.counts + [rs.hello_reads.total],
+                "hello_records": _with_ones(rs.hello_records, rs.hello_whole),
+                "hello_reads": _with_ones(rs.hello_reads, rs.hello_whole),
                 "hello_seconds": rs.hello_seconds.counts + [rs.hello_seconds.total],
                 "hello_pq": dict(rs.hello_pq),
                 "hello_ech": rs.hello_ech,
@@ -141,6 +148,14 @@ class Stats:
 
 #: Snapshot keys that are gauges (a process's present, not a count): an exited worker's go to 0.
 GAUGES = ("handshakes_waiting", "hello_memory")
+
+
+def _with_ones(histogram: Histogram, ones: int) -> list:
+    """A histogram's counts and total, with ``ones`` observations of 1 added (the first
+    bucket of the records and reads histograms is 1)."""
+    counts = list(histogram.counts)
+    counts[bisect_left(histogram.bounds, 1)] += ones
+    return counts + [histogram.total + ones]
 
 
 def empty_snapshot() -> dict:

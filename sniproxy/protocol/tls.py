@@ -8,9 +8,10 @@ reader never rebuilds bytes: the caller forwards exactly what it fed in.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from ..errors import BadHello, NotTLS, OverLimit, WireError
 from ..hostnames import normalize_host
@@ -68,9 +69,10 @@ RECORD_HEADER = 5
 #: A fatal unrecognized_name alert (RFC 6066 section 3), sent before refusing an unknown SNI.
 UNRECOGNIZED_NAME_ALERT = bytes((ContentType.ALERT, 3, 3, 0, 2, 2, 112))
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
-    """A read-only view of the parts of a ClientHello the proxy cares about."""
+class ClientHello(NamedTuple):
+    """A read-only view of the parts of a ClientHello the proxy cares about. A NamedTuple, not
+    a frozen dataclass: one is made per connection, and a frozen dataclass's __init__ sets
+    each field through object.__setattr__ (about four times the cost)."""
 
     sni: str | None
     """Normalised host name (lower case, no trailing dot); None when absent, an IP literal or invalid."""
@@ -273,10 +275,23 @@ _SERVER_NAME = int(ExtensionType.SERVER_NAME)
 _ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
 _KEY_SHARE = int(ExtensionType.KEY_SHARE)
 _HOST_NAME = int(NameType.HOST_NAME)
+_PARSED = frozenset({_SERVER_NAME, _ALPN, _KEY_SHARE})
+
+
+#: Two big-endian 16-bit fields at an offset, in one C call: an extension's type and length,
+#: a key share's group and length.
+_U16_PAIR = struct.Struct(">HH").unpack_from
+_U16 = struct.Struct(">H").unpack_from
+#: Loops bounded by count (an else after the last round means one more than allowed).
+_EXTENSION_ROUNDS = range(MAX_EXTENSIONS + 1)
+_ALPN_ROUNDS = range(MAX_ALPN + 1)
+_KEY_SHARE_ROUNDS = range(MAX_KEY_SHARES + 1)
 
 
 def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
-    """pull_client_hello's checks on plain offsets; None wherever it would raise."""
+    """pull_client_hello's checks on plain offsets; None wherever it would raise. The hot path
+    of a connection's user-space work: fields come out of ``struct`` in one call each, and the
+    bounded loops count with ``range`` rather than ``len()``."""
     legacy_version = (d[pos] << 8) | d[pos + 1]
     if legacy_version >> 8 != 3:
         return None
@@ -285,7 +300,7 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
     if n > 32:
         return None
     pos += 1 + n
-    n = (d[pos] << 8) | d[pos + 1]
+    (n,) = _U16(d, pos)
     if n == 0 or n % 2:
         return None
     pos += 2 + n
@@ -300,54 +315,69 @@ def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
     key_shares: tuple[int, ...] = ()
     types: list[int] = []
     if pos < end:
-        if pos + 2 + ((d[pos] << 8) | d[pos + 1]) != end:
+        if end - pos < 2 or pos + 2 + _U16(d, pos)[0] != end:
             return None  # the extensions block must end the message exactly
         pos += 2
-        while pos < end:
+        append = types.append
+        for _ in _EXTENSION_ROUNDS:
+            if pos >= end:
+                break
             if end - pos < 4:
                 return None
-            ext_type = (d[pos] << 8) | d[pos + 1]
-            n = (d[pos + 2] << 8) | d[pos + 3]
+            ext_type, n = _U16_PAIR(d, pos)
             pos += 4
             stop = pos + n
-            if stop > end or len(types) == MAX_EXTENSIONS:
+            if stop > end:
                 return None
-            types.append(ext_type)
+            append(ext_type)
+            if ext_type not in _PARSED:
+                pos = stop
+                continue
             if ext_type == _SERVER_NAME:
                 # ServerNameList with exactly one host_name entry, and nothing else.
-                if n < 5 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or d[pos + 2] != _HOST_NAME:
+                if n < 5 or _U16(d, pos)[0] + 2 != n or d[pos + 2] != _HOST_NAME:
                     return None
                 size = (d[pos + 3] << 8) | d[pos + 4]
                 if size == 0 or pos + 5 + size != stop:
                     return None
                 sni = _normalized(d[pos + 5 : stop])
             elif ext_type == _ALPN:
-                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n or n == 2:
+                if n <= 2 or _U16(d, pos)[0] + 2 != n:
                     return None
                 names: list[str] = []
                 at = pos + 2
-                while at < stop:
+                for _ in _ALPN_ROUNDS:
+                    if at >= stop:
+                        break
                     size = d[at]
-                    if size == 0 or at + 1 + size > stop or len(names) == MAX_ALPN:
+                    if size == 0 or at + 1 + size > stop:
                         return None
                     names.append(d[at + 1 : at + 1 + size].decode("latin-1"))
                     at += 1 + size
+                else:
+                    return None
                 alpn = tuple(names)
-            elif ext_type == _KEY_SHARE:
-                if n < 2 or ((d[pos] << 8) | d[pos + 1]) + 2 != n:
+            else:  # key_share
+                if n < 2 or _U16(d, pos)[0] + 2 != n:
                     return None
                 groups: list[int] = []
                 at = pos + 2
-                while at < stop:
-                    if stop - at < 4 or len(groups) == MAX_KEY_SHARES:
+                for _ in _KEY_SHARE_ROUNDS:
+                    if at >= stop:
+                        break
+                    if stop - at < 4:
                         return None
-                    size = (d[at + 2] << 8) | d[at + 3]
+                    group, size = _U16_PAIR(d, at)
                     if size == 0 or at + 4 + size > stop:
                         return None
-                    groups.append((d[at] << 8) | d[at + 1])
+                    groups.append(group)
                     at += 4 + size
+                else:
+                    return None
                 key_shares = tuple(groups)
             pos = stop
+        else:
+            return None  # more than MAX_EXTENSIONS
         if len(set(types)) != len(types):
             return None
     return _hello(sni, alpn, tuple(types), legacy_version, key_shares)

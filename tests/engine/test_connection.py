@@ -245,7 +245,7 @@ def test_a_refused_address_fails_over_to_the_next(dns, upstream):
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == hello
         conn = engine.wait_closed(1)[0]
-        assert conn.upstream_addr == f"127.0.0.2:{upstream.port}"
+        assert (conn.upstream_ip, conn.upstream_port) == ("127.0.0.2", upstream.port)
         assert engine.stats.routes["echo"].connect.counts[-1] == 0  # one connect observed, in a finite bucket
     finally:
         engine.stop()
@@ -277,7 +277,7 @@ def test_a_connect_that_times_out_fails_over_at_the_sweep(dns, upstream):
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == hello
         conn = engine.wait_closed(1)[0]
-        assert conn.upstream_addr == f"127.0.0.2:{upstream.port}"
+        assert (conn.upstream_ip, conn.upstream_port) == ("127.0.0.2", upstream.port)
         assert conn.close_reason == "done"
     finally:
         engine.stop()
