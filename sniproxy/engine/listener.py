@@ -8,6 +8,7 @@ pauses (connections wait in the kernel's backlog) and tries again after a back-o
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -78,7 +79,7 @@ class Listener:
         self.fd = sock.fileno()
         self.paused = False
         self._pause = PAUSE_MIN
-        self._resume: object | None = None
+        self._resume: asyncio.TimerHandle | None = None
         prepare(sock)
         events.add(self.fd, self, LISTENER_EVENTS)
 
@@ -127,7 +128,7 @@ class Listener:
         """Stop accepting. The socket may be shared with other processes (workers, the
         supervisor): its registration is removed before the close, or epoll would keep it."""
         if self._resume is not None:
-            self._resume.cancel()  # type: ignore[attr-defined]
+            self._resume.cancel()
         self.events.remove(self.fd)
         self.sock.close()
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from .stats import (
     CONNECT_BUCKETS,
@@ -176,9 +177,9 @@ class ProcessTreeCollector:
         return families
 
 
-def make_registry(snapshot: Callable[[], dict], *collectors: object) -> CollectorRegistry:
+def make_registry(snapshot: Callable[[], dict], *collectors: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(snapshot))
     for collector in collectors:
-        registry.register(collector)  # type: ignore[arg-type]
+        registry.register(collector)
     return registry

@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ..addresses import format_address
 from ..config import Config
@@ -68,7 +69,7 @@ class Service(Protocol):
     def snapshot(self) -> dict: ...
     def status(self) -> str: ...
     def reopen_logs(self) -> None: ...
-    def collectors(self) -> Iterable[object]: ...
+    def collectors(self) -> Iterable[Collector]: ...
 
 
 def version() -> str:

@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
+from prometheus_client.registry import Collector
+
 from ..addresses import connect_target, is_unspecified
 from ..allow import Allowlist, ClientLimits
 from ..config import Config, Listen
@@ -255,7 +257,7 @@ class Server:
             return
         log.info("log files reopened")
 
-    def collectors(self) -> Iterable[object]:
+    def collectors(self) -> Iterable[Collector]:
         return (ProcessTreeCollector(lambda: (os.getpid(),)),)
 
     # -- deadlines ---------------------------------------------------------------------------

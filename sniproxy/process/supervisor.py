@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ..config import Config
 from ..engine.listener import bind
@@ -377,7 +378,7 @@ class Supervisor:
         for w in (*self.workers, *self.old):
             w.kill(signal.SIGUSR1)
 
-    def collectors(self) -> Iterable[object]:
+    def collectors(self) -> Iterable[Collector]:
         return (SupervisorCollector(self), ProcessTreeCollector(self.pids))
 
     def pids(self) -> list[int]:

@@ -9,7 +9,6 @@ reader never rebuilds bytes: the caller forwards exactly what it fed in.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -104,7 +103,6 @@ def _hello(sni: str | None, alpn: tuple[str, ...], types: tuple[int, ...], legac
 #: A proxy sees the same few names all day: remember how each raw SNI normalises.
 _SNI_CACHE: dict[bytes, str | None] = {}
 _SNI_CACHE_SIZE = 1024
-_MISSING = object()
 
 
 def pull_server_name(buf: Buffer) -> str | None:
@@ -127,16 +125,16 @@ def pull_server_name(buf: Buffer) -> str | None:
 
 
 def _normalized(raw: bytes) -> str | None:
-    sni = _SNI_CACHE.get(raw, _MISSING)
-    if sni is _MISSING:
-        try:
-            sni = normalize_host(raw.decode("ascii"))
-        except UnicodeDecodeError:
-            sni = None
-        if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
-            _SNI_CACHE.clear()
-        _SNI_CACHE[raw] = sni
-    return sni  # type: ignore[return-value]
+    if raw in _SNI_CACHE:
+        return _SNI_CACHE[raw]
+    try:
+        sni = normalize_host(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        sni = None
+    if len(_SNI_CACHE) >= _SNI_CACHE_SIZE:  # keys are client-chosen: bounded
+        _SNI_CACHE.clear()
+    _SNI_CACHE[raw] = sni
+    return sni
 
 
 def pull_alpn(buf: Buffer) -> tuple[str, ...]:
@@ -170,13 +168,6 @@ def pull_key_share(buf: Buffer) -> tuple[int, ...]:
     return tuple(groups)
 
 
-_EXTENSION_PARSERS: dict[int, tuple[str, Callable[[Buffer], object]]] = {
-    ExtensionType.SERVER_NAME: ("sni", pull_server_name),
-    ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION: ("alpn", pull_alpn),
-    ExtensionType.KEY_SHARE: ("key_shares", pull_key_share),
-}
-
-
 def pull_client_hello(buf: Buffer) -> ClientHello:
     legacy_version = buf.pull_uint16()
     if legacy_version >> 8 != 3:
@@ -194,7 +185,9 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
         if n == 0:
             raise BadHello("no compression methods")
         buf.skip(n)
-    found: dict[str, object] = {"sni": None, "alpn": (), "key_shares": ()}
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    key_shares: tuple[int, ...] = ()
     types: list[int] = []
     if not buf.eof():  # extensions may be absent before TLS 1.3
         with buf.pull_block(2):
@@ -212,18 +205,21 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
                 if len(types) == MAX_EXTENSIONS:
                     raise OverLimit(HelloLimit.EXTENSIONS, f"more than {MAX_EXTENSIONS} extensions")
                 types.append(ext_type)
-                parser = _EXTENSION_PARSERS.get(ext_type)
-                if parser is not None:
-                    key, pull = parser
+                if ext_type in _PARSED:
                     sub = Buffer(data, pos, pos + n)
-                    found[key] = pull(sub)
+                    if ext_type == _SERVER_NAME:
+                        sni = pull_server_name(sub)
+                    elif ext_type == _ALPN:
+                        alpn = pull_alpn(sub)
+                    else:
+                        key_shares = pull_key_share(sub)
                     if not sub.eof():
                         raise BadHello(f"extension {ext_type} not consumed exactly")
                 pos += n
             buf.pos = pos
         if len(set(types)) != len(types):
             raise BadHello("duplicate extension")
-    return _hello(found["sni"], found["alpn"], tuple(types), legacy_version, found["key_shares"])  # type: ignore[arg-type]
+    return _hello(sni, alpn, tuple(types), legacy_version, key_shares)
 
 
 def parse_client_hello(message: bytes | memoryview) -> ClientHello:
