@@ -33,11 +33,19 @@ from ..observe.stats import RouteStats, Stats
 from ..observe.throttle import Throttled
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
-from ..protocol.tls import UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader, first_record_size, parse_single_record
+from ..protocol.tls import (
+    MAX_RECORD,
+    RECORD_HEADER,
+    UNRECOGNIZED_NAME_ALERT,
+    ClientHello,
+    HelloReader,
+    first_record_size,
+    parse_single_record,
+)
 from ..protocol.wire import NeedData
 from ..reasons import Close, HelloLimit, Refusal
 from ..routes import Route, RouteTable
-from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, socket_error
+from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, set_receive_low_water, socket_error
 from .forward import Flow, Result
 from .handshakes import Handshakes
 
@@ -47,6 +55,10 @@ _throttle = Throttled(log)
 #: Reads a ClientHello may take. Segments arriving apart each make one: 125 of them come from a
 #: path with a tiny MSS; more than this is a client feeding bytes one by one.
 MAX_HELLO_READS = 256
+
+#: The most SO_RCVLOWAT asks for: a whole TLS record with its header. The kernel grows the
+#: receive buffer to hold it where needed.
+MAX_LOW_WATER = RECORD_HEADER + MAX_RECORD
 
 #: The clock of every connection time and deadline: high resolution (the event loop's own
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).
@@ -151,7 +163,7 @@ class Connection:
         "hello_reads", "hello_records", "hello_seconds", "hello", "route", "route_stats", "upstream_host",
         "upstream_port", "addresses",
         "attempt", "loops", "failures", "upstream_ip", "up", "down", "started", "connect_started",
-        "deadline", "task", "close_reason", "idle_mark", "idle_since", "waiting",
+        "deadline", "task", "close_reason", "idle_mark", "idle_since", "waiting", "low_water",
     )
 
     def __init__(self, ctx: Context, listener: ListenerInfo, fd: int, peer: tuple,
@@ -179,6 +191,7 @@ class Connection:
         self.deadline = self.started + ctx.handshake_timeout
         self.close_reason: Close | Refusal = Close.CLIENT_CLOSED
         self.waiting = False  # in ctx.handshakes: its hello did not come whole with the first read
+        self.low_water = 1  # the client socket's SO_RCVLOWAT: raised while a partial hello waits
 
     # Live byte counters, read by the stats snapshot while the connection is forwarding.
     @property
@@ -326,12 +339,21 @@ class Connection:
         if isinstance(hello, NeedData):
             if self._wait():
                 self._hold(len(reader.received))
+                self._wake_at(reader.missing)
             return
         self.received = bytes(reader.received)
         self.hello_bytes = reader.consumed
         self.hello_records = reader.records
         self.reader = None
         self._routed(hello)
+
+    def _wake_at(self, nbytes: int) -> None:
+        """Have the kernel wake this connection only once the ``nbytes`` the hello needs next
+        have arrived (SO_RCVLOWAT; a FIN or an error still wakes it at once): a hello fed in
+        tiny segments then costs a read per record, not one per segment."""
+        nbytes = min(nbytes, MAX_LOW_WATER)
+        if nbytes != self.low_water and set_receive_low_water(self.client_fd, nbytes):
+            self.low_water = nbytes
 
     def _proxy_header(self, data: bytes) -> bytes:
         """A PROXY v1/v2 header from a load balancer precedes the hello: returns the bytes
@@ -409,6 +431,8 @@ class Connection:
         if self.waiting:
             self.waiting = False
             self.ctx.handshakes.leave(self)
+            if self.low_water != 1:  # what follows the hello is forwarded as it comes
+                self._wake_at(1)
         self.hello = hello
         self.hello_seconds = clock() - self.started
         if hello.sni is None:

@@ -181,6 +181,13 @@ def close_with_reset(fd: int) -> None:
     _libc.setsockopt(fd, socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST, len(_LINGER_RST))
 
 
+def set_receive_low_water(fd: int, nbytes: int) -> bool:
+    """SO_RCVLOWAT: epoll reports the socket readable only once ``nbytes`` are queued (or a
+    FIN or an error arrived). False if the kernel refused it."""
+    value = ctypes.c_int(nbytes)
+    return _libc.setsockopt(fd, socket.SOL_SOCKET, socket.SO_RCVLOWAT, ctypes.byref(value), 4) == 0
+
+
 def socket_error(fd: int) -> int:
     """SO_ERROR: the errno of a failed non-blocking connect (and clears it)."""
     value = ctypes.c_int(0)

@@ -396,6 +396,17 @@ class HelloReader:
         """Bytes of the complete records read so far: the hello's size once it is complete."""
         return self._pos
 
+    @property
+    def missing(self) -> int:
+        """Bytes that must still arrive before ``feed`` can get any further: the rest of the
+        next record's header, or of the record it announces (a lower bound on what the hello
+        still needs, so a reader may wait for this many without risk of waiting forever)."""
+        received, pos = self.received, self._pos
+        have = len(received) - pos
+        if have < RECORD_HEADER:
+            return RECORD_HEADER - have
+        return RECORD_HEADER + ((received[pos + 3] << 8) | received[pos + 4]) - have
+
     def __init__(self) -> None:
         self.received = bytearray()
         """Every byte fed so far, to be forwarded unchanged."""

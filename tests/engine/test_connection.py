@@ -182,14 +182,34 @@ def test_a_hello_in_many_pieces_is_reassembled_and_forwarded_as_received(engine)
     s = engine.connect()
     for i in range(0, len(hello), 7):
         s.sendall(hello[i : i + 7])
-        time.sleep(0.002)  # separate segments, separate reads
+        time.sleep(0.002)  # separate segments
     s.shutdown(socket.SHUT_WR)
     assert recv_all(s) == hello
     conn = engine.wait_closed(1)[0]
     assert conn.close_reason == "done"
     assert conn.hello_bytes == len(hello) and conn.hello_records == 1
-    assert conn.hello_reads > 10
     assert conn.hello.sni == NAME
+
+
+def test_a_hello_fed_byte_by_byte_wakes_the_proxy_once_per_piece_it_needs(engine):
+    """Each segment used to cost a wake-up, a read and a parse step, so a hello fed one byte
+    per segment was refused at MAX_HELLO_READS and cost some 80 normal hellos' CPU. With
+    SO_RCVLOWAT at what the reader needs next, the kernel wakes the proxy for the record's
+    header and then for its body; what follows the hello is forwarded as it comes."""
+    hello = make_hello(NAME)
+    s = engine.connect()
+    engine.wait(lambda: len(engine.live) == 1)
+    conn = next(iter(engine.call(lambda: list(engine.live))))
+    for i in range(len(hello)):
+        s.sendall(hello[i : i + 1])
+        if i < 5 or i % 64 == 0:
+            time.sleep(0.001)  # apart, as separate segments
+    assert recv_exactly(s, len(hello)) == hello
+    assert conn.hello_reads <= 3  # the first byte, the rest of the header, the record
+    s.sendall(b"x")  # one byte after the hello is not held back for more
+    assert recv_exactly(s, 1) == b"x"
+    s.close()
+    assert engine.wait_closed(1)[0].close_reason == "done"
 
 
 def test_a_single_record_hello_in_one_read_takes_the_fast_path(engine, monkeypatch):
@@ -211,20 +231,22 @@ def test_a_single_record_hello_in_one_read_takes_the_fast_path(engine, monkeypat
 
 
 def test_a_hello_fed_one_read_at_a_time_is_refused_after_max_hello_reads(engine, monkeypatch):
-    """Each read costs a dispatch and a parse step: a client that feeds its hello byte by
-    byte is refused at the read past the bound, counted by bound."""
+    """Each read costs a dispatch and a parse step: a client that feeds its hello a record at
+    a time, each as the proxy has asked for, is refused at the read past the bound, counted
+    by bound."""
     from sniproxy.engine import connection
 
     monkeypatch.setattr(connection, "MAX_HELLO_READS", 5)
-    hello = make_hello(NAME)
+    message = make_hello(NAME)[5:]
+    pieces = [b"\x16\x03\x01\x00\x01" + message[i : i + 1] for i in range(6)]  # 1-byte records
     s = engine.connect()
     engine.wait(lambda: len(engine.live) == 1)
     conn = next(iter(engine.call(lambda: list(engine.live))))
     for i in range(5):
-        s.sendall(hello[i : i + 1])
-        engine.wait(lambda i=i: conn.hello_reads == i + 1)  # read before the next byte: one read each
-    assert conn.waiting and engine.handshakes.held == 5
-    s.sendall(hello[5:6])
+        s.sendall(pieces[i])
+        engine.wait(lambda i=i: conn.hello_reads == i + 1)  # read before the next record: one read each
+    assert conn.waiting and engine.handshakes.held == 30
+    s.sendall(pieces[5])
     assert engine.wait_closed(1)[0] is conn
     assert conn.close_reason == "bad_hello" and engine.stats.hello_limits == {"reads": 1}
     assert engine.call(lambda: (len(engine.handshakes), engine.handshakes.held)) == (0, 0)

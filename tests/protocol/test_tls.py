@@ -241,6 +241,26 @@ def test_fixture_random_chunks(name, seed):
     check_expected(hello, name)
 
 
+@pytest.mark.parametrize("size", [1, 5, 300, MAX_RECORD])
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_is_what_the_reader_needs_next_and_never_more(name, size):
+    """A reader that waits for ``missing`` bytes each time (SO_RCVLOWAT does) gets the hello
+    in one feed per record header and one per record body, and never waits for a byte past
+    the hello's end, so a client that sends the hello and then waits is never stranded."""
+    data = records(handshake_message(fixture(name)), size)
+    if -(-len(handshake_message(fixture(name))) // size) > MAX_RECORDS:
+        data = records(handshake_message(fixture(name)), MAX_RECORD)
+    reader, pos, feeds = HelloReader(), 0, 0
+    result = NEED_DATA
+    while result is NEED_DATA:
+        want = reader.missing
+        assert 0 < want <= len(data) - pos
+        result = reader.feed(data[pos : pos + want])
+        pos, feeds = pos + want, feeds + 1
+    assert pos == len(data) and feeds == 2 * reader.records
+    check_expected(result, name)
+
+
 TRAILERS = {
     "application_data": record(b"hello", content_type=23, version=0x0303),
     "change_cipher_spec": record(b"\x01", content_type=20, version=0x0303),
