@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -51,17 +52,24 @@ class SupervisorEnd(asyncio.Protocol):
     """The supervisor's end of one worker's channel. Every line the worker wrote is handled,
     in order, before the end is noticed: a worker that exits right after its last snapshot
     may reset the channel (it closes with a request unread), and a stream reader would then
-    raise before handing over the lines it already holds, dropping the counters in them."""
+    raise before handing over the lines it already holds, dropping the counters in them.
+
+    For the same reason requests are written to the socket itself, not through the
+    transport: a transport whose write fails (EPIPE, the worker just exited) closes at once,
+    and the lines still unread in the socket, the worker's last counters among them, are
+    never read."""
 
     def __init__(self, on_event: Callable[[Event, Any], None], on_broken: Callable[[str], None]):
         self.on_event = on_event
         self.on_broken = on_broken
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.fd = -1
         self.buffer = bytearray()
         self.ended = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -84,10 +92,14 @@ class SupervisorEnd(asyncio.Protocol):
             self.ended.set_result(None)
 
     def send(self, message: bytes) -> bool:
+        """Write a request (a short line, taken whole by a socket that is being read); False
+        if the worker is gone or not reading, which leaves the channel open for its lines."""
         if self.transport is None or self.transport.is_closing():
             return False
-        self.transport.write(message)
-        return True
+        try:
+            return os.write(self.fd, message) == len(message)
+        except OSError:  # EPIPE: it exited; EAGAIN: it has not read for a while
+            return False
 
     def close(self) -> None:
         if self.transport is not None:
