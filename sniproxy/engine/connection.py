@@ -338,7 +338,7 @@ class Connection:
             return
         if isinstance(hello, NeedData):
             if self._wait():
-                self._hold(len(reader.received))
+                self.ctx.handshakes.hold(self, len(reader.received))
                 self._wake_at(reader.missing)
             return
         self.received = bytes(reader.received)
@@ -367,7 +367,7 @@ class Connection:
         if isinstance(header, NeedData):
             self.received = buf
             if self._wait():
-                self._hold(len(buf))
+                self.ctx.handshakes.hold(self, len(buf))
             return b""
         self.received = b""
         if header.source is not None:
@@ -403,16 +403,6 @@ class Connection:
         _throttle.warning(Refusal.CLIENT_HANDSHAKES, "%s has %d connections waiting for a ClientHello "
                           "(max_handshakes_per_client): refusing more", self.client_ip, limit)
         self.refuse(Refusal.CLIENT_HANDSHAKES, detail=f"{self.client_ip} has {limit} connections waiting for a hello")
-
-    def _hold(self, nbytes: int) -> None:
-        """This partial hello holds ``nbytes``; past the budget, the oldest holding any go
-        (this one, if it is the oldest)."""
-        handshakes = self.ctx.handshakes
-        handshakes.hold(self, nbytes)
-        victim = handshakes.over_memory()
-        while victim is not None:
-            victim.evict(Refusal.HELLO_MEMORY)
-            victim = handshakes.over_memory()
 
     def evict(self, reason: Refusal) -> None:
         """Dropped while waiting for its hello, to protect everyone else (``evicted`` or

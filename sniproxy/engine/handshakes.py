@@ -64,15 +64,15 @@ class Handshakes:
         return True
 
     def hold(self, conn: Waiting, nbytes: int) -> None:
-        """``conn``'s partial hello now holds ``nbytes``."""
+        """``conn``'s partial hello now holds ``nbytes``. Past ``max_memory`` in all, the
+        oldest connections holding bytes are evicted (``conn`` too, if it is the oldest)
+        until the total is under it again."""
         self.held += nbytes - self._holding.get(conn, 0)
         self._holding[conn] = nbytes
-
-    def over_memory(self) -> Waiting | None:
-        """The oldest connection holding bytes, while all of them hold more than ``max_memory``."""
-        if self.held <= self.max_memory or not self._holding:
-            return None
-        return next(iter(self._holding))
+        while self.held > self.max_memory and self._holding:
+            victim = next(iter(self._holding))
+            victim.evict(Refusal.HELLO_MEMORY)
+            self.leave(victim)  # its close has done so already; this makes sure the loop ends
 
     def oldest(self) -> Waiting | None:
         return next(iter(self._waiting), None)
