@@ -6,8 +6,9 @@ import-linter, see pyproject.toml):
 - ``cli``, ``__main__``: arguments in, hand over; the only place that picks the event loop.
 - ``process/``: one process's lifecycle, the single-process server, the supervisor and its
   worker channel, systemd, privilege drop, and ``check``'s preflight.
-- ``engine/``: the data path: the event set, listeners, connections, the two directions of
-  a pair, splice(2). Hot code: ``__slots__``, local aliases, no per-connection tasks.
+- ``engine/``: the data path: the event set, listeners, connections and the context they are
+  given, the table of hellos in progress, the two directions of a pair, splice(2). Hot code:
+  ``__slots__``, local aliases, no per-connection tasks.
 - ``tools/``: setup-time AWS tools (discover, doctor, policy); never the data path.
 - ``dns/``: the upstream resolver (dnspython) and its TTL cache.
 - ``observe/``: plain counters, the Prometheus collectors, the metrics HTTP listener, the

@@ -20,16 +20,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 from ..addresses import client_key, format_address
-from ..allow import Allowlist, ClientLimits
-from ..dns.resolver import ResolveError, Resolver
+from ..dns.resolver import ResolveError
 from ..errors import HelloError, OverLimit
-from ..observe.accesslog import AccessLog, format_line
-from ..observe.stats import RouteStats, Stats
+from ..observe.accesslog import format_line
+from ..observe.stats import RouteStats
 from ..observe.throttle import Throttled
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
@@ -44,10 +41,10 @@ from ..protocol.tls import (
 )
 from ..protocol.wire import NeedData
 from ..reasons import Close, HelloLimit, Refusal
-from ..routes import Route, RouteTable
-from .events import ERR, IN, OUT, RDHUP, EventSet, close_with_reset, errno_name, set_receive_low_water, socket_error
+from ..routes import Route
+from .context import Context, ListenerInfo
+from .events import ERR, IN, OUT, RDHUP, close_with_reset, errno_name, set_receive_low_water, socket_error
 from .forward import Flow, Result
-from .handshakes import Handshakes
 
 log = logging.getLogger("sniproxy.connection")
 _throttle = Throttled(log)
@@ -100,42 +97,6 @@ _WAIT, _MORE, _EOF, _SRC_FAILED = Result.WAIT, Result.MORE, Result.EOF, Result.S
 _DONE = Close.DONE
 #: States whose deadline is the handshake timeout (a tuple: membership by identity).
 _HANDSHAKE = (State.PROXY_HEADER, State.HELLO)
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """What a connection may touch. A reload builds a new one and the server swaps it in
-    one assignment; running connections keep the one they started with."""
-
-    events: EventSet
-    routes: RouteTable
-    resolver: Resolver
-    limits: ClientLimits
-    handshakes: Handshakes
-    """The connections waiting for their hello: shared by every context of the process."""
-    stats: Stats
-    access_log: AccessLog | None
-    handshake_timeout: float
-    connect_timeout: float
-    idle_timeout: float
-    splice_after: float
-    """Bytes a direction copies before it moves to splice(2) (0: at once; inf: never)."""
-    refuse_alert: bool
-    is_loop: Callable[[str, int], bool]
-    """Would connecting to (ip, port) reach one of our own listeners?"""
-    spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]
-    """Run a coroutine as a task the server keeps a reference to (DNS cache misses only)."""
-
-
-@dataclass(slots=True)
-class ListenerInfo:
-    """What a connection knows of the listener that accepted it. A reload replaces it."""
-
-    name: str
-    allow: Allowlist
-    proxy_protocol: bool
-    proxy_from: Allowlist
-    """The peers whose PROXY headers are believed (empty: every peer)."""
 
 
 class Connection:

@@ -21,7 +21,8 @@ from ..addresses import connect_target, is_unspecified
 from ..allow import Allowlist, ClientLimits
 from ..config import Config, Listen
 from ..dns.resolver import Resolver
-from ..engine.connection import Connection, Context, ListenerInfo, clock
+from ..engine.connection import Connection, clock
+from ..engine.context import Context, ListenerInfo
 from ..engine.events import EventSet
 from ..engine.handshakes import Handshakes
 from ..engine.listener import Listener, bind, listen_name

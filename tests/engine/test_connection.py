@@ -19,7 +19,8 @@ from sniproxy.allow import Allowlist, ClientLimits
 from sniproxy.config import ResolverConfig
 from sniproxy.dns.resolver import Resolver
 from sniproxy.engine import splice
-from sniproxy.engine.connection import _NEXT, Connection, Context, ListenerInfo, State, clock
+from sniproxy.engine.connection import _NEXT, Connection, State, clock
+from sniproxy.engine.context import Context, ListenerInfo
 from sniproxy.engine.events import EventSet
 from sniproxy.engine.handshakes import Handshakes
 from sniproxy.engine.listener import Listener
