@@ -185,7 +185,7 @@ def set_receive_low_water(fd: int, nbytes: int) -> bool:
     """SO_RCVLOWAT: epoll reports the socket readable only once ``nbytes`` are queued (or a
     FIN or an error arrived). False if the kernel refused it."""
     value = ctypes.c_int(nbytes)
-    return _libc.setsockopt(fd, socket.SOL_SOCKET, socket.SO_RCVLOWAT, ctypes.byref(value), 4) == 0
+    return _libc.setsockopt(fd, socket.SOL_SOCKET, socket.SO_RCVLOWAT, ctypes.byref(value), ctypes.sizeof(value)) == 0
 
 
 def socket_error(fd: int) -> int:
