@@ -354,16 +354,23 @@ class Proxy:
             raise AssertionError("proxy did not stop within %ss" % timeout) from None
 
 
-def haproxy_stats(stats: Path) -> list[dict[str, str]]:
-    """HAProxy's ``show stat`` from its admin socket: one row per frontend, backend and server
-    (pxname, svname, status...)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(2)
-        s.connect(str(stats))
-        s.sendall(b"show stat\n")
+def unix_exchange(path: Path, request: bytes, timeout: float = 2.0) -> bytes:
+    """Send ``request`` on a unix socket and read the reply until the server closes it (an
+    admin socket, a daemon's HTTP/1.0 API). Raises OSError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(request)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
+    return data
+
+
+def haproxy_stats(stats: Path) -> list[dict[str, str]]:
+    """HAProxy's ``show stat`` from its admin socket: one row per frontend, backend and server
+    (pxname, svname, status...)."""
+    data = unix_exchange(stats, b"show stat\n")
     return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
 
 

@@ -34,10 +34,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.helpers import unix_exchange
 
 from . import procs
 from .netns import ETC_NETNS, RUN_NETNS, Namespace
@@ -58,13 +59,7 @@ _ENTER = ('set -e; mount --bind "$1" /etc/hosts; mount --bind "$2" /etc/docker; 
 def _ping(sock: Path) -> bool:
     """True once the daemon's API answers GET /_ping on its unix socket."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(2)
-            conn.connect(str(sock))
-            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            reply = b""
-            while chunk := conn.recv(4096):
-                reply += chunk
+        reply = unix_exchange(sock, b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
     except OSError:
         return False
     return reply.startswith(b"HTTP/1.") and reply.endswith(b"OK")
