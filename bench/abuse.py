@@ -240,13 +240,11 @@ def hello_cost(source: str, runs: int) -> dict:
                 else:
                     trickle(port, data, n)
                 out.setdefault(name, []).append((proxy.cpu() - before) / n * 1e6)
-        hello = (HELLOS / "hello-normal.bin").read_bytes()
         for _ in range(runs):
             before = proxy.cpu()
             for _ in range(200):
                 proxied(port, "127.0.0.1")
             out.setdefault("normal proxied connection", []).append((proxy.cpu() - before) / 200 * 1e6)
-        del hello
     finally:
         proxy.stop()
     return {name: statistics.median(v) for name, v in out.items()}

@@ -36,18 +36,20 @@ def pieces() -> list[tuple[str, float, str, str, dict]]:
     cProfile run of the engine at 93a6a7b; 0 for an alternative that is not on the path."""
     from sniproxy.addresses import client_key, format_address
     from sniproxy.engine import connection as conn_mod
-    from sniproxy.engine.connection import Connection, Context, ListenerInfo, State
+    from sniproxy.engine.connection import Connection, State
+    from sniproxy.engine.context import Context, ListenerInfo
     from sniproxy.engine.events import shutdown_write
     from sniproxy.engine.forward import Flow
     from sniproxy.observe.stats import Histogram, RouteStats, Stats
     from sniproxy.protocol.tls import parse_single_record
 
     hello = CHROME.read_bytes() + b"x" * 63 + b"\n"
-    ctx = Context(events=None, routes=None, resolver=None, limits=None, stats=Stats(),  # type: ignore[arg-type]
+    ctx = Context(events=None, routes=None, resolver=None, limits=None, handshakes=None,  # type: ignore[arg-type]
+                  stats=Stats(),
                   access_log=None, handshake_timeout=10.0, connect_timeout=5.0, idle_timeout=300.0,
                   splice_after=float(1 << 20), refuse_alert=True, is_loop=lambda ip, port: False,
                   spawn=None)  # type: ignore[arg-type]
-    info = ListenerInfo("127.0.4.1:8443", None, False)  # type: ignore[arg-type]
+    info = ListenerInfo("127.0.4.1:8443", None, False, None)  # type: ignore[arg-type]
     rs = RouteStats("bench")
     a, b = socket.socketpair()
     ns = dict(parse_single_record=parse_single_record, hello=hello, rs=rs, h=Histogram((0.001, 0.01, 0.1, 1.0)),
