@@ -41,7 +41,7 @@ def pieces() -> list[tuple[str, float, str, str, dict]]:
     from sniproxy.engine.events import shutdown_write
     from sniproxy.engine.forward import Flow
     from sniproxy.observe.stats import Histogram, RouteStats, Stats
-    from sniproxy.protocol.tls import parse_single_record
+    from sniproxy.protocol.fasthello import parse_single_record
 
     hello = CHROME.read_bytes() + b"x" * 63 + b"\n"
     ctx = Context(events=None, routes=None, resolver=None, limits=None, handshakes=None,  # type: ignore[arg-type]

@@ -28,17 +28,10 @@ from ..errors import HelloError, OverLimit
 from ..observe.accesslog import format_line
 from ..observe.stats import RouteStats
 from ..observe.throttle import Throttled
+from ..protocol.fasthello import first_record_size, parse_single_record
 from ..protocol.proxyproto import ProxyProtocolError
 from ..protocol.proxyproto import parse as parse_proxy_header
-from ..protocol.tls import (
-    MAX_RECORD,
-    RECORD_HEADER,
-    UNRECOGNIZED_NAME_ALERT,
-    ClientHello,
-    HelloReader,
-    first_record_size,
-    parse_single_record,
-)
+from ..protocol.tls import MAX_RECORD, RECORD_HEADER, UNRECOGNIZED_NAME_ALERT, ClientHello, HelloReader
 from ..protocol.wire import NeedData
 from ..reasons import Close, HelloLimit, Refusal
 from ..routes import Route

@@ -8,7 +8,6 @@ reader never rebuilds bytes: the caller forwards exactly what it fed in.
 
 from __future__ import annotations
 
-import struct
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -88,16 +87,26 @@ class ClientHello(NamedTuple):
     """An encrypted_client_hello extension is present (real ECH or its GREASE)."""
 
 
-def _hello(sni: str | None, alpn: tuple[str, ...], types: tuple[int, ...], legacy_version: int,
-           key_shares: tuple[int, ...]) -> ClientHello:
-    """A ClientHello with the facts derived from what was parsed: the one place both parsers
-    build it."""
+def make_hello(sni: str | None, alpn: tuple[str, ...], types: tuple[int, ...], legacy_version: int,
+               key_shares: tuple[int, ...], ech: bool) -> ClientHello:
+    """A ClientHello with the facts derived from what was parsed: the one place the parsers
+    build one (with tuple.__new__: the NamedTuple's own __new__ is a Python function that
+    costs several times as much)."""
     pq_group = None
     for group in key_shares:
-        pq_group = PQ_GROUPS.get(group)
-        if pq_group is not None:
+        if group in PQ_GROUPS:
+            pq_group = PQ_GROUPS[group]
             break
-    return ClientHello(sni, alpn, types, legacy_version, key_shares, pq_group, _ECH in types)
+    return _new_tuple(ClientHello, (sni, alpn, types, legacy_version, key_shares, pq_group, ech))
+
+
+def like(hello: ClientHello, sni: str | None, alpn: tuple[str, ...]) -> ClientHello:
+    """A hello laid out as ``hello`` (the same version, extensions, lengths and key share
+    groups) with its own name and ALPN list."""
+    return _new_tuple(ClientHello, (sni, alpn, hello[2], hello[3], hello[4], hello[5], hello[6]))
+
+
+_new_tuple = tuple.__new__
 
 
 #: A proxy sees the same few names all day: remember how each raw SNI normalises.
@@ -120,11 +129,12 @@ def pull_server_name(buf: Buffer) -> str | None:
                 if n == 0 or seen:
                     raise BadHello("empty or repeated host_name")
                 seen = True
-                sni = _normalized(buf.pull_bytes(n))
+                sni = normalized_sni(buf.pull_bytes(n))
     return sni
 
 
-def _normalized(raw: bytes) -> str | None:
+def normalized_sni(raw: bytes) -> str | None:
+    """A raw host_name as routed on (``normalize_host``), None if invalid; remembered, bounded."""
     if raw in _SNI_CACHE:
         return _SNI_CACHE[raw]
     try:
@@ -219,7 +229,7 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
             buf.pos = pos
         if len(set(types)) != len(types):
             raise BadHello("duplicate extension")
-    return _hello(sni, alpn, tuple(types), legacy_version, key_shares)
+    return make_hello(sni, alpn, tuple(types), legacy_version, key_shares, _ECH in types)
 
 
 def parse_client_hello(message: bytes | memoryview) -> ClientHello:
@@ -237,31 +247,6 @@ def _parse_body(buf: Buffer) -> ClientHello:
     return hello
 
 
-def parse_single_record(data: bytes) -> ClientHello | None:
-    """The common case: ``data`` starts with one handshake record holding one whole
-    ClientHello (bytes after that record are the client's next data, forwarded as they are,
-    as ``HelloReader`` does). Parsed in place, without the cursor; anything unusual, valid
-    or not, declines (None), and the caller feeds a ``HelloReader``, which then makes every
-    check and gives every error. tests/test_tls.py holds the two to agreement."""
-    if len(data) < RECORD_HEADER + 4 or data[0] != _HANDSHAKE or data[1] != 3 or data[2] > 4:
-        return None
-    length = (data[3] << 8) | data[4]
-    end = RECORD_HEADER + length
-    if end > len(data) or length > MAX_RECORD or data[5] != _CLIENT_HELLO:
-        return None
-    if ((data[6] << 16) | (data[7] << 8) | data[8]) + 4 != length:
-        return None  # the message spans records, or the record holds more than the hello
-    try:
-        return _hello_in_place(data, RECORD_HEADER + 4, end)
-    except IndexError:
-        return None
-
-
-def first_record_size(data: bytes) -> int:
-    """Bytes of the first record, header included (a hello ``parse_single_record`` took)."""
-    return RECORD_HEADER + ((data[3] << 8) | data[4])
-
-
 #: Plain ints for the hot loop: an IntEnum member costs an attribute lookup through the
 #: enum machinery at every comparison.
 _HANDSHAKE = int(ContentType.HANDSHAKE)
@@ -274,109 +259,6 @@ _HOST_NAME = int(NameType.HOST_NAME)
 _PARSED = frozenset({_SERVER_NAME, _ALPN, _KEY_SHARE})
 
 
-#: Two big-endian 16-bit fields at an offset, in one C call: an extension's type and length,
-#: a key share's group and length.
-_U16_PAIR = struct.Struct(">HH").unpack_from
-_U16 = struct.Struct(">H").unpack_from
-#: Loops bounded by count (an else after the last round means one more than allowed).
-_EXTENSION_ROUNDS = range(MAX_EXTENSIONS + 1)
-_ALPN_ROUNDS = range(MAX_ALPN + 1)
-_KEY_SHARE_ROUNDS = range(MAX_KEY_SHARES + 1)
-
-
-def _hello_in_place(d: bytes, pos: int, end: int) -> ClientHello | None:
-    """pull_client_hello's checks on plain offsets; None wherever it would raise. The hot path
-    of a connection's user-space work: fields come out of ``struct`` in one call each, and the
-    bounded loops count with ``range`` rather than ``len()``."""
-    legacy_version = (d[pos] << 8) | d[pos + 1]
-    if legacy_version >> 8 != 3:
-        return None
-    pos += 34  # version, random
-    n = d[pos]
-    if n > 32:
-        return None
-    pos += 1 + n
-    (n,) = _U16(d, pos)
-    if n == 0 or n % 2:
-        return None
-    pos += 2 + n
-    n = d[pos]
-    if n == 0:
-        return None
-    pos += 1 + n
-    if pos > end:
-        return None
-    sni = None
-    alpn: tuple[str, ...] = ()
-    key_shares: tuple[int, ...] = ()
-    types: list[int] = []
-    if pos < end:
-        if end - pos < 2 or pos + 2 + _U16(d, pos)[0] != end:
-            return None  # the extensions block must end the message exactly
-        pos += 2
-        append = types.append
-        for _ in _EXTENSION_ROUNDS:
-            if pos >= end:
-                break
-            if end - pos < 4:
-                return None
-            ext_type, n = _U16_PAIR(d, pos)
-            pos += 4
-            stop = pos + n
-            if stop > end:
-                return None
-            append(ext_type)
-            if ext_type not in _PARSED:
-                pos = stop
-                continue
-            if ext_type == _SERVER_NAME:
-                # ServerNameList with exactly one host_name entry, and nothing else.
-                if n < 5 or _U16(d, pos)[0] + 2 != n or d[pos + 2] != _HOST_NAME:
-                    return None
-                size = (d[pos + 3] << 8) | d[pos + 4]
-                if size == 0 or pos + 5 + size != stop:
-                    return None
-                sni = _normalized(d[pos + 5 : stop])
-            elif ext_type == _ALPN:
-                if n <= 2 or _U16(d, pos)[0] + 2 != n:
-                    return None
-                names: list[str] = []
-                at = pos + 2
-                for _ in _ALPN_ROUNDS:
-                    if at >= stop:
-                        break
-                    size = d[at]
-                    if size == 0 or at + 1 + size > stop:
-                        return None
-                    names.append(d[at + 1 : at + 1 + size].decode("latin-1"))
-                    at += 1 + size
-                else:
-                    return None
-                alpn = tuple(names)
-            else:  # key_share
-                if n < 2 or _U16(d, pos)[0] + 2 != n:
-                    return None
-                groups: list[int] = []
-                at = pos + 2
-                for _ in _KEY_SHARE_ROUNDS:
-                    if at >= stop:
-                        break
-                    if stop - at < 4:
-                        return None
-                    group, size = _U16_PAIR(d, at)
-                    if size == 0 or at + 4 + size > stop:
-                        return None
-                    groups.append(group)
-                    at += 4 + size
-                else:
-                    return None
-                key_shares = tuple(groups)
-            pos = stop
-        else:
-            return None  # more than MAX_EXTENSIONS
-        if len(set(types)) != len(types):
-            return None
-    return _hello(sni, alpn, tuple(types), legacy_version, key_shares)
 
 
 class HelloReader:
