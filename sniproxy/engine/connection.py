@@ -205,7 +205,23 @@ class Connection:
     def on_event(self, fd: int, events: int) -> None:
         state = self.state
         if state is _FORWARDING:
-            self._forward_event(fd, events)
+            # Input on a socket is for the Flow reading it; output, for the Flow writing to it.
+            # (Here, not in a method of its own: most events of a connection come this way.)
+            if fd == self.client_fd:
+                reads, writes = self.up, self.down
+            else:
+                reads, writes = self.down, self.up
+            if events & ERR:
+                self._reset("client" if fd == self.client_fd else "upstream", reads)
+                return
+            if not writes.writable and events & OUT:  # it was waiting for room (edge-triggered,
+                writes.writable = True                # every other event carries OUT as well)
+                self._run(writes)
+            if events & IN and self.state is _FORWARDING:
+                reads.readable = True
+                if events & RDHUP:
+                    reads.eof_pending = True
+                self._run(reads)
         elif fd == self.client_fd:
             if events & ERR:  # reset before forwarding: the client left
                 self._close(Close.CLIENT_CLOSED)
@@ -223,26 +239,6 @@ class Connection:
                 self._connect_failed(errno_name(socket_error(fd)))
             elif events & OUT:
                 self._connected(events)
-
-    def _forward_event(self, fd: int, events: int) -> None:
-        """Input on a socket is for the Flow reading it; output, for the Flow writing to it."""
-        if fd == self.client_fd:
-            reads, writes = self.up, self.down
-            side = "client"
-        else:
-            reads, writes = self.down, self.up
-            side = "upstream"
-        if events & ERR:
-            self._reset(side, reads)
-            return
-        if events & OUT and not writes.writable:  # it was waiting for room: edge-triggered,
-            writes.writable = True                # every other event carries OUT as well
-            self._run(writes)
-        if events & IN and self.state is _FORWARDING:
-            reads.readable = True
-            if events & RDHUP:
-                reads.eof_pending = True
-            self._run(reads)
 
     # -- hello -----------------------------------------------------------------------------
 
@@ -487,11 +483,12 @@ class Connection:
         rs.active += 1
         rs.connect.observe(now - self.connect_started)
         self._enter(_FORWARDING)
-        self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, head=self.received,
-                       readable=self.client_readable, eof_pending=self.client_eof)
+        # (Positional arguments: keywords would cost a dict per call to a class.)
+        self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, self.received, self.client_readable,
+                       self.client_eof)
         # The upstream is read once it has sent something: this event says whether it has.
-        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, readable=bool(events & IN),
-                         eof_pending=bool(events & RDHUP))
+        self.down = Flow(self.upstream_fd, self.client_fd, ctx.splice_after, b"", bool(events & IN),
+                         bool(events & RDHUP))
         self.received = b""
         self.idle_mark = -1
         self.idle_since = now
@@ -606,13 +603,15 @@ class Connection:
             ctx.handshakes.leave(self)
         duration = clock() - self.started
         if forwarding:
-            self.up.release()
-            self.down.release()
+            up, down = self.up, self.down
+            if up.pipe is not None or down.pipe is not None:  # splicing: give the pipes back
+                up.release()
+                down.release()
             ctx.stats.live.discard(self)
             rs = self.route_stats
             rs.active -= 1
-            rs.to_upstream += self.up.nbytes
-            rs.to_client += self.down.nbytes
+            rs.to_upstream += up.nbytes
+            rs.to_client += down.nbytes
             rs.duration.observe(duration)
         if ctx.access_log is not None:
             ctx.access_log.write(self._log_line(duration, forwarding))

@@ -122,8 +122,11 @@ class EventSet:
             self._dispatching = False
             closing = self._closing
             if closing:
-                for fd in closing:
-                    _close(fd)
+                for fd in closing:  # _close, written out: two per connection
+                    try:
+                        _os_close(fd)
+                    except OSError:
+                        pass
                 closing.clear()
         if self._posted:
             self.loop.call_soon(self._run_posted)
@@ -158,6 +161,9 @@ def _failed(handler: object, exc: Exception) -> None:
             on_error(exc)
         except Exception:
             log.exception("internal error while closing after an internal error")
+
+
+_os_close = os.close
 
 
 def _close(fd: int) -> None:

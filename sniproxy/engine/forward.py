@@ -125,45 +125,49 @@ class Flow:
                     return _WAIT
             # 2. Nothing held: read src, if it has anything.
             if not self.readable:
-                self._release_pipe()
+                if self.pipe is not None:
+                    self._release_pipe()
                 return _WAIT
             if not rounds:
                 return _MORE
             rounds -= 1
-            if self.mode is _COPY and self.nbytes >= self.splice_after:
-                self.mode = _SPLICE
-                log.debug("fd %d -> fd %d: moved to splice after %d bytes", self.src, self.dst, self.nbytes)
-            pipe = (self.pipe or self._take_pipe()) if self.mode is _SPLICE else None
-            result = self._copy(scratch) if pipe is None else self._splice_in(pipe)
-            if result is not None:
-                return result
-
-    def _copy(self, scratch: Scratch) -> Result | None:
-        try:
-            n = _readv(self.src, scratch.views)
-        except BlockingIOError:
-            self.readable = False
-            return _WAIT
-        except OSError as exc:
-            self.error = exc
-            return _SRC_FAILED
-        if n == 0:
-            return self._eof()
-        if n < CHUNK and not self.eof_pending:
-            self.readable = False  # a short read drained the socket; the next edge says more
-        self.nbytes += n
-        try:
-            sent = _write(self.dst, scratch.view[:n])
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.error = exc
-            return _DST_FAILED
-        if sent < n:
-            self.pending = memoryview(scratch.buffer[sent:n])  # a copy: the scratch buffer moves on
-            self.writable = False
-            return _WAIT
-        return None
+            if self.mode is _SPLICE or self.nbytes >= self.splice_after:
+                if self.mode is _COPY:
+                    self.mode = _SPLICE
+                    log.debug("fd %d -> fd %d: moved to splice after %d bytes", self.src, self.dst, self.nbytes)
+                pipe = self.pipe or self._take_pipe()
+                if pipe is not None:
+                    result = self._splice_in(pipe)
+                    if result is not None:
+                        return result
+                    continue
+                # no pipe to be had: this burst is copied
+            # Copy: one read into the scratch buffer, written on at once (here, not in a
+            # method: nearly every read of a short connection comes this way).
+            try:
+                n = _readv(self.src, scratch.views)
+            except BlockingIOError:
+                self.readable = False
+                return _WAIT
+            except OSError as exc:
+                self.error = exc
+                return _SRC_FAILED
+            if n == 0:
+                return self._eof()
+            if n < CHUNK and not self.eof_pending:
+                self.readable = False  # a short read drained the socket; the next edge says more
+            self.nbytes += n
+            try:
+                sent = _write(self.dst, scratch.view[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.error = exc
+                return _DST_FAILED
+            if sent < n:
+                self.pending = memoryview(scratch.buffer[sent:n])  # a copy: the scratch buffer moves on
+                self.writable = False
+                return _WAIT
 
     def _splice_in(self, pipe: Pipe) -> Result | None:
         try:
@@ -178,7 +182,7 @@ class Flow:
         if n == 0:
             self._release_pipe()
             return self._eof()
-        # No "short read means drained" here, unlike _copy: a pipe has one slot per page and
+        # No "short read means drained" here, unlike a copy: a pipe has one slot per page and
         # a socket's small segments take one slot each, so a splice may stop short with bytes
         # left. Only EAGAIN says the socket is drained; anything else could wait for an edge
         # that never comes (the sender blocked on a full window).
@@ -214,7 +218,8 @@ class Flow:
 
     def release(self) -> None:
         """The pair is closing: give back the pipe (a pipe still holding bytes is closed)."""
-        self._release_pipe()
+        if self.pipe is not None:
+            self._release_pipe()
         self.pending = None
 
 
