@@ -374,7 +374,8 @@ class Connection:
             if self.low_water != 1:  # what follows the hello is forwarded as it comes
                 self._wake_at(1)
         self.hello = hello
-        self.hello_seconds = clock() - self.started
+        if self.hello_reads != 1 or self.hello_records != 1:  # a whole one came with the connection: 0 s
+            self.hello_seconds = clock() - self.started
         if hello.sni is None:
             self.refuse(Refusal.NO_SNI, alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
             return
@@ -478,10 +479,7 @@ class Connection:
         """The upstream accepted: forward the hello as received, then both ways."""
         ctx = self.ctx
         now = clock()
-        rs = self.route_stats
-        rs.connections += 1
-        rs.active += 1
-        rs.connect.observe(now - self.connect_started)
+        self.route_stats.connected(now - self.connect_started)
         self._enter(_FORWARDING)
         # (Positional arguments: keywords would cost a dict per call to a class.)
         self.up = Flow(self.client_fd, self.upstream_fd, ctx.splice_after, self.received, self.client_readable,
@@ -492,7 +490,6 @@ class Connection:
         self.received = b""
         self.idle_mark = -1
         self.idle_since = now
-        ctx.stats.live.add(self)
         self._run(self.up)
         if self.down.readable and self.state is _FORWARDING:
             self._run(self.down)
@@ -607,12 +604,7 @@ class Connection:
             if up.pipe is not None or down.pipe is not None:  # splicing: give the pipes back
                 up.release()
                 down.release()
-            ctx.stats.live.discard(self)
-            rs = self.route_stats
-            rs.active -= 1
-            rs.to_upstream += up.nbytes
-            rs.to_client += down.nbytes
-            rs.duration.observe(duration)
+            self.route_stats.closed(duration, up.nbytes, down.nbytes)
         if ctx.access_log is not None:
             ctx.access_log.write(self._log_line(duration, forwarding))
         self.on_closed(self)

@@ -6,7 +6,7 @@ with ``merge`` before a Prometheus collector turns them into metric families.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left as _bisect
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -19,6 +19,8 @@ HELLO_RECORDS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 8.0)
 HELLO_READS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 8.0, 16.0)
 #: From accept to a complete hello.
 HELLO_SECONDS_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+#: Kinds of whole hellos (size, post-quantum group, ECH) a route counts before folding them.
+WHOLE_KINDS = 64
 
 
 class Histogram:
@@ -30,22 +32,28 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+        # RouteStats writes these two lines out where a connection observes, to save a call.
+        self.counts[_bisect(self.bounds, value)] += 1
         self.total += value
 
 
 class LiveConnection(Protocol):
-    """What a connection exposes so its bytes count before it closes."""
+    """What a forwarding connection exposes so its bytes count before it closes."""
 
-    route_stats: RouteStats | None
-    to_upstream: int
-    to_client: int
+    @property
+    def route_stats(self) -> RouteStats: ...
+
+    @property
+    def to_upstream(self) -> int: ...
+
+    @property
+    def to_client(self) -> int: ...
 
 
 class RouteStats:
     __slots__ = ("name", "connections", "active", "to_upstream", "to_client", "connect", "duration",
                  "hello_bytes", "hello_records", "hello_reads", "hello_seconds", "hello_pq", "hello_ech",
-                 "hello_whole")
+                 "whole")
 
     def __init__(self, name: str):
         self.name = name
@@ -61,24 +69,68 @@ class RouteStats:
         self.hello_seconds = Histogram(HELLO_SECONDS_BUCKETS)
         self.hello_pq: dict[str, int] = {}  # group name -> hellos offering its key share
         self.hello_ech = 0
-        self.hello_whole = 0
-        """Hellos in one record and one read (nearly all): counted here, and folded into the
-        records and reads histograms at scrape time, not observed one by one."""
+        self.whole: dict[tuple[int, str | None, bool], int] = {}
+        """Hellos whole in one record and one read (nearly all), by size, post-quantum group
+        and ECH: counted here, one dict entry per kind, and folded into the hello metrics at
+        scrape time (as 0 s to arrive: they came with the connection)."""
+
+    # Once or twice per connection each: the histograms' observe is written out in each
+    # (a call per value costs more than the bisect).
 
     def observe_hello(self, size: int, records: int, reads: int, seconds: float, pq_group: str | None,
                       ech: bool) -> None:
-        """What a routed ClientHello looked like on the wire, and how long it took to arrive."""
-        self.hello_bytes.observe(size)
+        """What a routed ClientHello looked like on the wire, and how long it took to arrive
+        (``seconds`` is not read for a hello whole in one record and one read)."""
         if records == 1 and reads == 1:
-            self.hello_whole += 1
-        else:
-            self.hello_records.observe(records)
-            self.hello_reads.observe(reads)
-        self.hello_seconds.observe(seconds)
+            key = (size, pq_group, ech)
+            whole = self.whole
+            n = whole.get(key)
+            if n is None and len(whole) >= WHOLE_KINDS:
+                self.fold()  # client-chosen sizes: a bounded dict
+            whole[key] = (n or 0) + 1
+            return
+        h = self.hello_bytes
+        h.counts[_bisect(h.bounds, size)] += 1
+        h.total += size
+        self.hello_records.observe(records)
+        self.hello_reads.observe(reads)
+        h = self.hello_seconds
+        h.counts[_bisect(h.bounds, seconds)] += 1
+        h.total += seconds
         if pq_group is not None:
             self.hello_pq[pq_group] = self.hello_pq.get(pq_group, 0) + 1
         if ech:
             self.hello_ech += 1
+
+    def fold(self) -> None:
+        """Move the whole hellos counted by kind into the hello metrics."""
+        for (size, pq_group, ech), n in self.whole.items():
+            for h, value in ((self.hello_bytes, size), (self.hello_records, 1), (self.hello_reads, 1),
+                             (self.hello_seconds, 0)):
+                h.counts[_bisect(h.bounds, value)] += n
+                h.total += value * n
+            if pq_group is not None:
+                self.hello_pq[pq_group] = self.hello_pq.get(pq_group, 0) + n
+            if ech:
+                self.hello_ech += n
+        self.whole.clear()
+
+    def connected(self, seconds: float) -> None:
+        """A connection reached its upstream, after ``seconds`` of connecting."""
+        self.connections += 1
+        self.active += 1
+        h = self.connect
+        h.counts[_bisect(h.bounds, seconds)] += 1
+        h.total += seconds
+
+    def closed(self, seconds: float, to_upstream: int, to_client: int) -> None:
+        """A connection that had reached its upstream closed, after ``seconds`` in all."""
+        self.active -= 1
+        self.to_upstream += to_upstream
+        self.to_client += to_client
+        h = self.duration
+        h.counts[_bisect(h.bounds, seconds)] += 1
+        h.total += seconds
 
 
 class Stats:
@@ -90,8 +142,6 @@ class Stats:
         self.dns_stale_served = 0  # answers given from a stale entry, without waiting for DNS
         self.accept_errors: dict[str, int] = {}  # errno name -> failed accept(2) calls
         self.hello_limits: dict[str, int] = {}  # reasons.HelloLimit -> hellos refused for it
-        self.live: set[Any] = set()
-        """Connections with a route, whose running byte counts a scrape adds in."""
 
     def route(self, name: str) -> RouteStats:
         rs = self.routes.get(name)
@@ -112,8 +162,12 @@ class Stats:
     def accept_error(self, name: str) -> None:
         self.accept_errors[name] = self.accept_errors.get(name, 0) + 1
 
-    def snapshot(self) -> dict:
-        routes = {
+    def snapshot(self, live: Iterable[LiveConnection] = ()) -> dict:
+        """The counters as a plain dict, with the running byte counts of ``live`` (the
+        connections forwarding now, which the owner lists at scrape time) added in."""
+        for rs in self.routes.values():
+            rs.fold()
+        routes: dict[str, dict[str, Any]] = {
             name: {
                 "connections": rs.connections,
                 "active": rs.active,
@@ -122,15 +176,15 @@ class Stats:
                 "connect": rs.connect.counts + [rs.connect.total],
                 "duration": rs.duration.counts + [rs.duration.total],
                 "hello_bytes": rs.hello_bytes.counts + [rs.hello_bytes.total],
-                "hello_records": _with_ones(rs.hello_records, rs.hello_whole),
-                "hello_reads": _with_ones(rs.hello_reads, rs.hello_whole),
+                "hello_records": rs.hello_records.counts + [rs.hello_records.total],
+                "hello_reads": rs.hello_reads.counts + [rs.hello_reads.total],
                 "hello_seconds": rs.hello_seconds.counts + [rs.hello_seconds.total],
                 "hello_pq": dict(rs.hello_pq),
                 "hello_ech": rs.hello_ech,
             }
             for name, rs in self.routes.items()
         }
-        for conn in list(self.live):
+        for conn in live:
             r = routes[conn.route_stats.name]
             r["to_upstream"] += conn.to_upstream
             r["to_client"] += conn.to_client
@@ -148,14 +202,6 @@ class Stats:
 
 #: Snapshot keys that are gauges (a process's present, not a count): an exited worker's go to 0.
 GAUGES = ("handshakes_waiting", "hello_memory")
-
-
-def _with_ones(histogram: Histogram, ones: int) -> list:
-    """A histogram's counts and total, with ``ones`` observations of 1 added (the first
-    bucket of the records and reads histograms is 1)."""
-    counts = list(histogram.counts)
-    counts[bisect_left(histogram.bounds, 1)] += ones
-    return counts + [histogram.total + ones]
 
 
 def empty_snapshot() -> dict:

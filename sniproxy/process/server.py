@@ -21,7 +21,7 @@ from ..addresses import connect_target, is_unspecified
 from ..allow import Allowlist, ClientLimits
 from ..config import Config, Listen
 from ..dns.resolver import Resolver
-from ..engine.connection import Connection, clock
+from ..engine.connection import Connection, State, clock
 from ..engine.context import Context, ListenerInfo
 from ..engine.events import EventSet
 from ..engine.handshakes import Handshakes
@@ -239,7 +239,7 @@ class Server:
         return True  # this very loop is answering
 
     def snapshot(self) -> dict:
-        snap = self.stats.snapshot()
+        snap = self.stats.snapshot(c for c in self.connections if c.state is State.FORWARDING)
         snap["handshakes_waiting"] = len(self.handshakes)
         snap["hello_memory"] = self.handshakes.held
         return snap

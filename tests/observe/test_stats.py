@@ -69,28 +69,24 @@ def make_stats() -> tuple[Stats, RouteStats, RouteStats]:
 
 def test_snapshot_includes_live_connections_running_bytes():
     s, api, dkr = make_stats()
-    s.live.add(Live(api, 300, 4000))
-    s.live.add(Live(api, 7, 8))
-    s.live.add(Live(dkr, 1, 2))
-    snap = s.snapshot()
+    live = [Live(api, 300, 4000), Live(api, 7, 8), Live(dkr, 1, 2)]
+    snap = s.snapshot(live)
     r = snap["routes"]["ecr-api"]
     assert (r["to_upstream"], r["to_client"]) == (1000 + 300 + 7, 50_000 + 4000 + 8)
     assert (r["connections"], r["active"]) == (5, 2)
     assert (snap["routes"]["ecr-dkr"]["to_upstream"], snap["routes"]["ecr-dkr"]["to_client"]) == (1, 2)
     # the running bytes are added to the snapshot, not folded into the counters
     assert (api.to_upstream, api.to_client) == (1000, 50_000)
-    assert s.snapshot() == snap
+    assert s.snapshot(live) == snap
 
 
 def test_snapshot_sees_bytes_grow_while_connection_runs():
     s, api, _ = make_stats()
     conn = Live(api, 10, 10)
-    s.live.add(conn)
-    first = s.snapshot()["routes"]["ecr-api"]["to_upstream"]
+    first = s.snapshot([conn])["routes"]["ecr-api"]["to_upstream"]
     conn.to_upstream += 90
-    assert s.snapshot()["routes"]["ecr-api"]["to_upstream"] == first + 90
+    assert s.snapshot([conn])["routes"]["ecr-api"]["to_upstream"] == first + 90
     # it closes: its bytes move into the route counters, and are counted once
-    s.live.discard(conn)
     api.to_upstream += conn.to_upstream
     assert s.snapshot()["routes"]["ecr-api"]["to_upstream"] == first + 90
 
@@ -122,7 +118,6 @@ def test_merge_sums_two_snapshots():
     s1.reject("no_route")
     s1.dns_result("ok")
     s1.dns_cache_hits = 3
-    s1.live.add(Live(api1, 5, 6))
     s2 = Stats()
     api2, s3route = s2.route("ecr-api"), s2.route("ecr-s3")
     api2.connections, api2.to_upstream = 2, 10
@@ -132,7 +127,7 @@ def test_merge_sums_two_snapshots():
     s2.reject("not_tls")
     s2.dns_result("servfail")
     s2.dns_cache_hits = 4
-    a, b = s1.snapshot(), s2.snapshot()
+    a, b = s1.snapshot([Live(api1, 5, 6)]), s2.snapshot()
     a_copy, b_copy = copy.deepcopy(a), copy.deepcopy(b)
 
     m = merge([a, b])
@@ -159,3 +154,39 @@ def test_merge_of_one_and_of_none():
     snap = s.snapshot()
     assert merge([snap]) == snap
     assert merge([]) == Stats().snapshot()
+
+
+def test_whole_hellos_are_counted_by_kind_and_folded_at_scrape_time():
+    """A hello whole in one record and one read costs one dict entry per kind on the hot
+    path; a scrape shows it as if each had been observed (0 s to arrive)."""
+    whole, split = Stats(), Stats()
+    for stats in (whole, split):
+        rs = stats.route("ecr-api")
+        for size, pq, ech in [(517, None, False)] * 3 + [(1739, "X25519MLKEM768", True)] * 2:
+            if stats is whole:
+                rs.observe_hello(size, 1, 1, 0.5, pq, ech)  # the 0.5 s is not read
+            else:
+                rs.hello_bytes.observe(size)
+                rs.hello_records.observe(1)
+                rs.hello_reads.observe(1)
+                rs.hello_seconds.observe(0)
+                if pq is not None:
+                    rs.hello_pq[pq] = rs.hello_pq.get(pq, 0) + 1
+                rs.hello_ech += ech
+    assert len(whole.route("ecr-api").whole) == 2
+    assert whole.snapshot() == split.snapshot()
+    assert whole.snapshot() == split.snapshot()  # folding twice counts nothing twice
+
+
+def test_whole_hello_kinds_are_bounded():
+    """Sizes are the client's choice: past WHOLE_KINDS kinds they are folded at once."""
+    from sniproxy.observe.stats import WHOLE_KINDS
+
+    stats = Stats()
+    rs = stats.route("ecr-api")
+    for size in range(300, 300 + 3 * WHOLE_KINDS):
+        rs.observe_hello(size, 1, 1, 0.0, None, False)
+        assert len(rs.whole) <= WHOLE_KINDS
+    snap = stats.snapshot()["routes"]["ecr-api"]
+    assert sum(snap["hello_bytes"][:-1]) == 3 * WHOLE_KINDS
+    assert snap["hello_bytes"][-1] == sum(range(300, 300 + 3 * WHOLE_KINDS))
