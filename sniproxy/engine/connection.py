@@ -50,6 +50,9 @@ MAX_HELLO_READS = 256
 #: receive buffer to hold it where needed.
 MAX_LOW_WATER = RECORD_HEADER + MAX_RECORD
 
+#: Names whose routing a context remembers (``Context.routing``) before starting afresh.
+MAX_ROUTED = 1024
+
 #: The clock of every connection time and deadline: high resolution (the event loop's own
 #: clock moves in 1 ms steps, too coarse for connect times on a LAN).
 clock = time.monotonic
@@ -58,6 +61,8 @@ _socket = _csocket.socket
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _IPPROTO_TCP, _TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
+#: What a non-blocking connect returns when it has not failed (yet).
+_CONNECT_STARTED = (0, errno.EINPROGRESS)
 
 
 class State(enum.IntEnum):
@@ -376,17 +381,24 @@ class Connection:
         self.hello = hello
         if self.hello_reads != 1 or self.hello_records != 1:  # a whole one came with the connection: 0 s
             self.hello_seconds = clock() - self.started
-        if hello.sni is None:
+        sni = hello.sni
+        if sni is None:
             self.refuse(Refusal.NO_SNI, alert=True, detail="the ClientHello names no host (absent, or an IP literal)")
             return
-        route = self.ctx.routes.match(hello.sni)
-        if route is None:
-            self.refuse(Refusal.NO_ROUTE, alert=True, detail=f"no route for {hello.sni}")
-            return
-        self.route = route
-        self.route_stats = rs = self.ctx.stats.route(route.name)
-        self.upstream_host = host = route.upstream_for(hello.sni)
-        self.upstream_port = route.port
+        routed = self.ctx.routing.get(sni)
+        if routed is None:
+            route = self.ctx.routes.match(sni)
+            if route is None:
+                self.refuse(Refusal.NO_ROUTE, alert=True, detail=f"no route for {sni}")
+                return
+            routed = (route, self.ctx.stats.route(route.name), route.upstream_for(sni))
+            if len(self.ctx.routing) >= MAX_ROUTED:  # a wildcard route takes the client's names
+                self.ctx.routing.clear()
+            self.ctx.routing[sni] = routed
+        self.route, rs, host = routed
+        self.route_stats = rs
+        self.upstream_host = host
+        self.upstream_port = routed[0].port
         rs.observe_hello(self.hello_bytes, self.hello_records, self.hello_reads, self.hello_seconds,
                          hello.pq_group, hello.ech)
         addresses = self.ctx.resolver.cached(host)
@@ -442,7 +454,7 @@ class Connection:
                 sock.close()
                 self.failures.append(f"{ip}: {exc.strerror or exc}")
                 continue
-            if code not in (0, errno.EINPROGRESS):
+            if code not in _CONNECT_STARTED:
                 sock.close()
                 self.failures.append(f"{ip}: {os.strerror(code)}")
                 continue

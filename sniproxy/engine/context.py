@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..allow import Allowlist, ClientLimits
 from ..dns.resolver import Resolver
 from ..observe.accesslog import AccessLog
-from ..observe.stats import Stats
-from ..routes import RouteTable
+from ..observe.stats import RouteStats, Stats
+from ..routes import Route, RouteTable
 from .events import EventSet
 from .handshakes import Handshakes
 
@@ -41,6 +41,9 @@ class Context:
     """Would connecting to (ip, port) reach one of our own listeners?"""
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task]
     """Run a coroutine as a task the server keeps a reference to (DNS cache misses only)."""
+    routing: dict[str, tuple[Route, RouteStats, str]] = field(default_factory=dict)
+    """What routing gave each name: its route, the route's stats and the upstream host. Kept
+    here because a name's route changes only with a reload, which makes a new context."""
 
 
 @dataclass(slots=True)

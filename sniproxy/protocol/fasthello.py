@@ -145,28 +145,24 @@ def parse_single_record(d: bytes) -> ClientHello | None:
                 or RECORD_HEADER + length > len(d) or hs_type != _CLIENT_HELLO or ((hs_hi << 16) | hs_lo) + 4 != length):
             return None  # not a handshake record, or the message spans records, or shares one
         layout = _compiled.get(length)
-        if layout is not None and layout.unpack(d, _BODY) == layout.fields:
-            return _laid_out(d, layout)
-        return _walk(d, RECORD_HEADER + length)
+        if layout is None or layout.unpack(d, _BODY) != layout.fields:
+            return _walk(d, RECORD_HEADER + length)
+        # A hello proven to have ``layout``: only its name and ALPN list are its own.
+        sni = None
+        if layout.sni is not None:
+            a, b = layout.sni
+            sni = normalized_sni(d[a:b])
+        alpn: tuple[str, ...] = ()
+        if layout.alpn is not None:
+            a, b = layout.alpn
+            raw = d[a:b]
+            names = _ALPN_CACHE.get(raw) or _alpn(raw)
+            if names is None:
+                return None
+            alpn = names
+        return like(layout.hello, sni, alpn)
     except (IndexError, struct.error):
         return None  # a length pointed past the data
-
-
-def _laid_out(d: bytes, layout: Layout) -> ClientHello | None:
-    """A hello proven to have ``layout``: only its name and ALPN list are its own."""
-    sni = None
-    if layout.sni is not None:
-        a, b = layout.sni
-        sni = normalized_sni(d[a:b])
-    alpn: tuple[str, ...] = ()
-    if layout.alpn is not None:
-        a, b = layout.alpn
-        raw = d[a:b]
-        names = _ALPN_CACHE.get(raw) or _alpn(raw)
-        if names is None:
-            return None
-        alpn = names
-    return like(layout.hello, sni, alpn)
 
 
 def _walk(d: bytes, end: int) -> ClientHello | None:
