@@ -75,25 +75,24 @@ class ClientLimits:
         self.max_per_client = max_per_client
         self._open: dict[str, int] = counts if counts is not None else {}
 
-    def try_acquire(self, ip: str) -> bool:
-        """Count a new connection from ``ip``; False (and nothing counted) if over the limit."""
-        key = client_key(ip)
+    def try_acquire(self, key: str) -> bool:
+        """Count a new connection from the client ``key`` (an address as ``client_key`` gives
+        it: the caller names the client once); False (and nothing counted) if over the limit."""
         n = self._open.get(key, 0)
         if self.max_per_client is not None and n >= self.max_per_client:
             return False
         self._open[key] = n + 1
         return True
 
-    def release(self, ip: str) -> None:
+    def release(self, key: str) -> None:
         """Uncount a connection counted by ``try_acquire``.
 
         Raises ValueError on a release with no matching acquire: that is a bug in the
         caller, and silently going negative would let a client past its limit.
         """
-        key = client_key(ip)
         n = self._open.get(key, 0)
         if n <= 0:
-            raise ValueError(f"release of {ip} with no open connection counted")
+            raise ValueError(f"release of {key} with no open connection counted")
         if n == 1:
             del self._open[key]  # no entry for idle clients, so the dict stays small
         else:

@@ -142,10 +142,13 @@ def test_client_limits_count_and_release():
     assert limits._open == {}
 
 
-def test_client_limits_mapped_and_plain_are_one_client():
+def test_client_limits_count_client_keys():
+    """The caller names a client once (a connection, by addresses.client_key): the limits
+    count that name, and open_count finds it under either spelling."""
     limits = ClientLimits(1)
-    assert limits.try_acquire("::ffff:192.0.2.1")
+    assert limits.try_acquire(client_key("::ffff:192.0.2.1"))
     assert not limits.try_acquire("192.0.2.1")
+    assert limits.open_count("::ffff:192.0.2.1") == 1
     limits.release("192.0.2.1")
     assert len(limits) == 0
 

@@ -62,6 +62,7 @@ class Server:
         self._local: dict[str, bool] = {}
         self._loops: dict[tuple[str, int], bool] = {}
         self._drained = asyncio.Event()
+        self._on_closed = self._closed  # bound once: a connection is given it
         self._sweeper: asyncio.TimerHandle | None = None
         self.ctx = self._context(config, Resolver(config.resolver, self.stats))
 
@@ -88,7 +89,7 @@ class Server:
 
     def _accepted(self, key: tuple[str, int], fd: int, peer: tuple) -> None:
         info = self.listeners[key][1]
-        conn = Connection(self.ctx, info, fd, peer, self._closed)
+        conn = Connection(self.ctx, info, fd, peer, self._on_closed)
         self.connections.add(conn)
         if len(self.connections) > self.config.server.max_connections:
             # Full: the oldest connection still waiting for its hello makes room, so silent
