@@ -265,7 +265,7 @@ class Connection:
         # A short read drained the socket: the client Flow need not try again until an edge
         # says there is more (or the FIN, seen as EPOLLRDHUP, is still to be read).
         self.client_readable = n == len(scratch.buffer) or self.client_eof
-        data = bytes(scratch.buffer[:n])
+        data = scratch.view[:n].tobytes()  # one copy (bytes(buffer[:n]) makes two)
         if self.state is _PROXY_HEADER:
             data = self._proxy_header(data)
             if not data:

@@ -29,29 +29,23 @@ from __future__ import annotations
 import struct
 
 from .tls import (
+    EXT_ALPN,
+    EXT_ECH,
+    EXT_KEY_SHARE,
+    EXT_SERVER_NAME,
     MAX_ALPN,
     MAX_EXTENSIONS,
     MAX_KEY_SHARES,
     MAX_RECORD,
+    MSG_CLIENT_HELLO,
+    NAME_HOST,
+    RECORD_HANDSHAKE,
     RECORD_HEADER,
     ClientHello,
-    ContentType,
-    ExtensionType,
-    HandshakeType,
-    NameType,
     like,
     make_hello,
     normalized_sni,
 )
-
-#: Plain ints: an IntEnum member costs an attribute lookup through the enum machinery.
-_HANDSHAKE = int(ContentType.HANDSHAKE)
-_CLIENT_HELLO = int(HandshakeType.CLIENT_HELLO)
-_SERVER_NAME = int(ExtensionType.SERVER_NAME)
-_ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
-_KEY_SHARE = int(ExtensionType.KEY_SHARE)
-_ECH = int(ExtensionType.ENCRYPTED_CLIENT_HELLO)
-_HOST_NAME = int(NameType.HOST_NAME)
 
 #: Big-endian fields at an offset, each group in one C call: the record and handshake headers
 #: (type, version major and minor, length; type, 24-bit length as 8 + 16 bits); two 16-bit
@@ -141,8 +135,8 @@ def parse_single_record(d: bytes) -> ClientHello | None:
     None to have the caller feed a ``HelloReader``."""
     try:
         content_type, major, minor, length, hs_type, hs_hi, hs_lo = _HEADERS(d)
-        if (content_type != _HANDSHAKE or major != 3 or minor > 4 or length > MAX_RECORD
-                or RECORD_HEADER + length > len(d) or hs_type != _CLIENT_HELLO or ((hs_hi << 16) | hs_lo) + 4 != length):
+        if (content_type != RECORD_HANDSHAKE or major != 3 or minor > 4 or length > MAX_RECORD
+                or RECORD_HEADER + length > len(d) or hs_type != MSG_CLIENT_HELLO or ((hs_hi << 16) | hs_lo) + 4 != length):
             return None  # not a handshake record, or the message spans records, or shares one
         layout = _compiled.get(length)
         if layout is None or layout.unpack(d, _BODY) != layout.fields:
@@ -198,15 +192,15 @@ def _walk(d: bytes, end: int) -> ClientHello | None:
     if pos != end or len(at) != count:
         return None  # an extension overran the block, or one came twice
     sni = None
-    p = at.get(_SERVER_NAME)
+    p = at.get(EXT_SERVER_NAME)
     if p is not None:
         # ServerNameList with exactly one host_name entry, and nothing else.
         n, listed, name_type, size = _SNI_HEADER(d, p + 2)
-        if listed + 2 != n or name_type != _HOST_NAME or size == 0 or size + 5 != n:
+        if listed + 2 != n or name_type != NAME_HOST or size == 0 or size + 5 != n:
             return None
         sni = normalized_sni(d[p + 9 : p + 4 + n])
     alpn: tuple[str, ...] = ()
-    p = at.get(_ALPN)
+    p = at.get(EXT_ALPN)
     if p is not None:
         (n,) = _U16(d, p + 2)
         raw = d[p + 4 : p + 4 + n]
@@ -215,7 +209,7 @@ def _walk(d: bytes, end: int) -> ClientHello | None:
             return None
         alpn = names
     key_shares: tuple[int, ...] = ()
-    p = at.get(_KEY_SHARE)
+    p = at.get(EXT_KEY_SHARE)
     if p is not None:
         n, listed = _U16_PAIR(d, p + 2)
         if listed + 2 != n:
@@ -234,7 +228,7 @@ def _walk(d: bytes, end: int) -> ClientHello | None:
         else:
             return None  # more than MAX_KEY_SHARES
         key_shares = tuple(groups)
-    hello = make_hello(sni, alpn, tuple(at), legacy_version, key_shares, _ECH in at)
+    hello = make_hello(sni, alpn, tuple(at), legacy_version, key_shares, EXT_ECH in at)
     layouts.learn(d, start, end, at, hello)
     return hello
 
@@ -255,11 +249,11 @@ def compile_layout(d: bytes, start: int, end: int, at: dict[int, int], hello: Cl
     for i, (ext_type, offset) in enumerate(at.items()):
         n = offsets[i + 1] - offset - 4
         fields += (ext_type, n)
-        if ext_type == _SERVER_NAME:  # list length, name type, name length, then the name
+        if ext_type == EXT_SERVER_NAME:  # list length, name type, name length, then the name
             fmt.append(f"HHHBH{n - 5}x")
-            fields += (n - 2, _HOST_NAME, n - 5)
+            fields += (n - 2, NAME_HOST, n - 5)
             sni = (offset + 9, offset + 4 + n)
-        elif ext_type == _KEY_SHARE:  # list length, then each share's group, size and key
+        elif ext_type == EXT_KEY_SHARE:  # list length, then each share's group, size and key
             fmt.append("HHH")
             fields.append(n - 2)
             pos, stop = offset + 6, offset + 4 + n
@@ -270,7 +264,7 @@ def compile_layout(d: bytes, start: int, end: int, at: dict[int, int], hello: Cl
                 pos += 4 + k
         else:
             fmt.append(f"HH{n}x")
-            if ext_type == _ALPN:
+            if ext_type == EXT_ALPN:
                 alpn = (offset + 4, offset + 4 + n)
     return Layout("".join(fmt), tuple(fields), sni, alpn, hello)
 

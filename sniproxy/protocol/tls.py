@@ -217,9 +217,9 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
                 types.append(ext_type)
                 if ext_type in _PARSED:
                     sub = Buffer(data, pos, pos + n)
-                    if ext_type == _SERVER_NAME:
+                    if ext_type == EXT_SERVER_NAME:
                         sni = pull_server_name(sub)
-                    elif ext_type == _ALPN:
+                    elif ext_type == EXT_ALPN:
                         alpn = pull_alpn(sub)
                     else:
                         key_shares = pull_key_share(sub)
@@ -229,7 +229,7 @@ def pull_client_hello(buf: Buffer) -> ClientHello:
             buf.pos = pos
         if len(set(types)) != len(types):
             raise BadHello("duplicate extension")
-    return make_hello(sni, alpn, tuple(types), legacy_version, key_shares, _ECH in types)
+    return make_hello(sni, alpn, tuple(types), legacy_version, key_shares, EXT_ECH in types)
 
 
 def parse_client_hello(message: bytes | memoryview) -> ClientHello:
@@ -247,16 +247,16 @@ def _parse_body(buf: Buffer) -> ClientHello:
     return hello
 
 
-#: Plain ints for the hot loop: an IntEnum member costs an attribute lookup through the
-#: enum machinery at every comparison.
-_HANDSHAKE = int(ContentType.HANDSHAKE)
-_CLIENT_HELLO = int(HandshakeType.CLIENT_HELLO)
-_ECH = int(ExtensionType.ENCRYPTED_CLIENT_HELLO)
-_SERVER_NAME = int(ExtensionType.SERVER_NAME)
-_ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
-_KEY_SHARE = int(ExtensionType.KEY_SHARE)
-_HOST_NAME = int(NameType.HOST_NAME)
-_PARSED = frozenset({_SERVER_NAME, _ALPN, _KEY_SHARE})
+#: The members the parsers compare with, as plain ints (here and in fasthello): an IntEnum
+#: member costs an attribute lookup through the enum machinery at every comparison.
+RECORD_HANDSHAKE = int(ContentType.HANDSHAKE)
+MSG_CLIENT_HELLO = int(HandshakeType.CLIENT_HELLO)
+EXT_ECH = int(ExtensionType.ENCRYPTED_CLIENT_HELLO)
+EXT_SERVER_NAME = int(ExtensionType.SERVER_NAME)
+EXT_ALPN = int(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION)
+EXT_KEY_SHARE = int(ExtensionType.KEY_SHARE)
+NAME_HOST = int(NameType.HOST_NAME)
+_PARSED = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_KEY_SHARE})
 
 
 
