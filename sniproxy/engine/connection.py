@@ -38,6 +38,7 @@ from ..routes import Route
 from .context import Context, ListenerInfo
 from .events import ERR, IN, OUT, RDHUP, close_with_reset, errno_name, set_receive_low_water, socket_error
 from .forward import Flow, Result
+from .handshakes import CLIENT_GRACE
 
 log = logging.getLogger("sniproxy.connection")
 _throttle = Throttled(log)
@@ -292,8 +293,9 @@ class Connection:
             self.refuse(exc.reason, detail=str(exc))
             return
         if isinstance(hello, NeedData):
-            if self._wait():
-                self.ctx.handshakes.hold(self, len(reader.received))
+            self._wait()
+            self.ctx.handshakes.hold(self, len(reader.received))
+            if self.state is not _CLOSED:  # (the memory budget may have evicted it)
                 self._wake_at(reader.missing)
             return
         self.received = bytes(reader.received)
@@ -321,8 +323,8 @@ class Connection:
             return b""
         if isinstance(header, NeedData):
             self.received = buf
-            if self._wait():
-                self.ctx.handshakes.hold(self, len(buf))
+            self._wait()
+            self.ctx.handshakes.hold(self, len(buf))
             return b""
         self.received = b""
         if header.source is not None:
@@ -331,27 +333,18 @@ class Connection:
         self._enter(_HELLO)
         if not self._admit():
             return b""
-        if self.waiting:  # now that the client is known, it counts for it
-            if not self.ctx.handshakes.count_client(self):
-                self._refuse_client_handshakes()
-                return b""
+        if self.waiting:  # the header's bytes are no longer held (the hello's will be)
             self.ctx.handshakes.hold(self, 0)
         return buf[header.length_consumed:]
 
     # -- waiting for the hello ---------------------------------------------------------------
 
-    def _wait(self) -> bool:
+    def _wait(self) -> None:
         """The hello is not complete after a read: this connection waits in ``ctx.handshakes``
-        (counted for its client once it is known). False if it was refused for it."""
-        if self.waiting:
-            return True
-        self.waiting = True
-        handshakes = self.ctx.handshakes
-        handshakes.enter(self)
-        if self.state is _HELLO and not handshakes.count_client(self):
-            self._refuse_client_handshakes()
-            return False
-        return True
+        (and counts for its client once it has waited CLIENT_GRACE: see ``expire``)."""
+        if not self.waiting:
+            self.waiting = True
+            self.ctx.handshakes.enter(self)
 
     def _refuse_client_handshakes(self) -> None:
         limit = self.ctx.handshakes.max_per_client
@@ -576,6 +569,9 @@ class Connection:
         if state in _HANDSHAKE:
             if now >= self.deadline:
                 self.refuse(Refusal.HANDSHAKE_TIMEOUT, detail=f"no complete ClientHello in {self.ctx.handshake_timeout:g}s")
+            elif (self.waiting and state is _HELLO and now - self.started >= CLIENT_GRACE
+                  and not self.ctx.handshakes.count_client(self)):
+                self._refuse_client_handshakes()
         elif state is _CONNECTING:
             if now >= self.deadline:
                 self._connect_failed("timeout")

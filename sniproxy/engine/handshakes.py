@@ -5,9 +5,11 @@ has to wait does. While it waits it counts towards:
 
 - the table's order: when the connection table is full, the oldest waiting connection is
   dropped to admit a new one (``evicted``), so silent connections cannot starve new clients;
-- its client's waiting connections, at most ``max_per_client`` (``client_handshakes``):
-  builders behind one NAT share an address, but a real hello arrives within a round trip, so
-  the bound is generous and established connections never count;
+- its client's waiting connections, at most ``max_per_client`` (``client_handshakes``), once
+  it has waited ``CLIENT_GRACE``: builders behind one NAT share an address, and a busy one
+  opens connections faster than it sends their hellos, so a connection still waiting a
+  moment after accept is in flight, not silent; the bound is generous, and established
+  connections never count;
 - the bytes its partial hello holds: past ``max_memory`` in all, the oldest connection holding
   bytes is dropped (``hello_memory``) until the total is under it again.
 
@@ -19,6 +21,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..reasons import Refusal
+
+#: Seconds a connection waits for its hello before it counts for its client (checked by the
+#: server's once-a-second sweep, so counting starts between 1 and 2 s): a hello sent right
+#: after connect arrives well within it, even from a loaded builder, and a silent connection
+#: is counted long before the handshake timeout (5 s) would close it.
+CLIENT_GRACE = 1.0
 
 
 class Waiting(Protocol):
@@ -53,9 +61,11 @@ class Handshakes:
         self._waiting.setdefault(conn, None)
 
     def count_client(self, conn: Waiting) -> bool:
-        """Count a waiting ``conn`` for its client; False (nothing counted) if the client
-        already has ``max_per_client`` waiting."""
+        """Count a waiting ``conn`` for its client (once: again, it is True at no cost); False
+        (nothing counted) if the client already has ``max_per_client`` waiting."""
         key = conn.client_ip
+        if self._waiting.get(conn) == key:
+            return True
         n = self._per_client.get(key, 0)
         if n >= self.max_per_client:
             return False

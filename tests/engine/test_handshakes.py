@@ -46,6 +46,18 @@ def test_a_client_is_counted_once_known_and_refused_past_its_bound():
     assert table.waiting_for("10.0.0.1") == 0 and len(table) == 0
 
 
+def test_counting_a_connection_again_counts_nothing():
+    """The sweep counts a waiting connection every second it is still waiting."""
+    table = Handshakes(max_per_client=2, max_memory=1000)
+    a, b = Conn("10.0.0.1"), Conn("10.0.0.1")
+    for conn in (a, b):
+        table.enter(conn)
+    assert all(table.count_client(a) for _ in range(5))
+    assert table.waiting_for("10.0.0.1") == 1
+    assert table.count_client(b) and table.count_client(b)
+    assert table.waiting_for("10.0.0.1") == 2
+
+
 def test_bytes_held_past_the_budget_evict_the_oldest_holders_until_under_it():
     table = Handshakes(max_per_client=10, max_memory=100)
     silent, a, b, c = (Conn(f"10.0.0.{i}", table) for i in range(4))
