@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import socket
 import statistics
@@ -68,8 +69,9 @@ def records(msg: bytes, size: int) -> bytes:
     return b"".join(b"\x16\x03\x01" + u16(len(msg[i:i + size])) + msg[i:i + size] for i in range(0, len(msg), size))
 
 
-def shapes() -> dict[str, tuple[bytes, int]]:
-    """name -> (bytes, how many writes to send them in); every name is unrouted but the proxied one."""
+def shapes() -> dict[str, tuple[bytes | list[bytes], int]]:
+    """name -> (bytes, or a list of them taken in turn, and how many writes to send each in);
+    every name is unrouted but the proxied one."""
     normal = (HELLOS / "hello-normal.bin").read_bytes()
     unrouted = NAME.replace("bench", "other")
     pad = lambda n: ext(21, bytes(n))  # noqa: E731
@@ -86,7 +88,41 @@ def shapes() -> dict[str, tuple[bytes, int]]:
         # The whole hello, so that it completes (or meets the read bound) and never waits
         # for the handshake timeout.
         "517 B hello, one byte per segment": (normal.replace(NAME.encode(), unrouted.encode()), len(normal)),
+        # The fast path's learned layouts (sniproxy/protocol/fasthello.py): hellos of one
+        # shape whose extensions come in a new order each time (as Chrome's do) are walked
+        # every time; a new layout sent twice in a row, over and over, asks for a compile
+        # every other hello (the budget allows one per 16 walks).
+        "18 extensions shuffled on every hello (walked each time)": (shuffled(unrouted, 60), 1),
+        "a new layout every other hello (compiles asked for)": (pairs_of_new_layouts(unrouted, 60), 1),
     }
+
+
+def eighteen_extensions(name: str) -> list[bytes]:
+    """A Chrome-like set: the name, ALPN, key shares and 15 others of the usual sizes."""
+    others = [ext(kind, bytes(size)) for kind, size in [(5, 5), (10, 10), (11, 2), (13, 18), (18, 0), (23, 0),
+                                                        (27, 3), (35, 0), (43, 7), (45, 2), (17513, 5),
+                                                        (65281, 1), (21, 200), (0xFE0D, 186), (0x0A0A, 0)]]
+    alpn = ext(16, u16(12) + b"\x02h2\x08http/1.1")
+    shares = ext(51, u16(2 * 4 + 32 + 1) + u16(0x1A1A) + u16(1) + b"\x00" + u16(29) + u16(32) + bytes(32))
+    return [sni(name), alpn, shares] + others
+
+
+def shuffled(name: str, n: int) -> list[bytes]:
+    rng = random.Random(21)
+    out = []
+    for _ in range(n):
+        extensions = eighteen_extensions(name)
+        rng.shuffle(extensions)
+        out.append(records(message(body(*extensions)), 16384))
+    return out
+
+
+def pairs_of_new_layouts(name: str, n: int) -> list[bytes]:
+    out = []
+    for i in range(n // 2):
+        hello = records(message(body(*eighteen_extensions(name), ext(0x3000 + i, bytes(i)))), 16384)
+        out += [hello, hello]
+    return out
 
 
 # -- a proxy ------------------------------------------------------------------------------------
@@ -229,10 +265,11 @@ def hello_cost(source: str, runs: int) -> dict:
             for _ in range(runs):
                 before = proxy.cpu()
                 if writes == 1:
-                    for _ in range(n):
+                    each = data if isinstance(data, list) else [data]
+                    for i in range(n):
                         with connect(port) as s:
                             try:
-                                s.sendall(data)
+                                s.sendall(each[i % len(each)])
                                 while s.recv(65536):
                                     pass
                             except OSError:
