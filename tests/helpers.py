@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import random
 import re
 import signal
 import socket
@@ -38,26 +39,40 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+#: The lowest port free_port hands out (the bench's fixed ports are below it).
+PORTS_FROM = 20000
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(*hosts: str) -> int:
     """A port free now on every one of ``hosts`` (default 127.0.0.1), as on 443 in production,
     and never one this process handed out before: two calls in a row may otherwise get the
-    same one back from the kernel."""
+    same one back from the kernel.
+
+    It is taken below the kernel's ephemeral range: a port from that range can be given to an
+    outgoing connection between this probe and the real bind, and a bind on the wildcard
+    then fails with EADDRINUSE (seen under load, with thousands of connections a second)."""
     hosts = hosts or ("127.0.0.1",)
     for _ in range(100):
-        with socket.socket(_family(hosts[0])) as probe:
-            probe.bind((hosts[0], 0))
-            port = probe.getsockname()[1]
-            if any((host, port) in _handed_out for host in hosts):
-                continue
-            others = [socket.socket(_family(host)) for host in hosts[1:]]
-            try:
-                for sock, host in zip(others, hosts[1:]):
-                    sock.bind((host, port))
-            except OSError:
-                continue
-            finally:
-                for sock in others:
-                    sock.close()
+        port = random.randrange(PORTS_FROM, _ephemeral_low())
+        if any((host, port) in _handed_out for host in hosts):
+            continue
+        probes = [socket.socket(_family(host)) for host in hosts]
+        try:
+            for sock, host in zip(probes, hosts):
+                sock.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for sock in probes:
+                sock.close()
         _handed_out.update((host, port) for host in hosts)
         return port
     raise AssertionError(f"no port free on all of {hosts} in 100 tries")

@@ -17,9 +17,9 @@ instructions each. Two ways down:
   in the same order with the same lengths; only the random, the keys and the name's bytes
   differ. Once a walk has seen a layout twice (so a client that shuffles its extensions, as
   Chrome does, never costs a compile), it is compiled into one ``struct.Struct`` whose fields
-  are every length and type of the extensions block (and the key shares' groups and sizes),
-  with the opaque bytes skipped. A later hello whose extensions block has that length is
-  unpacked with it in one C call, and if every field equals the learned one, the block has
+  are the version and every length and type of the hello body (the key shares' groups and
+  sizes too), with the opaque bytes skipped. A later hello whose record has that length is
+  unpacked with it in one C call, and if every field equals the learned one, the hello has
   exactly the learned layout, which the walk validated: only the name and the ALPN list are
   read. Anything else walks, as if there were no layouts.
 """
@@ -68,13 +68,14 @@ _ALPN_CACHE_SIZE = 256
 #: Layouts compiled, and the last layout walked, each by the length of its record: keys and
 #: contents are client-chosen, so both are bounded (and cleared when full).
 LAYOUTS_MAX = 32
-#: A compile costs about as much as eight walks: at most one per this many walks, so that a
-#: client sending every layout twice cannot make each hello cost more than a walk and a half.
+#: A compile costs about a walk and a half (94k instructions against 65k for an 18-extension
+#: hello): at most one per this many walks, so a client sending every new layout twice (to
+#: have each compiled) still costs about one walk per hello (bench/abuse.py: 1.2x a normal one).
 WALKS_PER_COMPILE = 16
 
 
 class Layout:
-    """An extensions block's layout, learned from a hello the walk accepted."""
+    """A hello's layout (its body from the version on), learned from one the walk accepted."""
 
     __slots__ = ("unpack", "fields", "sni", "alpn", "hello")
 
@@ -82,7 +83,7 @@ class Layout:
                  alpn: tuple[int, int] | None, hello: ClientHello):
         self.unpack = struct.Struct(fmt).unpack_from
         self.fields = fields
-        """What ``unpack`` gives for a block of this layout."""
+        """What ``unpack`` gives for a hello of this layout."""
         self.sni = sni
         """Where the host name's bytes are in the record (start, end), if it has one."""
         self.alpn = alpn
