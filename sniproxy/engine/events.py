@@ -119,15 +119,7 @@ class EventSet:
                     except Exception as exc:  # the rest of the batch must still be dispatched
                         _failed(handler, exc)
         finally:
-            self._dispatching = False
-            closing = self._closing
-            if closing:
-                for fd in closing:  # _close, written out: two per connection
-                    try:
-                        _os_close(fd)
-                    except OSError:
-                        pass
-                closing.clear()
+            self._end_batch()
         if self._posted:
             self.loop.call_soon(self._run_posted)
 
@@ -141,12 +133,21 @@ class EventSet:
                 except Exception as exc:
                     _failed(getattr(callback, "__self__", None), exc)
         finally:
-            self._dispatching = False
-            for fd in self._closing:
-                _close(fd)
-            self._closing.clear()
+            self._end_batch()
         if self._posted:
             self.loop.call_soon(self._run_posted)
+
+    def _end_batch(self) -> None:
+        """Close what the batch closed, now that no event of it can name those descriptors."""
+        self._dispatching = False
+        closing = self._closing
+        if closing:
+            for fd in closing:  # _close, written out: two per connection
+                try:
+                    _os_close(fd)
+                except OSError:
+                    pass
+            closing.clear()
 
     def close_all(self) -> None:
         self.loop.remove_reader(self.epoll.fileno())
